@@ -1,0 +1,450 @@
+//! The configuration file (TOML). Every mistake is reported once, naming the file and the key,
+//! before any connection is made; the binary then exits with status 2.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jid::BareJid;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::inbound::Limits;
+use crate::proxy::Settings;
+
+/// Name of the environment variable that may hold the component secret.
+pub const SECRET_ENV: &str = "JAT_PROXY_SECRET";
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The component's domain, normalised (`proxy.example`).
+    pub jid: String,
+    /// `host:port` of the server's XEP-0114 listener.
+    pub server: String,
+    /// The component secret shared with the server.
+    pub secret: Zeroizing<String>,
+    /// Idle time after which a keepalive ping is sent.
+    pub keepalive_interval: Duration,
+    /// How long the server may take to answer it before the session is declared dead.
+    pub keepalive_timeout: Duration,
+    /// Where keepalive pings are sent.
+    pub keepalive_to: String,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_max: Duration,
+    /// The implementing client's account.
+    pub target: BareJid,
+    /// Token lifetime in seconds.
+    pub token_lifetime: u64,
+    /// Most target resources tracked.
+    pub max_resources: usize,
+    /// The key file.
+    pub key_file: PathBuf,
+    /// How often the key file is checked for a rotation.
+    pub key_reload_interval: Duration,
+    /// Limits on stanzas read.
+    pub limits: Limits,
+}
+
+impl Config {
+    /// The settings of the sans-IO proxy.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            component: self.jid.clone(),
+            target: self.target.clone(),
+            token_lifetime: self.token_lifetime,
+            max_resources: self.max_resources,
+            keepalive_to: self.keepalive_to.clone(),
+        }
+    }
+}
+
+/// A configuration error: which file, which key, what is wrong.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// The dotted key at fault, when one is.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            Some(k) => write!(
+                f,
+                "config {}: `{}`: {}",
+                self.file.display(),
+                k,
+                self.message
+            ),
+            None => write!(f, "config {}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    component: RawComponent,
+    proxy: RawProxy,
+    keys: RawKeys,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawComponent {
+    jid: String,
+    server: String,
+    secret: Option<Zeroizing<String>>,
+    secret_file: Option<PathBuf>,
+    #[serde(default)]
+    secret_env: bool,
+    #[serde(default = "d_keepalive")]
+    keepalive_interval_secs: u64,
+    #[serde(default = "d_keepalive_timeout")]
+    keepalive_timeout_secs: u64,
+    keepalive_to: Option<String>,
+    #[serde(default = "d_reconnect_max")]
+    reconnect_max_secs: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    target_address: String,
+    #[serde(default = "d_lifetime")]
+    token_lifetime_secs: u64,
+    #[serde(default = "d_max_resources")]
+    max_resources: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    file: PathBuf,
+    #[serde(default = "d_reload")]
+    reload_interval_secs: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "d_max_bytes")]
+    max_stanza_bytes: usize,
+    #[serde(default = "d_max_depth")]
+    max_depth: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_stanza_bytes: d_max_bytes(),
+            max_depth: d_max_depth(),
+        }
+    }
+}
+
+fn d_keepalive() -> u64 {
+    60
+}
+fn d_keepalive_timeout() -> u64 {
+    30
+}
+fn d_reconnect_max() -> u64 {
+    10
+}
+/// Five minutes: longer than the IQ timeouts of common clients and libraries (30–120 s), so
+/// a slow but legitimate answer still arrives, and short enough that a captured reply can
+/// only be replayed, and an old key must be kept, for a few minutes.
+fn d_lifetime() -> u64 {
+    300
+}
+fn d_max_resources() -> usize {
+    64
+}
+fn d_reload() -> u64 {
+    10
+}
+fn d_max_bytes() -> usize {
+    Limits::default().max_bytes
+}
+fn d_max_depth() -> usize {
+    Limits::default().max_depth
+}
+
+/// Reads and validates the configuration file. The secret may come from `secret`,
+/// `secret_file` (which must not be readable by group or others) or, with
+/// `secret_env = true`, the environment variable [`SECRET_ENV`].
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        key: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text, |name| std::env::var(name).ok())
+}
+
+/// Validates configuration text; `env` looks up environment variables.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let err = |key: &str, message: String| ConfigError {
+        file: path.to_owned(),
+        key: Some(key.to_owned()),
+        message,
+    };
+    let raw: Raw = toml::from_str(text).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        key: None,
+        message: e.to_string().trim_end().to_owned(),
+    })?;
+
+    let jid = BareJid::new(&raw.component.jid)
+        .ok()
+        .filter(|j| j.node().is_none())
+        .ok_or_else(|| {
+            err(
+                "component.jid",
+                format!(
+                    "{:?} is not a domain (expected e.g. \"proxy.example\")",
+                    raw.component.jid
+                ),
+            )
+        })?
+        .to_string();
+
+    let server = raw.component.server.clone();
+    match server.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+        _ => {
+            return Err(err(
+                "component.server",
+                format!("{server:?} is not host:port (expected e.g. \"127.0.0.1:5347\")"),
+            ));
+        }
+    }
+
+    let c = &raw.component;
+    let given = [c.secret.is_some(), c.secret_file.is_some(), c.secret_env]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if given != 1 {
+        return Err(err(
+            "component.secret",
+            format!(
+                "give exactly one of `secret`, `secret_file`, or `secret_env = true` \
+                 (reads {SECRET_ENV}); found {given}"
+            ),
+        ));
+    }
+    let secret = if let Some(s) = &c.secret {
+        s.clone()
+    } else if let Some(f) = &c.secret_file {
+        crate::keys::check_private(f, "the secret file")
+            .map_err(|m| err("component.secret_file", m))?;
+        let s = std::fs::read_to_string(f)
+            .map_err(|e| err("component.secret_file", format!("{}: {e}", f.display())))?;
+        Zeroizing::new(s.trim_end_matches(['\n', '\r']).to_owned())
+    } else {
+        Zeroizing::new(env(SECRET_ENV).ok_or_else(|| {
+            err(
+                "component.secret_env",
+                format!("environment variable {SECRET_ENV} is not set"),
+            )
+        })?)
+    };
+    if secret.is_empty() {
+        return Err(err("component.secret", "the secret is empty".into()));
+    }
+
+    let secs = |key: &str, v: u64, min: u64, max: u64| {
+        if (min..=max).contains(&v) {
+            Ok(Duration::from_secs(v))
+        } else {
+            Err(err(key, format!("{v} is out of range {min}..={max}")))
+        }
+    };
+    let keepalive_interval = secs(
+        "component.keepalive_interval_secs",
+        c.keepalive_interval_secs,
+        5,
+        3600,
+    )?;
+    let keepalive_timeout = secs(
+        "component.keepalive_timeout_secs",
+        c.keepalive_timeout_secs,
+        1,
+        600,
+    )?;
+    let reconnect_max = secs(
+        "component.reconnect_max_secs",
+        c.reconnect_max_secs,
+        1,
+        3600,
+    )?;
+
+    let target = BareJid::new(&raw.proxy.target_address)
+        .ok()
+        .filter(|j| j.node().is_some())
+        .ok_or_else(|| {
+            err(
+                "proxy.target_address",
+                format!(
+                    "{:?} is not an account address (expected e.g. \"impl@example\")",
+                    raw.proxy.target_address
+                ),
+            )
+        })?;
+    if target.domain().as_str() == jid {
+        return Err(err(
+            "proxy.target_address",
+            "must not be at the component's own domain".into(),
+        ));
+    }
+    let keepalive_to = match &c.keepalive_to {
+        Some(d) => BareJid::new(d)
+            .ok()
+            .filter(|j| j.node().is_none() && j.domain().as_str() != jid)
+            .ok_or_else(|| {
+                err(
+                    "component.keepalive_to",
+                    format!("{d:?} is not a server domain other than the component's"),
+                )
+            })?
+            .to_string(),
+        None => target.domain().to_string(),
+    };
+    let token_lifetime = secs(
+        "proxy.token_lifetime_secs",
+        raw.proxy.token_lifetime_secs,
+        10,
+        86400,
+    )?
+    .as_secs();
+    if !(1..=4096).contains(&raw.proxy.max_resources) {
+        return Err(err(
+            "proxy.max_resources",
+            format!("{} is out of range 1..=4096", raw.proxy.max_resources),
+        ));
+    }
+    if raw.keys.file.as_os_str().is_empty() || raw.keys.file.file_name().is_none() {
+        return Err(err("keys.file", "must be the path of a file".into()));
+    }
+    let key_reload_interval = secs(
+        "keys.reload_interval_secs",
+        raw.keys.reload_interval_secs,
+        1,
+        3600,
+    )?;
+    let l = &raw.limits;
+    if !(4096..=64 * 1024 * 1024).contains(&l.max_stanza_bytes) {
+        return Err(err(
+            "limits.max_stanza_bytes",
+            format!("{} is out of range 4096..=67108864", l.max_stanza_bytes),
+        ));
+    }
+    if !(4..=1024).contains(&l.max_depth) {
+        return Err(err(
+            "limits.max_depth",
+            format!("{} is out of range 4..=1024", l.max_depth),
+        ));
+    }
+
+    Ok(Config {
+        jid,
+        server,
+        secret,
+        keepalive_interval,
+        keepalive_timeout,
+        keepalive_to,
+        reconnect_max,
+        target,
+        token_lifetime,
+        max_resources: raw.proxy.max_resources,
+        key_file: raw.keys.file,
+        key_reload_interval,
+        limits: Limits {
+            max_bytes: l.max_stanza_bytes,
+            max_depth: l.max_depth,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[component]
+jid = "proxy.localhost"
+server = "127.0.0.1:5347"
+secret = "s3cret"
+
+[proxy]
+target_address = "impl@localhost"
+
+[keys]
+file = "/var/lib/jat-proxy/keys.toml"
+"#;
+
+    fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("test.toml"), text, |_| None)
+    }
+
+    #[test]
+    fn documented_example_parses_with_defaults() {
+        let c = parse_str(GOOD).unwrap();
+        assert_eq!(c.jid, "proxy.localhost");
+        assert_eq!(c.target.to_string(), "impl@localhost");
+        assert_eq!(c.token_lifetime, 300);
+        assert_eq!(c.keepalive_to, "localhost");
+        assert_eq!(&*c.secret, "s3cret");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse_str(&GOOD.replace("[proxy]", "[proxy]\ntarget = 1")).unwrap_err();
+        assert!(e.to_string().contains("unknown field `target`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (from, to, key) in [
+            ("impl@localhost", "localhost", "proxy.target_address"),
+            (
+                "\"proxy.localhost\"",
+                "\"a@proxy.localhost\"",
+                "component.jid",
+            ),
+            ("127.0.0.1:5347", "127.0.0.1", "component.server"),
+            ("secret = \"s3cret\"", "secret = \"\"", "component.secret"),
+            ("secret = \"s3cret\"", "", "component.secret"),
+        ] {
+            let e = parse_str(&GOOD.replace(from, to)).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        }
+        let e = parse_str(&format!("{GOOD}\n[limits]\nmax_depth = 1\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("limits.max_depth"));
+    }
+
+    #[test]
+    fn secret_from_environment() {
+        let text = GOOD.replace("secret = \"s3cret\"", "secret_env = true");
+        let c = parse(Path::new("t"), &text, |n| {
+            (n == SECRET_ENV).then(|| "from-env".to_owned())
+        })
+        .unwrap();
+        assert_eq!(&*c.secret, "from-env");
+        let e = parse_str(&text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("component.secret_env"));
+    }
+}

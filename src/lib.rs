@@ -1,0 +1,20 @@
+//! jat-proxy: an XEP-0114 component that lets one XMPP account, the *implementing client*,
+//! serve the IQ requests sent to a component domain — with the senders' addresses sealed into
+//! authenticated tokens instead of kept in a table or shown in clear.
+//!
+//! Layout: [`token`] (the codec the fuzzer links), [`keys`] (key file), [`proxy`] (the
+//! sans-IO state machine), [`inbound`] (bounded reading of raw elements), [`session`] (the
+//! only module with sockets, clocks and signals).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod config;
+pub mod inbound;
+pub mod keys;
+pub mod presence;
+pub mod proxy;
+pub mod random;
+pub mod session;
+pub mod stanza;
+pub mod token;

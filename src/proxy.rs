@@ -1,0 +1,408 @@
+//! The proxy itself: a pure state machine from (stanza in, time, randomness) to stanza out.
+//!
+//! No sockets, clocks or entropy live here; the session (`session.rs`) feeds it what the
+//! server sends and writes out what it returns, and tests and the fuzzer drive it directly.
+//! Every input yields at most one output, which makes "never answers a result or an error"
+//! and "never emits anything not derived from a valid token or the target's presence"
+//! checkable one stanza at a time.
+//!
+//! The exchange, with component `proxy.example` and target `impl@example`:
+//!
+//! ```text
+//! user -> component:  <iq type='get' id='1234' to='proxy.example' from='user@example/abc'>
+//! component -> impl:  <iq type='get' id='1234' to='impl@example/a' from='proxy.example/TOKEN'>
+//! impl -> component:  <iq type='result' id='1234' to='proxy.example/TOKEN' from='impl@example/a'>
+//! component -> user:  <iq type='result' id='1234' to='user@example/abc' from='proxy.example'>
+//! ```
+
+use jid::{BareJid, Jid};
+use tracing::{debug, trace, warn};
+use xmpp_parsers::minidom::Element;
+
+use crate::inbound::{Inbound, Oversized};
+use crate::keys::KeySet;
+use crate::presence::Resources;
+use crate::random::Random;
+use crate::stanza::{self, Condition, NS};
+use crate::token::{self, Binding, Contents, SALT_LEN};
+
+/// What the proxy needs to know about its deployment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The component's domain (`proxy.example`), normalised.
+    pub component: String,
+    /// The implementing client's account (`impl@example`).
+    pub target: BareJid,
+    /// Seconds a token stays valid after it is issued.
+    pub token_lifetime: u64,
+    /// Most resources of the target tracked at once.
+    pub max_resources: usize,
+    /// Where keepalive pings go (a server domain that answers XEP-0199 or with an error).
+    pub keepalive_to: String,
+}
+
+/// The proxy state machine: the settings, the token keys, and the target's presence.
+pub struct Proxy {
+    settings: Settings,
+    target: String,
+    keys: KeySet,
+    resources: Resources,
+    pings: u64,
+}
+
+/// What one stanza was, from the proxy's point of view; kept only for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A request forwarded to the implementing client.
+    Forwarded,
+    /// A reply forwarded back to the original sender.
+    Reversed,
+    /// An error sent back to the sender of a stanza.
+    Refused(Condition),
+    /// A presence change or subscription handled (maybe with an answer).
+    Presence,
+    /// Nothing sent.
+    Dropped(&'static str),
+}
+
+impl Proxy {
+    /// A proxy with no known resources.
+    pub fn new(settings: Settings, keys: KeySet) -> Proxy {
+        let target = settings.target.to_string();
+        let resources = Resources::new(settings.max_resources);
+        Proxy {
+            settings,
+            target,
+            keys,
+            resources,
+            pings: 0,
+        }
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The token keys in use.
+    pub fn keys(&self) -> &KeySet {
+        &self.keys
+    }
+
+    /// Replaces the token keys (after a rotation on disk).
+    pub fn set_keys(&mut self, keys: KeySet) {
+        self.keys = keys;
+    }
+
+    /// Resources of the target currently believed available.
+    pub fn resources(&self) -> &[String] {
+        self.resources.list()
+    }
+
+    /// Stanzas to send right after the component authenticated: presence is relearnt from
+    /// scratch (subscribe, so the target's server lets it through; probe, for the current
+    /// state), since nothing from a previous session can be trusted.
+    pub fn connected(&mut self) -> Vec<Element> {
+        self.resources.clear();
+        let from = &self.settings.component;
+        vec![
+            stanza::presence(Some("subscribe"), from, &self.target),
+            stanza::presence(Some("probe"), from, &self.target),
+        ]
+    }
+
+    /// The session lost its stream: nothing is known about presence any more.
+    pub fn disconnected(&mut self) {
+        self.resources.clear();
+    }
+
+    /// A keepalive ping for an idle stream.
+    pub fn keepalive(&mut self) -> Element {
+        self.pings += 1;
+        stanza::ping(
+            &self.settings.component,
+            &self.settings.keepalive_to,
+            &format!("jat-ping-{}", self.pings),
+        )
+    }
+
+    /// Handles one stanza from the server at time `now` (Unix seconds).
+    pub fn handle(
+        &mut self,
+        inbound: Inbound,
+        now: u64,
+        rng: &mut dyn Random,
+    ) -> (Option<Element>, Verdict) {
+        match inbound {
+            Inbound::Oversized(o) => self.oversized(o, now),
+            Inbound::Element(el) => {
+                if !el.has_ns(NS) {
+                    return dropped("not a stanza of the component stream");
+                }
+                match el.name() {
+                    "iq" => self.iq(el, now, rng),
+                    "message" => self.message(&el),
+                    "presence" => self.presence(&el),
+                    _ => dropped("unknown top-level element"),
+                }
+            }
+        }
+    }
+
+    fn iq(&mut self, el: Element, now: u64, rng: &mut dyn Random) -> (Option<Element>, Verdict) {
+        let Some((from, to)) = self.addresses(el.attr("from"), el.attr("to")) else {
+            return dropped("iq with missing or invalid addresses");
+        };
+        match el.attr("type") {
+            Some("get") | Some("set") => self.request(el, from, to, now, rng),
+            Some("result") | Some("error") => self.reply(&el, &from, &to, now),
+            // RFC 6120 §8.3.3.1: an unrecognised 'type' is a <bad-request/>.
+            _ => refuse(&el, Condition::BadRequest, "unknown IQ type"),
+        }
+    }
+
+    fn request(
+        &mut self,
+        mut el: Element,
+        from: Jid,
+        to: Jid,
+        now: u64,
+        rng: &mut dyn Random,
+    ) -> (Option<Element>, Verdict) {
+        if from.to_bare() == self.settings.target {
+            return refuse(
+                &el,
+                Condition::FeatureNotImplemented,
+                "the implementing client cannot send requests through the proxy",
+            );
+        }
+        let Some(id) = el.attr("id") else {
+            return refuse(&el, Condition::BadRequest, "IQ without id");
+        };
+        if stanza::child_count(&el) != 1 {
+            return refuse(
+                &el,
+                Condition::BadRequest,
+                "a get or set IQ must have exactly one payload element",
+            );
+        }
+        let Some(resource) = self.resources.pick(rng) else {
+            return refuse(
+                &el,
+                Condition::ServiceUnavailable,
+                "the service is not available",
+            );
+        };
+        let sender = from.to_string();
+        let original_to = (to.node().is_some() || to.resource().is_some()).then(|| to.to_string());
+        let mut salt = [0u8; SALT_LEN];
+        rng.fill(&mut salt);
+        let binding = Binding {
+            component: &self.settings.component,
+            iq_id: id,
+        };
+        let contents = Contents {
+            sender: &sender,
+            original_to: original_to.as_deref(),
+        };
+        let token = match token::seal(&self.keys, binding, &contents, now, salt) {
+            Ok(t) => t,
+            Err(e) => {
+                let text = format!(
+                    "sender address too long to be proxied ({} bytes, at most {})",
+                    e.len,
+                    token::MAX_PLAINTEXT_LEN
+                );
+                return refuse(&el, Condition::NotAcceptable, &text);
+            }
+        };
+        let dest = format!("{}/{}", self.target, resource);
+        debug!(id, resource, "request forwarded");
+        let new_from = format!("{}/{}", self.settings.component, token);
+        stanza::set_attr(&mut el, "from", new_from);
+        stanza::set_attr(&mut el, "to", dest);
+        (Some(el), Verdict::Forwarded)
+    }
+
+    fn reply(
+        &mut self,
+        el: &Element,
+        from: &Jid,
+        to: &Jid,
+        now: u64,
+    ) -> (Option<Element>, Verdict) {
+        let Some(token) = to.resource() else {
+            trace!(id = el.attr("id"), "reply to the bare component address");
+            return dropped("reply to the bare component address");
+        };
+        if to.node().is_some() {
+            return dropped("reply to an address that is not a token");
+        }
+        if from.to_bare() != self.settings.target {
+            debug!("reply to a token from outside the target account dropped");
+            return dropped("reply from outside the target account");
+        }
+        let Some(id) = el.attr("id") else {
+            return dropped("reply without id");
+        };
+        let binding = Binding {
+            component: &self.settings.component,
+            iq_id: id,
+        };
+        let opened = match token::open(
+            &self.keys,
+            binding,
+            token.as_str(),
+            now,
+            self.settings.token_lifetime,
+        ) {
+            Ok(o) => o,
+            Err(reason) => {
+                debug!(id, %reason, "reply dropped");
+                return dropped("token rejected");
+            }
+        };
+        let Ok(sender) = Jid::new(&opened.sender) else {
+            return dropped("token holds an invalid address");
+        };
+        if sender.domain().as_str() == self.settings.component {
+            return dropped("token addressed to the component itself");
+        }
+        let mut out = el.clone();
+        let reply_from = opened
+            .original_to
+            .unwrap_or_else(|| self.settings.component.clone());
+        debug!(id, sender = %opened.sender, key = opened.key_id, "reply reversed");
+        stanza::set_attr(&mut out, "from", reply_from);
+        stanza::set_attr(&mut out, "to", opened.sender);
+        (Some(out), Verdict::Reversed)
+    }
+
+    fn message(&mut self, el: &Element) -> (Option<Element>, Verdict) {
+        if el.attr("type") == Some("error") {
+            return dropped("message error");
+        }
+        if self.addresses(el.attr("from"), el.attr("to")).is_none() {
+            return dropped("message with missing or invalid addresses");
+        }
+        // RFC 6121 §5.2.2: a message of unknown type is treated as 'normal'.
+        refuse(
+            el,
+            Condition::FeatureNotImplemented,
+            "this address does not accept messages",
+        )
+    }
+
+    fn presence(&mut self, el: &Element) -> (Option<Element>, Verdict) {
+        let Some((from, _)) = self.addresses(el.attr("from"), el.attr("to")) else {
+            return dropped("presence with missing or invalid addresses");
+        };
+        if from.to_bare() != self.settings.target {
+            return dropped("presence from outside the target account");
+        }
+        let resource = from.resource().map(|r| r.as_str());
+        let component = &self.settings.component;
+        let answer = |t: Option<&str>| Some(stanza::presence(t, component, &self.target));
+        let out = match (el.attr("type"), resource) {
+            (None, Some(r)) => {
+                if self.resources.available(r) {
+                    debug!(resource = r, "implementing client resource available");
+                } else {
+                    warn!(
+                        max = self.settings.max_resources,
+                        "too many resources of the implementing client; ignoring one"
+                    );
+                }
+                None
+            }
+            (Some("unavailable") | Some("error"), Some(r)) => {
+                debug!(resource = r, "implementing client resource unavailable");
+                self.resources.unavailable(r);
+                None
+            }
+            (Some("unavailable") | Some("error") | Some("unsubscribed"), None)
+            | (Some("unsubscribed"), Some(_)) => {
+                debug!("implementing client unavailable or unsubscribed");
+                self.resources.clear();
+                None
+            }
+            (Some("subscribe"), _) => answer(Some("subscribed")),
+            (Some("unsubscribe"), _) => answer(Some("unsubscribed")),
+            (Some("probe"), _) => answer(None),
+            _ => None,
+        };
+        (out, Verdict::Presence)
+    }
+
+    fn oversized(&mut self, o: Oversized, now: u64) -> (Option<Element>, Verdict) {
+        debug!(name = %o.name, exceeded = %o.exceeded, "oversized stanza");
+        if o.ns != NS {
+            return dropped("oversized element");
+        }
+        let Some((from, to)) = self.addresses(o.from.as_deref(), o.to.as_deref()) else {
+            return dropped("oversized stanza with missing or invalid addresses");
+        };
+        let text = o.exceeded.to_string();
+        let error_to_sender = |name: &str| {
+            let el = stanza::error_reply(
+                name,
+                &to.to_string(),
+                &from.to_string(),
+                o.id.as_deref(),
+                Condition::PolicyViolation,
+                &text,
+            );
+            (Some(el), Verdict::Refused(Condition::PolicyViolation))
+        };
+        match (o.name.as_str(), o.type_.as_deref()) {
+            ("iq", Some("get" | "set")) => error_to_sender("iq"),
+            ("iq", Some("result" | "error")) => {
+                // A reply too large to forward: its sender must not wait for ever, so the
+                // original sender gets an error instead (if the token is valid).
+                let stub = stanza::error_reply(
+                    "iq",
+                    "",
+                    "",
+                    o.id.as_deref(),
+                    Condition::PolicyViolation,
+                    &text,
+                );
+                let mut stub = stub;
+                stanza::set_attr(&mut stub, "from", from.to_string());
+                stanza::set_attr(&mut stub, "to", to.to_string());
+                match self.reply(&stub, &from, &to, now) {
+                    (Some(out), _) => (Some(out), Verdict::Refused(Condition::PolicyViolation)),
+                    (None, v) => (None, v),
+                }
+            }
+            ("message", t) if t != Some("error") => error_to_sender("message"),
+            _ => dropped("oversized stanza"),
+        }
+    }
+
+    /// Parses `from` and `to`; `None` unless both are valid, `to` is at the component's
+    /// domain and `from` is not (the proxy never talks to itself).
+    fn addresses(&self, from: Option<&str>, to: Option<&str>) -> Option<(Jid, Jid)> {
+        let from = Jid::new(from?).ok()?;
+        let to = Jid::new(to?).ok()?;
+        let ours = self.settings.component.as_str();
+        (to.domain().as_str() == ours && from.domain().as_str() != ours).then_some((from, to))
+    }
+}
+
+fn dropped(why: &'static str) -> (Option<Element>, Verdict) {
+    trace!(why, "stanza dropped");
+    (None, Verdict::Dropped(why))
+}
+
+/// An error reply to the request or message `el`, from the address it was sent to.
+fn refuse(el: &Element, condition: Condition, text: &str) -> (Option<Element>, Verdict) {
+    let (Some(from), Some(to)) = (el.attr("from"), el.attr("to")) else {
+        return dropped("cannot answer a stanza without addresses");
+    };
+    let reply = stanza::error_reply(el.name(), to, from, el.attr("id"), condition, text);
+    (Some(reply), Verdict::Refused(condition))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,351 @@
+//! The proxy driven stanza by stanza, as in the exchange of mod_client_proxy's README.
+
+use super::*;
+use crate::inbound::{Limits, read_one};
+use crate::random::SeededRandom;
+
+const NOW: u64 = 1_790_000_000;
+
+struct World {
+    proxy: Proxy,
+    rng: SeededRandom,
+    now: u64,
+}
+
+impl World {
+    fn new() -> World {
+        let settings = Settings {
+            component: "proxy.example".into(),
+            target: BareJid::new("impl@example").unwrap(),
+            token_lifetime: 300,
+            max_resources: 8,
+            keepalive_to: "example".into(),
+        };
+        let keys = KeySet::from_secrets(&[(1, 0, [7; 32])]).unwrap();
+        let mut w = World {
+            proxy: Proxy::new(settings, keys),
+            rng: SeededRandom::new(42),
+            now: NOW,
+        };
+        w.proxy.connected();
+        w
+    }
+
+    fn online(mut self, resources: &[&str]) -> World {
+        for r in resources {
+            assert_eq!(
+                self.send(&format!(
+                    "<presence from='impl@example/{r}' to='proxy.example'/>"
+                )),
+                None
+            );
+        }
+        self
+    }
+
+    fn send(&mut self, xml: &str) -> Option<Element> {
+        self.send_verdict(xml).0
+    }
+
+    fn send_verdict(&mut self, xml: &str) -> (Option<Element>, Verdict) {
+        let inbound = read_one(xml.as_bytes(), Limits::default()).expect("test XML");
+        self.proxy.handle(inbound, self.now, &mut self.rng)
+    }
+}
+
+fn attr<'a>(el: &'a Element, name: &'a str) -> &'a str {
+    el.attr(name)
+        .unwrap_or_else(|| panic!("no {name} in {}", stanza::to_xml(el)))
+}
+
+fn condition(el: &Element) -> String {
+    assert_eq!(el.attr("type"), Some("error"), "{}", stanza::to_xml(el));
+    stanza::error_condition(el).unwrap()
+}
+
+#[test]
+fn request_and_result_round_trip() {
+    let mut w = World::new().online(&["a"]);
+    // user -> component
+    let fwd = w
+        .send("<iq type='get' id='1234' to='proxy.example' from='user@example/abc'><query xmlns='urn:x'/></iq>")
+        .unwrap();
+    // component -> impl
+    assert_eq!(attr(&fwd, "to"), "impl@example/a");
+    assert_eq!(attr(&fwd, "id"), "1234");
+    assert_eq!(attr(&fwd, "type"), "get");
+    let from = attr(&fwd, "from").to_owned();
+    let token = from.strip_prefix("proxy.example/").unwrap();
+    assert!(
+        !token.contains("user"),
+        "the implementing client never sees the sender"
+    );
+    assert!(fwd.has_child("query", "urn:x"));
+    // impl -> component
+    let back = w
+        .send(&format!(
+            "<iq type='result' id='1234' to='{from}' from='impl@example/a'><answer xmlns='urn:x'>42</answer></iq>"
+        ))
+        .unwrap();
+    // component -> user
+    assert_eq!(attr(&back, "to"), "user@example/abc");
+    assert_eq!(attr(&back, "from"), "proxy.example");
+    assert_eq!(attr(&back, "type"), "result");
+    assert_eq!(back.get_child("answer", "urn:x").unwrap().text(), "42");
+}
+
+#[test]
+fn error_replies_keep_their_condition() {
+    let mut w = World::new().online(&["a"]);
+    let fwd = w
+        .send(
+            "<iq type='set' id='e1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>",
+        )
+        .unwrap();
+    let back = w
+        .send(&format!(
+            "<iq type='error' id='e1' to='{}' from='impl@example/a'><error type='auth'><forbidden xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+            attr(&fwd, "from")
+        ))
+        .unwrap();
+    assert_eq!(attr(&back, "to"), "u@example/r");
+    assert_eq!(condition(&back), "forbidden");
+}
+
+#[test]
+fn reply_comes_from_the_address_the_request_went_to() {
+    let mut w = World::new().online(&["a"]);
+    let fwd = w.send("<iq type='get' id='x' to='svc@proxy.example/z' from='u@example/r'><q xmlns='urn:x'/></iq>").unwrap();
+    let back = w
+        .send(&format!(
+            "<iq type='result' id='x' to='{}' from='impl@example/a'/>",
+            attr(&fwd, "from")
+        ))
+        .unwrap();
+    assert_eq!(attr(&back, "from"), "svc@proxy.example/z");
+}
+
+#[test]
+fn both_resources_are_used_and_presence_is_tracked() {
+    let mut w = World::new().online(&["a", "b"]);
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..40 {
+        let fwd = w.send(&format!("<iq type='get' id='{i}' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>")).unwrap();
+        seen.insert(attr(&fwd, "to").to_owned());
+    }
+    assert_eq!(seen.len(), 2);
+    w.send("<presence type='unavailable' from='impl@example/a' to='proxy.example'/>");
+    assert_eq!(w.proxy.resources(), ["b"]);
+    // Presence from anyone else does not touch the set.
+    w.send("<presence from='mallory@example/a' to='proxy.example'/>");
+    w.send("<presence type='unavailable' from='mallory@example/b' to='proxy.example'/>");
+    assert_eq!(w.proxy.resources(), ["b"]);
+    w.send("<presence type='error' from='impl@example/b' to='proxy.example'/>");
+    assert!(w.proxy.resources().is_empty());
+}
+
+#[test]
+fn no_resource_means_service_unavailable() {
+    let mut w = World::new();
+    let e = w
+        .send("<iq type='get' id='1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>")
+        .unwrap();
+    assert_eq!(condition(&e), "service-unavailable");
+    assert_eq!(attr(&e, "to"), "u@example/r");
+    assert_eq!(attr(&e, "id"), "1");
+    assert_eq!(
+        e.get_child("error", NS).unwrap().attr("type"),
+        Some("cancel")
+    );
+}
+
+#[test]
+fn forged_foreign_and_misdirected_replies_go_nowhere() {
+    let mut w = World::new().online(&["a"]);
+    let fwd = w.send("<iq type='get' id='1234' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>").unwrap();
+    let to = attr(&fwd, "from").to_owned();
+    let mut tampered = to.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    for xml in [
+        // Another id.
+        format!("<iq type='result' id='1235' to='{to}' from='impl@example/a'/>"),
+        // Another account.
+        format!("<iq type='result' id='1234' to='{to}' from='mallory@example/a'/>"),
+        // Tampered token.
+        format!("<iq type='result' id='1234' to='{tampered}' from='impl@example/a'/>"),
+        // Garbage, empty, bare.
+        "<iq type='result' id='1234' to='proxy.example/garbage' from='impl@example/a'/>".into(),
+        "<iq type='result' id='1234' to='proxy.example' from='impl@example/a'/>".into(),
+        "<iq type='error' id='1234' to='proxy.example/user@example' from='impl@example/a'/>".into(),
+    ] {
+        let (out, verdict) = w.send_verdict(&xml);
+        assert_eq!(out, None, "{xml}");
+        assert!(matches!(verdict, Verdict::Dropped(_)), "{xml}");
+    }
+    // A token from another component's key.
+    let other = KeySet::from_secrets(&[(1, 0, [8; 32])]).unwrap();
+    let forged = token::seal(
+        &other,
+        Binding {
+            component: "proxy.example",
+            iq_id: "1",
+        },
+        &Contents {
+            sender: "victim@example/r",
+            original_to: None,
+        },
+        NOW,
+        [0; SALT_LEN],
+    )
+    .unwrap();
+    assert_eq!(
+        w.send(&format!(
+            "<iq type='result' id='1' to='proxy.example/{forged}' from='impl@example/a'/>"
+        )),
+        None
+    );
+}
+
+#[test]
+fn expired_token_is_dropped() {
+    let mut w = World::new().online(&["a"]);
+    let fwd = w
+        .send("<iq type='get' id='1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>")
+        .unwrap();
+    w.now += 300;
+    let xml = format!(
+        "<iq type='result' id='1' to='{}' from='impl@example/a'/>",
+        attr(&fwd, "from")
+    );
+    assert_eq!(w.send(&xml), None);
+}
+
+#[test]
+fn results_and_errors_are_never_answered() {
+    let mut w = World::new().online(&["a"]);
+    for xml in [
+        "<iq type='result' id='1' to='proxy.example' from='u@example/r'/>",
+        "<iq type='error' id='1' to='proxy.example/x' from='u@example/r'/>",
+        "<message type='error' to='proxy.example' from='u@example/r'/>",
+        "<iq type='result' to='proxy.example/x' from='impl@example/a'/>",
+    ] {
+        assert_eq!(w.send(xml), None, "{xml}");
+    }
+}
+
+#[test]
+fn limitations_of_the_module_are_kept() {
+    let mut w = World::new().online(&["a"]);
+    let e = w
+        .send("<message to='proxy.example' from='u@example/r' id='m'><body>hi</body></message>")
+        .unwrap();
+    assert_eq!(e.name(), "message");
+    assert_eq!(condition(&e), "feature-not-implemented");
+    let e = w
+        .send("<message type='weird' to='proxy.example' from='u@example/r'/>")
+        .unwrap();
+    assert_eq!(condition(&e), "feature-not-implemented");
+    let e = w.send("<iq type='get' id='t' to='proxy.example' from='impl@example/a'><q xmlns='urn:x'/></iq>").unwrap();
+    assert_eq!(condition(&e), "feature-not-implemented");
+    assert_eq!(attr(&e, "to"), "impl@example/a");
+}
+
+#[test]
+fn malformed_requests_get_bad_request() {
+    let mut w = World::new().online(&["a"]);
+    for xml in [
+        "<iq type='weird' id='1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>",
+        "<iq id='1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>",
+        "<iq type='get' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>",
+        "<iq type='get' id='1' to='proxy.example' from='u@example/r'/>",
+        "<iq type='set' id='1' to='proxy.example' from='u@example/r'><q xmlns='a'/><q xmlns='b'/></iq>",
+    ] {
+        let e = w.send(xml).unwrap_or_else(|| panic!("no answer to {xml}"));
+        assert_eq!(condition(&e), "bad-request", "{xml}");
+    }
+}
+
+#[test]
+fn too_long_sender_gets_not_acceptable() {
+    let mut w = World::new().online(&["a"]);
+    let resource = "r".repeat(token::MAX_PLAINTEXT_LEN);
+    let xml = format!(
+        "<iq type='get' id='1' to='proxy.example' from='u@example/{resource}'><q xmlns='urn:x'/></iq>"
+    );
+    let e = w.send(&xml).unwrap();
+    assert_eq!(condition(&e), "not-acceptable");
+}
+
+#[test]
+fn subscription_and_probe_are_answered() {
+    let mut w = World::new();
+    let first = w.proxy.connected();
+    assert_eq!(attr(&first[0], "type"), "subscribe");
+    assert_eq!(attr(&first[1], "type"), "probe");
+    assert_eq!(attr(&first[1], "to"), "impl@example");
+    let s = w
+        .send("<presence type='subscribe' from='impl@example' to='proxy.example'/>")
+        .unwrap();
+    assert_eq!(attr(&s, "type"), "subscribed");
+    assert_eq!(
+        w.send("<presence type='subscribe' from='mallory@example' to='proxy.example'/>"),
+        None
+    );
+    let p = w
+        .send("<presence type='probe' from='impl@example' to='proxy.example'/>")
+        .unwrap();
+    assert_eq!(p.attr("type"), None);
+}
+
+#[test]
+fn never_talks_to_itself() {
+    let mut w = World::new().online(&["a"]);
+    assert_eq!(w.send("<iq type='get' id='1' to='proxy.example' from='proxy.example/x'><q xmlns='urn:x'/></iq>"), None);
+    let t = token::seal(
+        w.proxy.keys(),
+        Binding {
+            component: "proxy.example",
+            iq_id: "1",
+        },
+        &Contents {
+            sender: "proxy.example/loop",
+            original_to: None,
+        },
+        NOW,
+        [3; SALT_LEN],
+    )
+    .unwrap();
+    assert_eq!(
+        w.send(&format!(
+            "<iq type='result' id='1' to='proxy.example/{t}' from='impl@example/a'/>"
+        )),
+        None
+    );
+}
+
+#[test]
+fn oversized_requests_are_refused_and_oversized_replies_become_errors() {
+    let mut w = World::new().online(&["a"]);
+    let deep = format!(
+        "<iq type='get' id='d' to='proxy.example' from='u@example/r'>{}{}</iq>",
+        "<a xmlns='urn:x'>".repeat(100),
+        "</a>".repeat(100)
+    );
+    let e = w.send(&deep).unwrap();
+    assert_eq!(condition(&e), "policy-violation");
+    let fwd = w
+        .send(
+            "<iq type='get' id='big' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>",
+        )
+        .unwrap();
+    let big = format!(
+        "<iq type='result' id='big' to='{}' from='impl@example/a'>{}{}</iq>",
+        attr(&fwd, "from"),
+        "<a xmlns='urn:x'>".repeat(100),
+        "</a>".repeat(100)
+    );
+    let back = w.send(&big).unwrap();
+    assert_eq!(attr(&back, "to"), "u@example/r");
+    assert_eq!(condition(&back), "policy-violation");
+}
