@@ -100,14 +100,18 @@ impl Proxy {
     }
 
     /// Stanzas to send right after the component authenticated: presence is relearnt from
-    /// scratch (subscribe, so the target's server lets it through; probe, for the current
-    /// state), since nothing from a previous session can be trusted.
+    /// scratch (probe, for the current state; subscribe, so the target's server lets it
+    /// through), since nothing from a previous session can be trusted.
+    ///
+    /// The probe goes first: Prosody answers a probe from a non-subscriber with
+    /// `unsubscribed` sent *as the target*, which cancels a subscription request that is
+    /// still pending — after a subscribe, the request would be lost.
     pub fn connected(&mut self) -> Vec<Element> {
         self.resources.clear();
         let from = &self.settings.component;
         vec![
-            stanza::presence(Some("subscribe"), from, &self.target),
             stanza::presence(Some("probe"), from, &self.target),
+            stanza::presence(Some("subscribe"), from, &self.target),
         ]
     }
 

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{sleep, timeout};
 use tokio_xmpp::xmlstream::{ReadError, StreamHeader, Timeouts, XmlStream, initiate_stream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 use xmpp_parsers::component::Handshake;
 use xmpp_parsers::minidom::Element;
 
@@ -290,7 +290,12 @@ async fn step(
         Some(Ok(Inbound::Element(el))) if el.is("error", STREAM_NS) => {
             return Err(format!("stream error from server: {}", stream_error(&el)));
         }
-        Some(Ok(inbound)) => proxy.handle(inbound, unix_now(), rng).0,
+        Some(Ok(inbound)) => {
+            if let Inbound::Element(el) = &inbound {
+                trace!(xml = %String::from(el), "in");
+            }
+            proxy.handle(inbound, unix_now(), rng).0
+        }
         Some(Err(ReadError::SoftTimeout)) => {
             debug!("idle: sending keepalive ping");
             Some(proxy.keepalive())

@@ -281,9 +281,9 @@ fn too_long_sender_gets_not_acceptable() {
 fn subscription_and_probe_are_answered() {
     let mut w = World::new();
     let first = w.proxy.connected();
-    assert_eq!(attr(&first[0], "type"), "subscribe");
-    assert_eq!(attr(&first[1], "type"), "probe");
-    assert_eq!(attr(&first[1], "to"), "impl@example");
+    assert_eq!(attr(&first[0], "type"), "probe");
+    assert_eq!(attr(&first[0], "to"), "impl@example");
+    assert_eq!(attr(&first[1], "type"), "subscribe");
     let s = w
         .send("<presence type='subscribe' from='impl@example' to='proxy.example'/>")
         .unwrap();

@@ -1,1 +1,49 @@
-//! placeholder during bring-up
+//! Test harness for jat-proxy: real servers on loopback, a raw XMPP client, and the jat-proxy
+//! binary as a child process. Used by the integration tests, the demo and the load generator.
+//!
+//! Every process started here is a child of the test process, stopped by PID when its guard
+//! is dropped (also when a test panics), and started under `setpriv --pdeathsig KILL` so that
+//! it dies with the test process even when that is killed.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod ejabberd;
+pub mod ports;
+pub mod process;
+pub mod prosody;
+pub mod proxy;
+
+pub use client::Client;
+pub use prosody::Prosody;
+pub use proxy::ProxyProcess;
+
+use std::time::{Duration, Instant};
+
+/// Polls `f` every 50 ms until it returns `Some` or `limit` passes.
+pub fn wait_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A fresh directory under the system temp dir that the `prosody`/`ejabberd` users can enter.
+pub fn work_dir(tag: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let dir = std::env::temp_dir().join(format!("jat-{tag}-{}-{n}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create work dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}

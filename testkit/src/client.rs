@@ -1,0 +1,299 @@
+//! A raw XMPP client: SASL PLAIN over plain TCP on loopback, resource binding, then any
+//! element the test wants to send, odd ones included. Built on tokio-xmpp's xmlstream layer
+//! with untyped elements, so nothing the server sends can end it.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use futures::{SinkExt, StreamExt};
+use tokio::io::BufStream;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+pub use tokio_xmpp::minidom::Element;
+use tokio_xmpp::xmlstream::{ReadError, StreamHeader, Timeouts, XmlStream, initiate_stream};
+
+const CLIENT_NS: &str = "jabber:client";
+const SASL_NS: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
+const BIND_NS: &str = "urn:ietf:params:xml:ns:xmpp-bind";
+
+type Stream = XmlStream<BufStream<TcpStream>, Element>;
+
+/// Parses stanza XML written without a namespace, as in the examples of the XMPP RFCs:
+/// `<iq type='get' id='1' to='proxy.localhost'><query xmlns='urn:x'/></iq>`.
+pub fn stanza(xml: &str) -> Element {
+    let wrapped = format!("<w xmlns='{CLIENT_NS}'>{xml}</w>");
+    let w: Element = wrapped
+        .parse()
+        .unwrap_or_else(|e| panic!("bad test XML {xml:?}: {e}"));
+    w.children().next().expect("one element").clone()
+}
+
+/// Serialises an element.
+pub fn xml(el: &Element) -> String {
+    String::from(el)
+}
+
+enum Command {
+    Send(Element),
+    Close,
+}
+
+/// A logged-in client. Everything it receives is kept in order (see [`Client::history`]).
+pub struct Client {
+    jid: String,
+    tx: mpsc::UnboundedSender<Command>,
+    rx: mpsc::UnboundedReceiver<Element>,
+    backlog: std::collections::VecDeque<Element>,
+    history: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How a client answers subscription requests and IQ requests by itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The test reads everything itself.
+    Nothing,
+    /// Accepts every subscription request (as an implementing client must).
+    Subscriptions,
+}
+
+impl Client {
+    /// Logs `user@domain/resource` in over plain TCP and sends initial presence.
+    pub async fn login(
+        addr: SocketAddr,
+        domain: &str,
+        user: &str,
+        password: &str,
+        resource: &str,
+        answer: Answer,
+    ) -> Client {
+        Self::try_login(addr, domain, user, password, resource, answer, true)
+            .await
+            .unwrap_or_else(|e| panic!("{user}@{domain}/{resource} cannot log in: {e}"))
+    }
+
+    /// Logs in; `presence` says whether to send initial presence.
+    pub async fn try_login(
+        addr: SocketAddr,
+        domain: &str,
+        user: &str,
+        password: &str,
+        resource: &str,
+        answer: Answer,
+        presence: bool,
+    ) -> Result<Client, String> {
+        let timeouts = Timeouts {
+            read_timeout: Duration::from_secs(3600),
+            response_timeout: Duration::from_secs(3600),
+        };
+        let header = || StreamHeader {
+            from: None,
+            to: Some(domain.to_owned().into()),
+            id: None,
+        };
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        let pending = initiate_stream(BufStream::new(tcp), CLIENT_NS, header(), timeouts)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (_, mut stream) = pending
+            .recv_features::<Element>()
+            .await
+            .map_err(|e| e.to_string())?;
+        let creds =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        let auth: Element = format!("<auth xmlns='{SASL_NS}' mechanism='PLAIN'>{creds}</auth>")
+            .parse()
+            .unwrap();
+        stream.send(&auth).await.map_err(|e| e.to_string())?;
+        let answer_el = next(&mut stream).await?;
+        if answer_el.name() != "success" {
+            return Err(format!("authentication failed: {}", xml(&answer_el)));
+        }
+        let pending = stream
+            .initiate_reset()
+            .send_header(header())
+            .await
+            .map_err(|e| e.to_string())?;
+        let (_, mut stream) = pending
+            .recv_features::<Element>()
+            .await
+            .map_err(|e| e.to_string())?;
+        let bind: Element = format!(
+            "<iq xmlns='{CLIENT_NS}' type='set' id='bind'><bind xmlns='{BIND_NS}'><resource>{resource}</resource></bind></iq>"
+        )
+        .parse()
+        .unwrap();
+        stream.send(&bind).await.map_err(|e| e.to_string())?;
+        let bound = next(&mut stream).await?;
+        let jid = bound
+            .get_child("bind", BIND_NS)
+            .and_then(|b| b.get_child("jid", BIND_NS))
+            .map(|j| j.text())
+            .ok_or_else(|| format!("bind failed: {}", xml(&bound)))?;
+        if presence {
+            stream
+                .send(&stanza("<presence/>"))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let (tx, mut cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, rx) = mpsc::unbounded_channel();
+        let history = Arc::new(Mutex::new(Vec::new()));
+        let hist = history.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    cmd = cmd_rx.recv() => match cmd {
+                        Some(Command::Send(el)) => {
+                            if stream.send(&el).await.is_err() { break; }
+                        }
+                        Some(Command::Close) | None => {
+                            let _ = stream.shutdown().await;
+                            break;
+                        }
+                    },
+                    item = stream.next() => match item {
+                        Some(Ok(el)) => {
+                            hist.lock().unwrap().push(xml(&el));
+                            if answer == Answer::Subscriptions
+                                && el.name() == "presence"
+                                && el.attr("type") == Some("subscribe")
+                            {
+                                let mut ok = stanza("<presence type='subscribed'/>");
+                                ok.attrs_mut().insert(
+                                    rxml::Namespace::NONE,
+                                    rxml::NcName::try_from("to").unwrap(),
+                                    el.attr("from").unwrap_or_default().to_owned(),
+                                );
+                                if stream.send(&ok).await.is_err() { break; }
+                            }
+                            if ev_tx.send(el).is_err() { break; }
+                        }
+                        Some(Err(ReadError::SoftTimeout)) => continue,
+                        Some(Err(_)) | None => break,
+                    },
+                }
+            }
+        });
+        Ok(Client {
+            jid,
+            tx,
+            rx,
+            backlog: Default::default(),
+            history,
+            task,
+        })
+    }
+
+    /// The full JID the server bound.
+    pub fn jid(&self) -> &str {
+        &self.jid
+    }
+
+    /// Sends an element as it is.
+    pub fn send(&self, el: Element) {
+        let _ = self.tx.send(Command::Send(el));
+    }
+
+    /// Sends stanza XML (see [`stanza`]).
+    pub fn send_xml(&self, xml: &str) {
+        self.send(stanza(xml));
+    }
+
+    /// The next element received within `limit`.
+    pub async fn recv(&mut self, limit: Duration) -> Option<Element> {
+        self.recv_where(limit, |_| true).await
+    }
+
+    /// The first element matching `pred` received (or arriving within `limit`); the others
+    /// stay queued for later calls.
+    pub async fn recv_where(
+        &mut self,
+        limit: Duration,
+        mut pred: impl FnMut(&Element) -> bool,
+    ) -> Option<Element> {
+        if let Some(i) = self.backlog.iter().position(&mut pred) {
+            return self.backlog.remove(i);
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let el = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .ok()
+                .flatten()?;
+            if pred(&el) {
+                return Some(el);
+            }
+            self.backlog.push_back(el);
+        }
+    }
+
+    /// The next IQ with this id.
+    pub async fn recv_iq(&mut self, id: &str, limit: Duration) -> Option<Element> {
+        self.recv_where(limit, |e| e.name() == "iq" && e.attr("id") == Some(id))
+            .await
+    }
+
+    /// The next IQ request (get/set).
+    pub async fn recv_request(&mut self, limit: Duration) -> Option<Element> {
+        self.recv_where(limit, |e| {
+            e.name() == "iq" && matches!(e.attr("type"), Some("get") | Some("set"))
+        })
+        .await
+    }
+
+    /// Everything received so far, serialised, in order.
+    pub fn history(&self) -> Vec<String> {
+        self.history.lock().unwrap().clone()
+    }
+
+    /// IQs received so far (serialised).
+    pub fn iqs_received(&self) -> Vec<String> {
+        self.history()
+            .into_iter()
+            .filter(|s| s.starts_with("<iq"))
+            .collect()
+    }
+
+    /// Closes the stream.
+    pub async fn close(self) {
+        let _ = self.tx.send(Command::Close);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+async fn next(stream: &mut Stream) -> Result<Element, String> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Err(_) => return Err("no answer within 10 s".into()),
+            Ok(Some(Ok(el))) => return Ok(el),
+            Ok(Some(Err(ReadError::SoftTimeout))) => continue,
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => return Err("stream closed".into()),
+        }
+    }
+}
+
+/// The reply to `request` of `type_` with these children: id, to and from swapped.
+pub fn reply_to(request: &Element, type_: &str, payload: &str) -> Element {
+    let el = stanza(&format!("<iq type='{type_}'>{payload}</iq>"));
+    let mut el = el;
+    let attrs = el.attrs_mut();
+    for (name, value) in [
+        ("id", request.attr("id")),
+        ("to", request.attr("from")),
+        ("from", request.attr("to")),
+    ] {
+        if let Some(v) = value {
+            attrs.insert(
+                rxml::Namespace::NONE,
+                rxml::NcName::try_from(name).unwrap(),
+                v.to_owned(),
+            );
+        }
+    }
+    el
+}

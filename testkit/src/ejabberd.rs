@@ -1,0 +1,1 @@
+//! ejabberd harness: see the production-faults issue.

@@ -1,0 +1,130 @@
+//! The jat-proxy binary as a child process, with its log captured.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use crate::process::Owned;
+
+/// Writes a jat-proxy configuration file into `dir` and returns its path.
+pub fn write_config(
+    dir: &Path,
+    name: &str,
+    component: &str,
+    server: std::net::SocketAddr,
+    secret: &str,
+    target: &str,
+    key_file: &Path,
+    extra: &str,
+) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "[component]\njid = \"{component}\"\nserver = \"{server}\"\nsecret = \"{secret}\"\n\
+             reconnect_max_secs = 2\n\n[proxy]\ntarget_address = \"{target}\"\n\n[keys]\nfile = \"{}\"\n{extra}",
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A running jat-proxy.
+pub struct ProxyProcess {
+    process: Owned,
+    binary: PathBuf,
+    config: PathBuf,
+}
+
+impl ProxyProcess {
+    /// Starts `binary --config config` with debug logs from jat-proxy.
+    pub fn start(binary: &Path, config: &Path) -> ProxyProcess {
+        let process = spawn(binary, config);
+        ProxyProcess {
+            process,
+            binary: binary.to_owned(),
+            config: config.to_owned(),
+        }
+    }
+
+    /// Waits until the proxy has logged in `n` times in total (since its start).
+    pub fn wait_sessions(&self, n: usize, limit: Duration) {
+        let ok = crate::wait_until(limit, || (self.sessions() >= n).then_some(()));
+        if ok.is_none() {
+            panic!(
+                "jat-proxy did not log in {n} time(s) within {limit:?}:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// How many sessions it established.
+    pub fn sessions(&self) -> usize {
+        self.log().matches("session established").count()
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        self.process.output()
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Sends a signal by PID ("TERM", "KILL", "HUP", "INT").
+    pub fn signal(&self, sig: &str) {
+        self.process.signal(sig)
+    }
+
+    /// Waits for it to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.process.wait_exit(limit)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        self.process.signal("KILL");
+        let _ = self.process.wait_exit(Duration::from_secs(10));
+    }
+
+    /// Starts the same binary with the same config again (after it was stopped).
+    pub fn restart(&mut self) {
+        self.process.kill();
+        self.process = spawn(&self.binary, &self.config);
+    }
+}
+
+fn spawn(binary: &Path, config: &Path) -> Owned {
+    Owned::spawn(
+        "jat-proxy",
+        binary,
+        &["--config", config.to_str().unwrap()],
+        &[
+            (
+                "RUST_LOG",
+                &std::env::var("JAT_TEST_LOG").unwrap_or_else(|_| "info,jat_proxy=debug".into()),
+            ),
+            ("NO_COLOR", "1"),
+        ],
+    )
+}
+
+/// Runs the binary to completion with `args` and returns (status, stderr).
+pub fn run_to_end(binary: &Path, args: &[&str]) -> (ExitStatus, String) {
+    let out = std::process::Command::new(binary)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run jat-proxy");
+    (
+        out.status,
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
