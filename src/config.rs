@@ -9,7 +9,9 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::inbound::Limits;
+use crate::policy::{Entry, Policy};
 use crate::proxy::Settings;
+use crate::rate::RateLimit;
 
 /// Name of the environment variable that may hold the component secret.
 pub const SECRET_ENV: &str = "JAT_PROXY_SECRET";
@@ -43,6 +45,10 @@ pub struct Config {
     pub key_reload_interval: Duration,
     /// Limits on stanzas read.
     pub limits: Limits,
+    /// Per-sender rate limit.
+    pub rate: RateLimit,
+    /// Allow/deny lists.
+    pub policy: Policy,
 }
 
 impl Config {
@@ -54,6 +60,8 @@ impl Config {
             token_lifetime: self.token_lifetime,
             max_resources: self.max_resources,
             keepalive_to: self.keepalive_to.clone(),
+            rate: self.rate,
+            policy: self.policy.clone(),
         }
     }
 }
@@ -94,6 +102,17 @@ struct Raw {
     keys: RawKeys,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    policy: RawPolicy,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -139,6 +158,12 @@ struct RawLimits {
     max_stanza_bytes: usize,
     #[serde(default = "d_max_depth")]
     max_depth: usize,
+    #[serde(default = "d_rate")]
+    rate_per_sender: f64,
+    #[serde(default = "d_burst")]
+    rate_burst: f64,
+    #[serde(default = "d_max_senders")]
+    max_senders: usize,
 }
 
 impl Default for RawLimits {
@@ -146,8 +171,21 @@ impl Default for RawLimits {
         RawLimits {
             max_stanza_bytes: d_max_bytes(),
             max_depth: d_max_depth(),
+            rate_per_sender: d_rate(),
+            rate_burst: d_burst(),
+            max_senders: d_max_senders(),
         }
     }
+}
+
+fn d_rate() -> f64 {
+    RateLimit::default().per_second
+}
+fn d_burst() -> f64 {
+    RateLimit::default().burst
+}
+fn d_max_senders() -> usize {
+    RateLimit::default().max_senders
 }
 
 fn d_keepalive() -> u64 {
@@ -359,6 +397,46 @@ pub fn parse(
         ));
     }
 
+    if !(l.rate_per_sender.is_finite() && l.rate_per_sender > 0.0 && l.rate_per_sender <= 1e6) {
+        return Err(err(
+            "limits.rate_per_sender",
+            format!(
+                "{} is not a rate in (0, 1000000] requests per second",
+                l.rate_per_sender
+            ),
+        ));
+    }
+    if !(l.rate_burst.is_finite() && (1.0..=1e6).contains(&l.rate_burst)) {
+        return Err(err(
+            "limits.rate_burst",
+            format!("{} is out of range 1..=1000000", l.rate_burst),
+        ));
+    }
+    if !(1..=10_000_000).contains(&l.max_senders) {
+        return Err(err(
+            "limits.max_senders",
+            format!("{} is out of range 1..=10000000", l.max_senders),
+        ));
+    }
+    let list = |key: &str, items: &[String]| -> Result<Vec<Entry>, ConfigError> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Entry::parse(s).ok_or_else(|| {
+                    err(
+                        &format!("{key}[{i}]"),
+                        format!("{s:?} is neither a domain nor an account address"),
+                    )
+                })
+            })
+            .collect()
+    };
+    let policy = Policy {
+        allow: list("policy.allow", &raw.policy.allow)?,
+        deny: list("policy.deny", &raw.policy.deny)?,
+    };
+
     Ok(Config {
         jid,
         server,
@@ -376,6 +454,12 @@ pub fn parse(
             max_bytes: l.max_stanza_bytes,
             max_depth: l.max_depth,
         },
+        rate: RateLimit {
+            per_second: l.rate_per_sender,
+            burst: l.rate_burst,
+            max_senders: l.max_senders,
+        },
+        policy,
     })
 }
 
@@ -434,6 +518,13 @@ file = "/var/lib/jat-proxy/keys.toml"
         }
         let e = parse_str(&format!("{GOOD}\n[limits]\nmax_depth = 1\n")).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("limits.max_depth"));
+        let e = parse_str(&format!("{GOOD}\n[limits]\nrate_per_sender = -1.0\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("limits.rate_per_sender"));
+        let e = parse_str(&format!(
+            "{GOOD}\n[policy]\ndeny = [\"ok.example\", \"@@\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("policy.deny[1]"));
     }
 
     #[test]

@@ -21,8 +21,10 @@ use xmpp_parsers::minidom::Element;
 
 use crate::inbound::{Inbound, Oversized};
 use crate::keys::KeySet;
+use crate::policy::Policy;
 use crate::presence::Resources;
 use crate::random::Random;
+use crate::rate::{Limiter, RateLimit};
 use crate::stanza::{self, Condition, NS};
 use crate::token::{self, Binding, Contents, SALT_LEN};
 
@@ -39,6 +41,10 @@ pub struct Settings {
     pub max_resources: usize,
     /// Where keepalive pings go (a server domain that answers XEP-0199 or with an error).
     pub keepalive_to: String,
+    /// Per-sender rate limit on requests.
+    pub rate: RateLimit,
+    /// Who may send requests.
+    pub policy: Policy,
 }
 
 /// The proxy state machine: the settings, the token keys, and the target's presence.
@@ -47,6 +53,7 @@ pub struct Proxy {
     target: String,
     keys: KeySet,
     resources: Resources,
+    limiter: Limiter,
     pings: u64,
 }
 
@@ -70,11 +77,13 @@ impl Proxy {
     pub fn new(settings: Settings, keys: KeySet) -> Proxy {
         let target = settings.target.to_string();
         let resources = Resources::new(settings.max_resources);
+        let limiter = Limiter::new(settings.rate);
         Proxy {
             settings,
             target,
             keys,
             resources,
+            limiter,
             pings: 0,
         }
     }
@@ -130,13 +139,19 @@ impl Proxy {
         )
     }
 
-    /// Handles one stanza from the server at time `now` (Unix seconds).
+    /// Senders currently tracked by the rate limiter (bounded by `rate.max_senders`).
+    pub fn tracked_senders(&self) -> usize {
+        self.limiter.len()
+    }
+
+    /// Handles one stanza from the server at time `now_ms` (Unix milliseconds).
     pub fn handle(
         &mut self,
         inbound: Inbound,
-        now: u64,
+        now_ms: u64,
         rng: &mut dyn Random,
     ) -> (Option<Element>, Verdict) {
+        let now = now_ms / 1000;
         match inbound {
             Inbound::Oversized(o) => self.oversized(o, now),
             Inbound::Element(el) => {
@@ -144,7 +159,7 @@ impl Proxy {
                     return dropped("not a stanza of the component stream");
                 }
                 match el.name() {
-                    "iq" => self.iq(el, now, rng),
+                    "iq" => self.iq(el, now_ms, rng),
                     "message" => self.message(&el),
                     "presence" => self.presence(&el),
                     _ => dropped("unknown top-level element"),
@@ -153,13 +168,13 @@ impl Proxy {
         }
     }
 
-    fn iq(&mut self, el: Element, now: u64, rng: &mut dyn Random) -> (Option<Element>, Verdict) {
+    fn iq(&mut self, el: Element, now_ms: u64, rng: &mut dyn Random) -> (Option<Element>, Verdict) {
         let Some((from, to)) = self.addresses(el.attr("from"), el.attr("to")) else {
             return dropped("iq with missing or invalid addresses");
         };
         match el.attr("type") {
-            Some("get") | Some("set") => self.request(el, from, to, now, rng),
-            Some("result") | Some("error") => self.reply(&el, &from, &to, now),
+            Some("get") | Some("set") => self.request(el, from, to, now_ms, rng),
+            Some("result") | Some("error") => self.reply(&el, &from, &to, now_ms / 1000),
             // RFC 6120 §8.3.3.1: an unrecognised 'type' is a <bad-request/>.
             _ => refuse(&el, Condition::BadRequest, "unknown IQ type"),
         }
@@ -170,9 +185,10 @@ impl Proxy {
         mut el: Element,
         from: Jid,
         to: Jid,
-        now: u64,
+        now_ms: u64,
         rng: &mut dyn Random,
     ) -> (Option<Element>, Verdict) {
+        let now = now_ms / 1000;
         if from.to_bare() == self.settings.target {
             return refuse(
                 &el,
@@ -188,6 +204,18 @@ impl Proxy {
                 &el,
                 Condition::BadRequest,
                 "a get or set IQ must have exactly one payload element",
+            );
+        }
+        if !self.settings.policy.permits(&from) {
+            debug!(id, "request refused by policy");
+            return refuse(&el, Condition::Forbidden, "you may not use this service");
+        }
+        if !self.limiter.allow(from.to_bare().as_str(), now_ms) {
+            debug!(id, "request over the sender's rate limit");
+            return refuse(
+                &el,
+                Condition::ResourceConstraint,
+                "too many requests: slow down",
             );
         }
         let Some(resource) = self.resources.pick(rng) else {

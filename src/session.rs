@@ -45,9 +45,14 @@ pub enum Exit {
 
 /// Current time in Unix seconds.
 pub fn unix_now() -> u64 {
+    unix_now_ms() / 1000
+}
+
+/// Current time in Unix milliseconds.
+pub fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -294,7 +299,7 @@ async fn step(
             if let Inbound::Element(el) = &inbound {
                 trace!(xml = %String::from(el), "in");
             }
-            proxy.handle(inbound, unix_now(), rng).0
+            proxy.handle(inbound, unix_now_ms(), rng).0
         }
         Some(Err(ReadError::SoftTimeout)) => {
             debug!("idle: sending keepalive ping");

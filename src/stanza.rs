@@ -24,6 +24,10 @@ pub enum Condition {
     NotAcceptable,
     /// Over a size or depth limit.
     PolicyViolation,
+    /// The sender is not allowed to use the proxy (allow/deny lists).
+    Forbidden,
+    /// The sender is over its rate limit: retry later.
+    ResourceConstraint,
     /// No resource of the implementing client is available.
     ServiceUnavailable,
 }
@@ -37,6 +41,8 @@ impl Condition {
             Condition::NotAcceptable => "not-acceptable",
             Condition::PolicyViolation => "policy-violation",
             Condition::ServiceUnavailable => "service-unavailable",
+            Condition::Forbidden => "forbidden",
+            Condition::ResourceConstraint => "resource-constraint",
         }
     }
 
@@ -47,6 +53,8 @@ impl Condition {
                 "modify"
             }
             Condition::FeatureNotImplemented | Condition::ServiceUnavailable => "cancel",
+            Condition::Forbidden => "auth",
+            Condition::ResourceConstraint => "wait",
         }
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use testkit::client::{Answer, reply_to, stanza, xml};
+use testkit::proxy::ConfigSpec;
 use testkit::{Client, Prosody, ProxyProcess};
 
 const COMPONENT: &str = "proxy.localhost";
@@ -41,12 +42,14 @@ impl Deployment {
         let config = testkit::proxy::write_config(
             prosody.dir(),
             "jat-proxy.toml",
-            COMPONENT,
-            prosody.component,
-            SECRET,
-            "impl@localhost",
-            &keys,
-            extra_config,
+            &ConfigSpec {
+                component: COMPONENT,
+                server: prosody.component,
+                secret: SECRET,
+                target: "impl@localhost",
+                key_file: &keys,
+                extra: extra_config,
+            },
         );
         let proxy = ProxyProcess::start(&binary(), &config);
         proxy.wait_sessions(1, WAIT);
@@ -406,12 +409,14 @@ fn config_errors_name_the_key_and_exit_2() {
     let good = testkit::proxy::write_config(
         &dir,
         "good.toml",
-        COMPONENT,
-        "127.0.0.1:5347".parse().unwrap(),
-        SECRET,
-        "impl@localhost",
-        &dir.join("keys.toml"),
-        "",
+        &ConfigSpec {
+            component: COMPONENT,
+            server: "127.0.0.1:5347".parse().unwrap(),
+            secret: SECRET,
+            target: "impl@localhost",
+            key_file: &dir.join("keys.toml"),
+            extra: "",
+        },
     );
     let text = std::fs::read_to_string(&good).unwrap();
     for (name, bad, expect) in [

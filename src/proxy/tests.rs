@@ -20,12 +20,21 @@ impl World {
             token_lifetime: 300,
             max_resources: 8,
             keepalive_to: "example".into(),
+            rate: crate::rate::RateLimit {
+                per_second: 10.0,
+                burst: 50.0,
+                max_senders: 100,
+            },
+            policy: crate::policy::Policy {
+                allow: vec![],
+                deny: vec![crate::policy::Entry::parse("spam.example").unwrap()],
+            },
         };
         let keys = KeySet::from_secrets(&[(1, 0, [7; 32])]).unwrap();
         let mut w = World {
             proxy: Proxy::new(settings, keys),
             rng: SeededRandom::new(42),
-            now: NOW,
+            now: NOW * 1000,
         };
         w.proxy.connected();
         w
@@ -213,7 +222,7 @@ fn expired_token_is_dropped() {
     let fwd = w
         .send("<iq type='get' id='1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>")
         .unwrap();
-    w.now += 300;
+    w.now += 300_000;
     let xml = format!(
         "<iq type='result' id='1' to='{}' from='impl@example/a'/>",
         attr(&fwd, "from")
@@ -348,4 +357,32 @@ fn oversized_requests_are_refused_and_oversized_replies_become_errors() {
     let back = w.send(&big).unwrap();
     assert_eq!(attr(&back, "to"), "u@example/r");
     assert_eq!(condition(&back), "policy-violation");
+}
+
+#[test]
+fn policy_and_rate_limit() {
+    let mut w = World::new().online(&["a"]);
+    let e = w.send("<iq type='get' id='1' to='proxy.example' from='x@spam.example/r'><q xmlns='urn:x'/></iq>").unwrap();
+    assert_eq!(condition(&e), "forbidden");
+    let mut refused = 0;
+    for i in 0..80 {
+        let out = w.send(&format!("<iq type='get' id='{i}' to='proxy.example' from='flood@example/r{i}'><q xmlns='urn:x'/></iq>")).unwrap();
+        if out.attr("type") == Some("error") {
+            assert_eq!(condition(&out), "resource-constraint");
+            assert_eq!(
+                out.get_child("error", NS).unwrap().attr("type"),
+                Some("wait")
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!(
+        refused, 30,
+        "burst of 50, all resources of one account count together"
+    );
+    let ok = w.send("<iq type='get' id='o' to='proxy.example' from='other@example/r'><q xmlns='urn:x'/></iq>").unwrap();
+    assert_eq!(attr(&ok, "to"), "impl@example/a", "others still served");
+    w.now += 1000;
+    let again = w.send("<iq type='get' id='z' to='proxy.example' from='flood@example/r'><q xmlns='urn:x'/></iq>").unwrap();
+    assert_eq!(attr(&again, "type"), "get", "refilled after a second");
 }

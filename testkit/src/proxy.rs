@@ -6,24 +6,36 @@ use std::time::Duration;
 
 use crate::process::Owned;
 
+/// What a test's jat-proxy configuration says.
+pub struct ConfigSpec<'a> {
+    /// Component domain.
+    pub component: &'a str,
+    /// The server's component listener.
+    pub server: std::net::SocketAddr,
+    /// Component secret.
+    pub secret: &'a str,
+    /// The implementing client's account.
+    pub target: &'a str,
+    /// The key file.
+    pub key_file: &'a Path,
+    /// More TOML, appended as is (sections after `[keys]`).
+    pub extra: &'a str,
+}
+
 /// Writes a jat-proxy configuration file into `dir` and returns its path.
-pub fn write_config(
-    dir: &Path,
-    name: &str,
-    component: &str,
-    server: std::net::SocketAddr,
-    secret: &str,
-    target: &str,
-    key_file: &Path,
-    extra: &str,
-) -> PathBuf {
+pub fn write_config(dir: &Path, name: &str, spec: &ConfigSpec<'_>) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(
         &path,
         format!(
-            "[component]\njid = \"{component}\"\nserver = \"{server}\"\nsecret = \"{secret}\"\n\
-             reconnect_max_secs = 2\n\n[proxy]\ntarget_address = \"{target}\"\n\n[keys]\nfile = \"{}\"\n{extra}",
-            key_file.display()
+            "[component]\njid = \"{}\"\nserver = \"{}\"\nsecret = \"{}\"\n\
+             reconnect_max_secs = 2\n\n[proxy]\ntarget_address = \"{}\"\n\n[keys]\nfile = \"{}\"\n{}",
+            spec.component,
+            spec.server,
+            spec.secret,
+            spec.target,
+            spec.key_file.display(),
+            spec.extra
         ),
     )
     .unwrap();
