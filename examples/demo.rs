@@ -35,8 +35,8 @@ async fn main() {
         prosody.dir().join("keys.toml").display()
     );
     println!("\njat-proxy configuration:\n{config_text}");
-    let config = jat_proxy::config::parse(Path::new("demo.toml"), &config_text, |_| None)
-        .expect("demo configuration");
+    let config =
+        jat_proxy::config::parse(Path::new("demo.toml"), &config_text).expect("demo configuration");
     let mut rng = jat_proxy::random::OsRandom::new();
     let (keys, _) =
         jat_proxy::keys::load_or_create(&config.key_file, &mut rng, jat_proxy::session::unix_now())

@@ -23,8 +23,11 @@ pub struct Config {
     pub jid: String,
     /// `host:port` of the server's XEP-0114 listener.
     pub server: String,
-    /// The component secret shared with the server.
+    /// The component secret shared with the server (empty until [`Config::resolve_secret`]
+    /// when it comes from a file or the environment).
     pub secret: Zeroizing<String>,
+    /// Where the secret comes from.
+    pub secret_source: SecretSource,
     /// Idle time after which a keepalive ping is sent.
     pub keepalive_interval: Duration,
     /// How long the server may take to answer it before the session is declared dead.
@@ -51,7 +54,55 @@ pub struct Config {
     pub policy: Policy,
 }
 
+/// Where the component secret is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `secret = "..."` in the configuration.
+    Inline,
+    /// `secret_file = "..."`.
+    File(PathBuf),
+    /// `secret_env = true`: the variable [`SECRET_ENV`].
+    Env,
+}
+
 impl Config {
+    /// Reads the secret from its file or the environment (`env` looks variables up). Inline
+    /// secrets are already there.
+    pub fn resolve_secret(
+        &mut self,
+        file: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            file: file.to_owned(),
+            key: Some(key.to_owned()),
+            message,
+        };
+        let secret = match &self.secret_source {
+            SecretSource::Inline => return Ok(()),
+            SecretSource::File(f) => {
+                crate::keys::check_private(f, "the secret file")
+                    .map_err(|m| err("component.secret_file", m))?;
+                let s =
+                    Zeroizing::new(std::fs::read_to_string(f).map_err(|e| {
+                        err("component.secret_file", format!("{}: {e}", f.display()))
+                    })?);
+                Zeroizing::new(s.trim_end_matches(['\n', '\r']).to_owned())
+            }
+            SecretSource::Env => Zeroizing::new(env(SECRET_ENV).ok_or_else(|| {
+                err(
+                    "component.secret_env",
+                    format!("environment variable {SECRET_ENV} is not set"),
+                )
+            })?),
+        };
+        if secret.is_empty() {
+            return Err(err("component.secret", "the secret is empty".into()));
+        }
+        self.secret = secret;
+        Ok(())
+    }
+
     /// The settings of the sans-IO proxy.
     pub fn settings(&self) -> Settings {
         Settings {
@@ -225,15 +276,14 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         key: None,
         message: format!("cannot read: {e}"),
     })?;
-    parse(path, &text, |name| std::env::var(name).ok())
+    let mut config = parse(path, &text)?;
+    config.resolve_secret(path, |name| std::env::var(name).ok())?;
+    Ok(config)
 }
 
-/// Validates configuration text; `env` looks up environment variables.
-pub fn parse(
-    path: &Path,
-    text: &str,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<Config, ConfigError> {
+/// Validates configuration text (`path` only names it in errors). Pure: a secret given by
+/// `secret_file` or `secret_env` is left for [`Config::resolve_secret`].
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let err = |key: &str, message: String| ConfigError {
         file: path.to_owned(),
         key: Some(key.to_owned()),
@@ -284,23 +334,12 @@ pub fn parse(
             ),
         ));
     }
-    let secret = if let Some(s) = &c.secret {
-        s.clone()
-    } else if let Some(f) = &c.secret_file {
-        crate::keys::check_private(f, "the secret file")
-            .map_err(|m| err("component.secret_file", m))?;
-        let s = std::fs::read_to_string(f)
-            .map_err(|e| err("component.secret_file", format!("{}: {e}", f.display())))?;
-        Zeroizing::new(s.trim_end_matches(['\n', '\r']).to_owned())
-    } else {
-        Zeroizing::new(env(SECRET_ENV).ok_or_else(|| {
-            err(
-                "component.secret_env",
-                format!("environment variable {SECRET_ENV} is not set"),
-            )
-        })?)
+    let (secret, secret_source) = match (&c.secret, &c.secret_file) {
+        (Some(s), _) => (s.clone(), SecretSource::Inline),
+        (None, Some(f)) => (Zeroizing::new(String::new()), SecretSource::File(f.clone())),
+        (None, None) => (Zeroizing::new(String::new()), SecretSource::Env),
     };
-    if secret.is_empty() {
+    if secret_source == SecretSource::Inline && secret.is_empty() {
         return Err(err("component.secret", "the secret is empty".into()));
     }
 
@@ -441,6 +480,7 @@ pub fn parse(
         jid,
         server,
         secret,
+        secret_source,
         keepalive_interval,
         keepalive_timeout,
         keepalive_to,
@@ -481,7 +521,9 @@ file = "/var/lib/jat-proxy/keys.toml"
 "#;
 
     fn parse_str(text: &str) -> Result<Config, ConfigError> {
-        parse(Path::new("test.toml"), text, |_| None)
+        let mut c = parse(Path::new("test.toml"), text)?;
+        c.resolve_secret(Path::new("test.toml"), |_| None)?;
+        Ok(c)
     }
 
     #[test]
@@ -530,7 +572,8 @@ file = "/var/lib/jat-proxy/keys.toml"
     #[test]
     fn secret_from_environment() {
         let text = GOOD.replace("secret = \"s3cret\"", "secret_env = true");
-        let c = parse(Path::new("t"), &text, |n| {
+        let mut c = parse(Path::new("t"), &text).unwrap();
+        c.resolve_secret(Path::new("t"), |n| {
             (n == SECRET_ENV).then(|| "from-env".to_owned())
         })
         .unwrap();

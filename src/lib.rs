@@ -11,6 +11,7 @@
 pub mod backoff;
 pub mod config;
 pub mod inbound;
+pub mod invariants;
 pub mod keys;
 pub mod policy;
 pub mod presence;
