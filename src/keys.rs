@@ -316,6 +316,7 @@ fn write_new(path: &Path, set: &KeySet, rng: &mut dyn Random, replace: bool) -> 
         f.sync_all()?;
         drop(f);
         if replace {
+            keep_owner(path, &tmp)?;
             fs::rename(&tmp, path)
         } else {
             // link() fails with AlreadyExists instead of replacing: first writer wins.
@@ -336,16 +337,38 @@ fn write_new(path: &Path, set: &KeySet, rng: &mut dyn Random, replace: bool) -> 
     result
 }
 
+/// A rotation run as root must not leave the file unreadable to the service's own user:
+/// the replacement takes the owner of the file it replaces.
+fn keep_owner(old: &Path, new: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(old_meta) = fs::metadata(old) else {
+        return Ok(());
+    };
+    let new_meta = fs::metadata(new)?;
+    if (old_meta.uid(), old_meta.gid()) == (new_meta.uid(), new_meta.gid()) {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(new, Some(old_meta.uid()), Some(old_meta.gid())).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot give the new key file the owner of the old one (uid {}): {e}; \
+                 run the rotation as that user or as root",
+                old_meta.uid()
+            ),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::random::SeededRandom;
 
     fn tmpdir() -> PathBuf {
-        let mut rng = SeededRandom::new(std::process::id() as u64 ^ 0x5eed);
-        let mut b = [0u8; 8];
-        rng.fill(&mut b);
-        let d = std::env::temp_dir().join(format!("jat-keys-{}", u64::from_le_bytes(b)));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("jat-keys-{}-{n}", std::process::id()));
         fs::create_dir_all(&d).unwrap();
         d
     }

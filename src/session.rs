@@ -131,6 +131,8 @@ pub async fn run(config: Config, keys: KeySet) -> io::Result<Exit> {
     let mut watch = KeyWatch::new(&config.key_file);
     let mut backoff = Backoff::new(Duration::from_millis(500), config.reconnect_max);
     loop {
+        // Also while disconnected: an instance that takes over must know every key in use.
+        watch.reload_if_changed(&config.key_file, &mut proxy, false);
         let login = tokio::select! {
             r = login(&config) => r,
             _ = signals.shutdown() => return Ok(Exit::Signal),

@@ -7,121 +7,19 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use testkit::client::{Answer, reply_to, stanza, xml};
+use testkit::client::{reply_to, stanza, xml};
+use testkit::deployment::{
+    COMPONENT, Deployment, QUIET, SECRET, WAIT, error_condition, request, wait_resource,
+};
 use testkit::proxy::ConfigSpec;
-use testkit::{Client, Prosody, ProxyProcess};
-
-const COMPONENT: &str = "proxy.localhost";
-const SECRET: &str = "component-secret";
-const WAIT: Duration = Duration::from_secs(10);
-/// For "nothing arrives": long enough for a stanza to cross the server twice on loopback.
-const QUIET: Duration = Duration::from_millis(1500);
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_jat-proxy"))
 }
 
-/// Prosody + jat-proxy + accounts `impl` and `user` (+ `mallory`).
-struct Deployment {
-    prosody: Prosody,
-    proxy: ProxyProcess,
-    config: PathBuf,
-}
-
-impl Deployment {
-    fn start() -> Deployment {
-        Self::start_with("")
-    }
-
-    fn start_with(extra_config: &str) -> Deployment {
-        let prosody = Prosody::start(&[(COMPONENT, SECRET)]);
-        for user in ["impl", "user", "mallory"] {
-            prosody.register(user, "pw");
-        }
-        let keys = prosody.dir().join("keys.toml");
-        let config = testkit::proxy::write_config(
-            prosody.dir(),
-            "jat-proxy.toml",
-            &ConfigSpec {
-                component: COMPONENT,
-                server: prosody.component,
-                secret: SECRET,
-                target: "impl@localhost",
-                key_file: &keys,
-                extra: extra_config,
-            },
-        );
-        let proxy = ProxyProcess::start(&binary(), &config);
-        proxy.wait_sessions(1, WAIT);
-        Deployment {
-            prosody,
-            proxy,
-            config,
-        }
-    }
-
-    async fn client(&self, user: &str, resource: &str) -> Client {
-        Client::login(
-            self.prosody.c2s,
-            "localhost",
-            user,
-            "pw",
-            resource,
-            Answer::Nothing,
-        )
-        .await
-    }
-
-    /// The implementing client: accepts the proxy's subscription like a real one must.
-    async fn implementing(&self, resource: &str) -> Client {
-        let c = Client::login(
-            self.prosody.c2s,
-            "localhost",
-            "impl",
-            "pw",
-            resource,
-            Answer::Subscriptions,
-        )
-        .await;
-        self.wait_resource(resource);
-        c
-    }
-
-    /// Waits until the proxy has seen `resource` of the implementing client come online.
-    fn wait_resource(&self, resource: &str) {
-        let needle = format!("resource=\"{resource}\"");
-        let seen = testkit::wait_until(WAIT, || {
-            self.proxy
-                .log()
-                .lines()
-                .any(|l| l.contains("resource available") && l.contains(&needle))
-                .then_some(())
-        });
-        assert!(
-            seen.is_some(),
-            "proxy never saw impl/{resource}:\n{}",
-            self.proxy.log()
-        );
-    }
-}
-
-fn request(id: &str) -> String {
-    format!(
-        "<iq type='get' id='{id}' to='{COMPONENT}'><query xmlns='urn:example:echo'>{id}</query></iq>"
-    )
-}
-
-fn error_condition(el: &testkit::client::Element) -> Option<String> {
-    el.children()
-        .find(|c| c.name() == "error")?
-        .children()
-        .find(|c| c.ns() == "urn:ietf:params:xml:ns:xmpp-stanzas" && c.name() != "text")
-        .map(|c| c.name().to_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn result_and_error_are_reversed_intact() {
-    let d = Deployment::start();
+    let d = Deployment::start(&binary());
     let mut imp = d.implementing("a").await;
     let mut user = d.client("user", "abc").await;
 
@@ -171,7 +69,7 @@ async fn result_and_error_are_reversed_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_resources_serve_and_never_learn_the_sender() {
-    let d = Deployment::start();
+    let d = Deployment::start(&binary());
     let mut a = d.implementing("a").await;
     let mut b = d.implementing("b").await;
     let mut user = d.client("user", "abc").await;
@@ -212,7 +110,7 @@ async fn both_resources_serve_and_never_learn_the_sender() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_resource_gets_service_unavailable() {
-    let d = Deployment::start();
+    let d = Deployment::start(&binary());
     let mut user = d.client("user", "abc").await;
     user.send_xml(&request("nobody"));
     let err = user.recv_iq("nobody", WAIT).await.expect("an answer");
@@ -226,7 +124,7 @@ async fn no_resource_gets_service_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_foreign_replies_reach_nobody() {
-    let d = Deployment::start();
+    let d = Deployment::start(&binary());
     let mut imp = d.implementing("a").await;
     let mut user = d.client("user", "abc").await;
     let mut mallory = d.client("mallory", "m").await;
@@ -293,7 +191,7 @@ async fn forged_and_foreign_replies_reach_nobody() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_stanzas_do_not_end_the_session() {
-    let d = Deployment::start();
+    let d = Deployment::start(&binary());
     let mut imp = d.implementing("a").await;
     let mut user = d.client("user", "abc").await;
     // Stanzas Prosody passes through but xmpp-parsers rejects.
@@ -330,7 +228,7 @@ async fn odd_stanzas_do_not_end_the_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_longer_than_a_minute_keeps_the_session() {
     // Longer than tokio-xmpp's 60 s soft read timeout, with the default keepalive settings.
-    let d = Deployment::start_with("");
+    let d = Deployment::start(&binary());
     let mut imp = d.implementing("a").await;
     let mut user = d.client("user", "abc").await;
     tokio::time::sleep(Duration::from_secs(75)).await;
@@ -352,7 +250,7 @@ async fn idle_longer_than_a_minute_keeps_the_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_in_flight_survives_kill_9_and_restart() {
-    let mut d = Deployment::start();
+    let mut d = Deployment::start(&binary());
     let mut imp = d.implementing("a").await;
     let mut user = d.client("user", "abc").await;
     user.send_xml(&request("held"));
@@ -361,7 +259,7 @@ async fn request_in_flight_survives_kill_9_and_restart() {
     d.proxy.kill9();
     d.proxy.restart();
     d.proxy.wait_sessions(1, WAIT);
-    d.wait_resource("a");
+    wait_resource(&d.proxy, "a");
     imp.send(reply_to(
         &req,
         "result",
@@ -373,12 +271,11 @@ async fn request_in_flight_survives_kill_9_and_restart() {
         .expect("reply after restart");
     assert_eq!(res.attr("type"), Some("result"));
     assert_eq!(res.attr("to"), Some(user.jid()));
-    let _ = &d.config;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_the_stream_and_exits_0() {
-    let mut d = Deployment::start();
+    let mut d = Deployment::start(&binary());
     d.proxy.signal("TERM");
     let status = d.proxy.wait_exit(WAIT).expect("exits on SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", d.proxy.log());
@@ -387,7 +284,7 @@ async fn sigterm_closes_the_stream_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_the_server_restarts() {
-    let mut d = Deployment::start();
+    let mut d = Deployment::start(&binary());
     let mut imp = d.implementing("a").await;
     drop(imp);
     d.prosody.stop();

@@ -1,0 +1,129 @@
+//! A whole deployment for a test: Prosody, jat-proxy in front of `impl@localhost`, and the
+//! accounts `impl`, `user`, `mallory` (password `pw`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::client::{Answer, Client, Element};
+use crate::proxy::{ConfigSpec, ProxyProcess, write_config};
+use crate::prosody::Prosody;
+
+/// The component domain of test deployments.
+pub const COMPONENT: &str = "proxy.localhost";
+/// The component secret of test deployments.
+pub const SECRET: &str = "component-secret";
+/// How long a test waits for something that must happen.
+pub const WAIT: Duration = Duration::from_secs(10);
+/// How long a test waits to be sure something does not happen: long enough for a stanza to
+/// cross the server twice on loopback many times over.
+pub const QUIET: Duration = Duration::from_millis(1500);
+
+/// Prosody + one jat-proxy.
+pub struct Deployment {
+    /// The server.
+    pub prosody: Prosody,
+    /// The proxy process.
+    pub proxy: ProxyProcess,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Its key file.
+    pub keys: PathBuf,
+}
+
+impl Deployment {
+    /// Starts everything with the default configuration.
+    pub fn start(binary: &Path) -> Deployment {
+        Self::start_with(binary, "")
+    }
+
+    /// Starts everything; `extra_config` is appended to the proxy's configuration.
+    pub fn start_with(binary: &Path, extra_config: &str) -> Deployment {
+        let prosody = Prosody::start(&[(COMPONENT, SECRET)]);
+        for user in ["impl", "user", "mallory", "flood"] {
+            prosody.register(user, "pw");
+        }
+        let keys = prosody.dir().join("keys.toml");
+        let config = write_config(
+            prosody.dir(),
+            "jat-proxy.toml",
+            &ConfigSpec {
+                component: COMPONENT,
+                server: prosody.component,
+                secret: SECRET,
+                target: "impl@localhost",
+                key_file: &keys,
+                extra: extra_config,
+            },
+        );
+        let proxy = ProxyProcess::start(binary, &config);
+        proxy.wait_sessions(1, WAIT);
+        Deployment {
+            prosody,
+            proxy,
+            config,
+            keys,
+        }
+    }
+
+    /// An ordinary client.
+    pub async fn client(&self, user: &str, resource: &str) -> Client {
+        Client::login(self.prosody.c2s, "localhost", user, "pw", resource, Answer::Nothing).await
+    }
+
+    /// A resource of the implementing client, once the proxy knows it is online. It accepts
+    /// the proxy's subscription request as a real implementing client must.
+    pub async fn implementing(&self, resource: &str) -> Client {
+        let c = Client::login(
+            self.prosody.c2s,
+            "localhost",
+            "impl",
+            "pw",
+            resource,
+            Answer::Subscriptions,
+        )
+        .await;
+        wait_resource(&self.proxy, resource);
+        c
+    }
+}
+
+/// Waits until `proxy` has seen `resource` of the implementing client come online.
+pub fn wait_resource(proxy: &ProxyProcess, resource: &str) {
+    let needle = format!("resource=\"{resource}\"");
+    let seen = crate::wait_until(WAIT, || {
+        proxy
+            .log()
+            .lines()
+            .any(|l| l.contains("resource available") && l.contains(&needle))
+            .then_some(())
+    });
+    assert!(seen.is_some(), "proxy never saw impl/{resource}:\n{}", proxy.log());
+}
+
+/// A request to the component, as in the README: `<iq type='get' id=ID to='proxy.localhost'>`.
+pub fn request(id: &str) -> String {
+    format!(
+        "<iq type='get' id='{id}' to='{COMPONENT}'><query xmlns='urn:example:echo'>{id}</query></iq>"
+    )
+}
+
+/// The defined condition of an error stanza.
+pub fn error_condition(el: &Element) -> Option<String> {
+    el.children()
+        .find(|c| c.name() == "error")?
+        .children()
+        .find(|c| c.ns() == "urn:ietf:params:xml:ns:xmpp-stanzas" && c.name() != "text")
+        .map(|c| c.name().to_owned())
+}
+
+/// Resident memory of a process in KiB (from /proc).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}

@@ -1,0 +1,315 @@
+//! jat-proxy exposed to hostile users, through a real Prosody: a battery of odd stanzas, a
+//! flood from one sender, live key rotation across two instances sharing a key file, and the
+//! refusal of readable key files.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use testkit::client::{reply_to, xml};
+use testkit::deployment::{
+    COMPONENT, Deployment, QUIET, WAIT, error_condition, request, rss_kib, wait_resource,
+};
+use testkit::proxy::ProxyProcess;
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_jat-proxy"))
+}
+
+const LIMITS: &str = "\n[limits]\nmax_stanza_bytes = 65536\nmax_depth = 32\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_battery_keeps_the_session_and_answers_no_result() {
+    let d = Deployment::start_with(&binary(), LIMITS);
+    let mut imp = d.implementing("a").await;
+    let mut user = d.client("user", "abc").await;
+    let rss_before = rss_kib(d.proxy.pid()).unwrap();
+
+    // A live request held by the implementing client, for genuine-token cases.
+    user.send_xml(&request("held"));
+    let held = imp.recv_request(WAIT).await.unwrap();
+    let token = held.attr("from").unwrap().trim_start_matches("proxy.localhost/").to_owned();
+
+    let mut cases: Vec<String> = Vec::new();
+    // IQ types, ids and children (Prosody answers some of these itself).
+    for t in ["weird", "", "GET", "Result", "get ", "error\u{301}"] {
+        cases.push(format!("<iq type='{t}' id='t-{}' to='{COMPONENT}'><q xmlns='urn:x'/></iq>", cases.len()));
+    }
+    cases.push(format!("<iq id='notype' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"));
+    cases.push(format!("<iq type='get' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"));
+    cases.push(format!("<iq type='get' id='' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"));
+    cases.push(format!("<iq type='get' id='nochild' to='{COMPONENT}'/>"));
+    cases.push(format!("<iq type='set' id='two' to='{COMPONENT}'><a xmlns='urn:x'/><b xmlns='urn:x'/></iq>"));
+    cases.push(format!("<iq type='get' id='text-only' to='{COMPONENT}'>just text</iq>"));
+    // Sizes and depths.
+    for (i, size) in [10_000usize, 60_000, 100_000, 200_000].into_iter().enumerate() {
+        cases.push(format!(
+            "<iq type='set' id='big-{i}' to='{COMPONENT}'><q xmlns='urn:x'>{}</q></iq>",
+            "x".repeat(size)
+        ));
+    }
+    // Deeper than 200 overflows the stack of this test's own client (minidom serialises
+    // recursively); jat-proxy never builds past max_depth, which src/inbound.rs tests with
+    // 10,000 levels.
+    for (i, depth) in [20usize, 40, 200].into_iter().enumerate() {
+        cases.push(format!(
+            "<iq type='get' id='deep-{i}' to='{COMPONENT}'>{}{}</iq>",
+            "<d xmlns='urn:x'>".repeat(depth),
+            "</d>".repeat(depth)
+        ));
+    }
+    // Characters and languages.
+    for (i, text) in ["مرحبا بالعالم", "你好，世界", "🦀🦀🦀", "e\u{301}\u{302}\u{303}", "\u{202E}evil", "&lt;&amp;&gt;&apos;&quot;", "\u{FFFD}", "ＡＢＣ"]
+        .into_iter()
+        .enumerate()
+    {
+        cases.push(format!(
+            "<iq type='get' id='lang-{i}' to='{COMPONENT}' xml:lang='ar'><q xmlns='urn:x' xml:lang='zh-Hant'>{text}</q></iq>"
+        ));
+    }
+    // Addresses at the component.
+    for (i, to) in ["svc@proxy.localhost", "proxy.localhost/res", "svc@proxy.localhost/res/with/slashes", "proxy.localhost/🦀"].into_iter().enumerate() {
+        cases.push(format!("<iq type='get' id='addr-{i}' to='{to}'><q xmlns='urn:x'/></iq>"));
+    }
+    // Results and errors from the user to every kind of address: never answered.
+    let max_resource = "A".repeat(1023);
+    let truncated = &token[..token.len() / 2];
+    let mut bad_base64 = token.clone();
+    bad_base64.replace_range(0..1, "*");
+    let wrong_key = {
+        let other = jat_proxy::keys::KeySet::from_secrets(&[(1, 0, [5; 32])]).unwrap();
+        jat_proxy::token::seal(
+            &other,
+            jat_proxy::token::Binding { component: COMPONENT, iq_id: "held" },
+            &jat_proxy::token::Contents { sender: "user@localhost/abc", original_to: None },
+            jat_proxy::session::unix_now(),
+            [2; 16],
+        )
+        .unwrap()
+    };
+    let targets = [
+        COMPONENT.to_string(),
+        format!("{COMPONENT}/garbage"),
+        format!("{COMPONENT}/{truncated}"),
+        format!("{COMPONENT}/{max_resource}"),
+        format!("{COMPONENT}/{bad_base64}"),
+        format!("{COMPONENT}/{wrong_key}"),
+        format!("{COMPONENT}/user@localhost/abc"),
+        format!("node@{COMPONENT}/{token}"),
+        format!("{COMPONENT}/{token}"),
+    ];
+    let mut reply_ids = Vec::new();
+    for (i, to) in targets.iter().enumerate() {
+        for t in ["result", "error"] {
+            let id = format!("re-{t}-{i}");
+            cases.push(format!("<iq type='{t}' id='{id}' to='{to}'/>"));
+            reply_ids.push(id);
+        }
+    }
+    // Presence and message oddities.
+    for p in [
+        format!("<presence to='{COMPONENT}'/>"),
+        format!("<presence type='weird' to='{COMPONENT}'/>"),
+        format!("<presence type='subscribe' to='{COMPONENT}'/>"),
+        format!("<presence type='probe' to='{COMPONENT}'/>"),
+        format!("<presence type='unavailable' to='{COMPONENT}/{token}'/>"),
+        format!("<presence to='{COMPONENT}'><show>chat</show><x xmlns='urn:x'>{}</x></presence>", "p".repeat(5000)),
+        format!("<message type='weird' id='m1' to='{COMPONENT}'><body>hi</body></message>"),
+        format!("<message type='headline' id='m2' to='{COMPONENT}'/>"),
+        format!("<message type='groupchat' id='m3' to='{COMPONENT}/{token}'><body>x</body></message>"),
+        format!("<message type='error' id='re-msg' to='{COMPONENT}'><error type='cancel'><gone xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"),
+        format!("<message id='m4' to='{COMPONENT}'><body>{}</body></message>", "m".repeat(100_000)),
+    ] {
+        cases.push(p);
+    }
+    reply_ids.push("re-msg".into());
+    let n_cases = cases.len();
+    for c in &cases {
+        user.send_xml(c);
+    }
+    // The implementing client sends results and errors to odd addresses too, and requests.
+    for (i, to) in targets.iter().enumerate() {
+        let id = format!("re-impl-{i}");
+        imp.send_xml(&format!("<iq type='result' id='{id}' to='{to}'/>"));
+        reply_ids.push(id);
+    }
+    imp.send_xml(&format!("<iq type='get' id='impl-req' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"));
+
+    // Answer every request that reached the implementing client, so nothing is left held.
+    let mut forwarded = 0;
+    while let Some(req) = imp.recv_request(QUIET).await {
+        imp.send(reply_to(&req, "result", ""));
+        forwarded += 1;
+    }
+    tokio::time::sleep(QUIET).await;
+
+    // Nobody was answered for a result or an error.
+    for c in [&user, &imp] {
+        for s in c.history() {
+            for id in &reply_ids {
+                assert!(!s.contains(&format!("id='{id}'")), "answered a result/error: {s}");
+            }
+        }
+    }
+    // The implementing client's own request was refused, as in mod_client_proxy.
+    let refused = imp.recv_iq("impl-req", WAIT).await.expect("an answer to impl-req");
+    assert_eq!(error_condition(&refused).as_deref(), Some("feature-not-implemented"));
+    // Limits answered with policy-violation.
+    for id in ["big-2", "deep-2"] {
+        let e = user.recv_iq(id, WAIT).await.unwrap_or_else(|| panic!("no answer to {id}"));
+        assert_eq!(error_condition(&e).as_deref(), Some("policy-violation"), "{}", xml(&e));
+    }
+    // Unicode payloads made the round trip unchanged.
+    let lang = user.recv_iq("lang-0", WAIT).await.expect("lang-0 answered");
+    assert_eq!(lang.attr("type"), Some("result"));
+
+    // Still the same session, still serving.
+    imp.send(reply_to(&held, "result", "<q xmlns='urn:x'>held</q>"));
+    assert!(user.recv_iq("held", WAIT).await.is_some(), "the held request still completes");
+    user.send_xml(&request("after"));
+    let req = imp.recv_request(WAIT).await.expect("still serving");
+    imp.send(reply_to(&req, "result", ""));
+    assert!(user.recv_iq("after", WAIT).await.is_some());
+    assert_eq!(d.prosody.component_logins(), 1, "{}", d.prosody.log());
+    assert_eq!(d.proxy.sessions(), 1, "{}", d.proxy.log());
+    let rss_after = rss_kib(d.proxy.pid()).unwrap();
+    println!(
+        "hostile battery: {n_cases} stanzas from the user, {} results/errors, {forwarded} forwarded; \
+         proxy RSS {rss_before} KiB -> {rss_after} KiB",
+        reply_ids.len()
+    );
+    assert!(rss_after < 64 * 1024, "memory bounded: {rss_after} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_is_rate_limited_and_others_are_still_served() {
+    let d = Deployment::start_with(&binary(), "\n[limits]\nrate_per_sender = 5.0\nrate_burst = 20\n");
+    let mut imp = d.implementing("a").await;
+    let mut flood = d.client("flood", "f").await;
+    let mut user = d.client("user", "abc").await;
+    let n = 300;
+    for i in 0..n {
+        flood.send_xml(&request(&format!("f{i}")));
+    }
+    // Meanwhile another user asks once.
+    user.send_xml(&request("innocent"));
+    let (mut results, mut limited) = (0, 0);
+    let mut innocent = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while results + limited < n && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            Some(req) = imp.recv_request(Duration::from_millis(200)) => imp.send(reply_to(&req, "result", "")),
+            Some(r) = flood.recv_where(Duration::from_millis(200), |e| e.name() == "iq") => {
+                match error_condition(&r).as_deref() {
+                    None => results += 1,
+                    Some("resource-constraint") => limited += 1,
+                    Some(other) => panic!("unexpected error {other}"),
+                }
+            }
+            Some(r) = user.recv_iq("innocent", Duration::from_millis(200)), if innocent.is_none() => innocent = Some(r),
+        }
+    }
+    let innocent = match innocent {
+        Some(r) => r,
+        None => user.recv_iq("innocent", WAIT).await.expect("the other user is served"),
+    };
+    assert_eq!(innocent.attr("type"), Some("result"));
+    println!("flood: {n} requests sent, {results} served, {limited} refused with resource-constraint");
+    assert_eq!(results + limited, n, "every flood request got an answer");
+    assert!(limited > 0, "the rate limit engaged");
+    assert!(results >= 20, "the burst was served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_rotation_across_two_instances_sharing_a_key_file() {
+    let extra = "reload_interval_secs = 1\n";
+    let d = Deployment::start_with(&binary(), extra);
+    // A second instance with the same configuration and key file: Prosody keeps the first
+    // connection and refuses this one, which retries — a hot standby.
+    let mut standby = ProxyProcess::start(&binary(), &d.config);
+    let mut imp = d.implementing("a").await;
+    let mut user = d.client("user", "abc").await;
+
+    user.send_xml(&request("old-key"));
+    let old = imp.recv_request(WAIT).await.unwrap();
+    assert_eq!(key_id(&old), 1);
+
+    let (status, out) = testkit::proxy::run_to_end(
+        &binary(),
+        &["keys", "rotate", "--config", d.config.to_str().unwrap()],
+    );
+    assert!(status.success(), "{out}");
+    let reloaded = testkit::wait_until(WAIT, || {
+        (d.proxy.log().contains("key file reloaded") && standby.log().contains("key file reloaded"))
+            .then_some(())
+    });
+    assert!(reloaded.is_some(), "both instances reload:\n{}\n{}", d.proxy.log(), standby.log());
+
+    user.send_xml(&request("new-key"));
+    let new = imp.recv_request(WAIT).await.unwrap();
+    assert_eq!(key_id(&new), 2, "new requests use the new key");
+
+    // The active instance dies; the standby takes over the domain.
+    let mut active = d.proxy;
+    active.kill9();
+    standby.wait_sessions(1, Duration::from_secs(20));
+    wait_resource(&standby, "a");
+    imp.send(reply_to(&old, "result", ""));
+    imp.send(reply_to(&new, "result", ""));
+    for id in ["old-key", "new-key"] {
+        let r = user.recv_iq(id, WAIT).await.unwrap_or_else(|| panic!("{id} lost"));
+        assert_eq!(r.attr("type"), Some("result"), "{}", xml(&r));
+    }
+    standby.signal("TERM");
+    assert_eq!(standby.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
+}
+
+/// The key id in the clear header of the token a forwarded request carries.
+fn key_id(req: &testkit::client::Element) -> u32 {
+    use base64::Engine;
+    let token = req.attr("from").unwrap().trim_start_matches("proxy.localhost/");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).unwrap();
+    u32::from_be_bytes(raw[1..5].try_into().unwrap())
+}
+
+#[test]
+fn readable_key_or_secret_file_is_refused() {
+    let dir = testkit::work_dir("perms");
+    let keys = dir.join("keys.toml");
+    let config = testkit::proxy::write_config(
+        &dir,
+        "c.toml",
+        &testkit::proxy::ConfigSpec {
+            component: COMPONENT,
+            server: "127.0.0.1:9".parse().unwrap(),
+            secret: "s",
+            target: "impl@localhost",
+            key_file: &keys,
+            extra: "",
+        },
+    );
+    let cfg = config.to_str().unwrap();
+    let (status, out) = testkit::proxy::run_to_end(&binary(), &["check", "--config", cfg]);
+    assert!(status.success(), "{out}");
+    assert_eq!(std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777, 0o600);
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (status, out) = testkit::proxy::run_to_end(&binary(), &["--config", cfg]);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("keys.toml") && out.contains("chmod 600"), "{out}");
+
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("secret = \"s\"", &format!("secret_file = \"{}\"", secret.display()));
+    std::fs::write(&config, text).unwrap();
+    let (status, out) = testkit::proxy::run_to_end(&binary(), &["check", "--config", cfg]);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("component.secret_file") && out.contains("mode 0640"), "{out}");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (status, out) = testkit::proxy::run_to_end(&binary(), &["check", "--config", cfg]);
+    assert!(status.success(), "{out}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
