@@ -28,21 +28,41 @@ async fn hostile_battery_keeps_the_session_and_answers_no_result() {
     // A live request held by the implementing client, for genuine-token cases.
     user.send_xml(&request("held"));
     let held = imp.recv_request(WAIT).await.unwrap();
-    let token = held.attr("from").unwrap().trim_start_matches("proxy.localhost/").to_owned();
+    let token = held
+        .attr("from")
+        .unwrap()
+        .trim_start_matches("proxy.localhost/")
+        .to_owned();
 
     let mut cases: Vec<String> = Vec::new();
     // IQ types, ids and children (Prosody answers some of these itself).
     for t in ["weird", "", "GET", "Result", "get ", "error\u{301}"] {
-        cases.push(format!("<iq type='{t}' id='t-{}' to='{COMPONENT}'><q xmlns='urn:x'/></iq>", cases.len()));
+        cases.push(format!(
+            "<iq type='{t}' id='t-{}' to='{COMPONENT}'><q xmlns='urn:x'/></iq>",
+            cases.len()
+        ));
     }
-    cases.push(format!("<iq id='notype' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"));
-    cases.push(format!("<iq type='get' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"));
-    cases.push(format!("<iq type='get' id='' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"));
+    cases.push(format!(
+        "<iq id='notype' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"
+    ));
+    cases.push(format!(
+        "<iq type='get' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"
+    ));
+    cases.push(format!(
+        "<iq type='get' id='' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"
+    ));
     cases.push(format!("<iq type='get' id='nochild' to='{COMPONENT}'/>"));
-    cases.push(format!("<iq type='set' id='two' to='{COMPONENT}'><a xmlns='urn:x'/><b xmlns='urn:x'/></iq>"));
-    cases.push(format!("<iq type='get' id='text-only' to='{COMPONENT}'>just text</iq>"));
+    cases.push(format!(
+        "<iq type='set' id='two' to='{COMPONENT}'><a xmlns='urn:x'/><b xmlns='urn:x'/></iq>"
+    ));
+    cases.push(format!(
+        "<iq type='get' id='text-only' to='{COMPONENT}'>just text</iq>"
+    ));
     // Sizes and depths.
-    for (i, size) in [10_000usize, 60_000, 100_000, 200_000].into_iter().enumerate() {
+    for (i, size) in [10_000usize, 60_000, 100_000, 200_000]
+        .into_iter()
+        .enumerate()
+    {
         cases.push(format!(
             "<iq type='set' id='big-{i}' to='{COMPONENT}'><q xmlns='urn:x'>{}</q></iq>",
             "x".repeat(size)
@@ -59,17 +79,36 @@ async fn hostile_battery_keeps_the_session_and_answers_no_result() {
         ));
     }
     // Characters and languages.
-    for (i, text) in ["مرحبا بالعالم", "你好，世界", "🦀🦀🦀", "e\u{301}\u{302}\u{303}", "\u{202E}evil", "&lt;&amp;&gt;&apos;&quot;", "\u{FFFD}", "ＡＢＣ"]
-        .into_iter()
-        .enumerate()
+    for (i, text) in [
+        "مرحبا بالعالم",
+        "你好，世界",
+        "🦀🦀🦀",
+        "e\u{301}\u{302}\u{303}",
+        "\u{202E}evil",
+        "&lt;&amp;&gt;&apos;&quot;",
+        "\u{FFFD}",
+        "ＡＢＣ",
+    ]
+    .into_iter()
+    .enumerate()
     {
         cases.push(format!(
             "<iq type='get' id='lang-{i}' to='{COMPONENT}' xml:lang='ar'><q xmlns='urn:x' xml:lang='zh-Hant'>{text}</q></iq>"
         ));
     }
     // Addresses at the component.
-    for (i, to) in ["svc@proxy.localhost", "proxy.localhost/res", "svc@proxy.localhost/res/with/slashes", "proxy.localhost/🦀"].into_iter().enumerate() {
-        cases.push(format!("<iq type='get' id='addr-{i}' to='{to}'><q xmlns='urn:x'/></iq>"));
+    for (i, to) in [
+        "svc@proxy.localhost",
+        "proxy.localhost/res",
+        "svc@proxy.localhost/res/with/slashes",
+        "proxy.localhost/🦀",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        cases.push(format!(
+            "<iq type='get' id='addr-{i}' to='{to}'><q xmlns='urn:x'/></iq>"
+        ));
     }
     // Results and errors from the user to every kind of address: never answered.
     let max_resource = "A".repeat(1023);
@@ -80,8 +119,14 @@ async fn hostile_battery_keeps_the_session_and_answers_no_result() {
         let other = jat_proxy::keys::KeySet::from_secrets(&[(1, 0, [5; 32])]).unwrap();
         jat_proxy::token::seal(
             &other,
-            jat_proxy::token::Binding { component: COMPONENT, iq_id: "held" },
-            &jat_proxy::token::Contents { sender: "user@localhost/abc", original_to: None },
+            jat_proxy::token::Binding {
+                component: COMPONENT,
+                iq_id: "held",
+            },
+            &jat_proxy::token::Contents {
+                sender: "user@localhost/abc",
+                original_to: None,
+            },
             jat_proxy::session::unix_now(),
             [2; 16],
         )
@@ -113,12 +158,22 @@ async fn hostile_battery_keeps_the_session_and_answers_no_result() {
         format!("<presence type='subscribe' to='{COMPONENT}'/>"),
         format!("<presence type='probe' to='{COMPONENT}'/>"),
         format!("<presence type='unavailable' to='{COMPONENT}/{token}'/>"),
-        format!("<presence to='{COMPONENT}'><show>chat</show><x xmlns='urn:x'>{}</x></presence>", "p".repeat(5000)),
+        format!(
+            "<presence to='{COMPONENT}'><show>chat</show><x xmlns='urn:x'>{}</x></presence>",
+            "p".repeat(5000)
+        ),
         format!("<message type='weird' id='m1' to='{COMPONENT}'><body>hi</body></message>"),
         format!("<message type='headline' id='m2' to='{COMPONENT}'/>"),
-        format!("<message type='groupchat' id='m3' to='{COMPONENT}/{token}'><body>x</body></message>"),
-        format!("<message type='error' id='re-msg' to='{COMPONENT}'><error type='cancel'><gone xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"),
-        format!("<message id='m4' to='{COMPONENT}'><body>{}</body></message>", "m".repeat(100_000)),
+        format!(
+            "<message type='groupchat' id='m3' to='{COMPONENT}/{token}'><body>x</body></message>"
+        ),
+        format!(
+            "<message type='error' id='re-msg' to='{COMPONENT}'><error type='cancel'><gone xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+        ),
+        format!(
+            "<message id='m4' to='{COMPONENT}'><body>{}</body></message>",
+            "m".repeat(100_000)
+        ),
     ] {
         cases.push(p);
     }
@@ -133,7 +188,9 @@ async fn hostile_battery_keeps_the_session_and_answers_no_result() {
         imp.send_xml(&format!("<iq type='result' id='{id}' to='{to}'/>"));
         reply_ids.push(id);
     }
-    imp.send_xml(&format!("<iq type='get' id='impl-req' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"));
+    imp.send_xml(&format!(
+        "<iq type='get' id='impl-req' to='{COMPONENT}'><q xmlns='urn:x'/></iq>"
+    ));
 
     // Answer every request that reached the implementing client, so nothing is left held.
     let mut forwarded = 0;
@@ -147,17 +204,34 @@ async fn hostile_battery_keeps_the_session_and_answers_no_result() {
     for c in [&user, &imp] {
         for s in c.history() {
             for id in &reply_ids {
-                assert!(!s.contains(&format!("id='{id}'")), "answered a result/error: {s}");
+                assert!(
+                    !s.contains(&format!("id='{id}'")),
+                    "answered a result/error: {s}"
+                );
             }
         }
     }
     // The implementing client's own request was refused, as in mod_client_proxy.
-    let refused = imp.recv_iq("impl-req", WAIT).await.expect("an answer to impl-req");
-    assert_eq!(error_condition(&refused).as_deref(), Some("feature-not-implemented"));
+    let refused = imp
+        .recv_iq("impl-req", WAIT)
+        .await
+        .expect("an answer to impl-req");
+    assert_eq!(
+        error_condition(&refused).as_deref(),
+        Some("feature-not-implemented")
+    );
     // Limits answered with policy-violation.
     for id in ["big-2", "deep-2"] {
-        let e = user.recv_iq(id, WAIT).await.unwrap_or_else(|| panic!("no answer to {id}"));
-        assert_eq!(error_condition(&e).as_deref(), Some("policy-violation"), "{}", xml(&e));
+        let e = user
+            .recv_iq(id, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no answer to {id}"));
+        assert_eq!(
+            error_condition(&e).as_deref(),
+            Some("policy-violation"),
+            "{}",
+            xml(&e)
+        );
     }
     // Unicode payloads made the round trip unchanged.
     let lang = user.recv_iq("lang-0", WAIT).await.expect("lang-0 answered");
@@ -165,7 +239,10 @@ async fn hostile_battery_keeps_the_session_and_answers_no_result() {
 
     // Still the same session, still serving.
     imp.send(reply_to(&held, "result", "<q xmlns='urn:x'>held</q>"));
-    assert!(user.recv_iq("held", WAIT).await.is_some(), "the held request still completes");
+    assert!(
+        user.recv_iq("held", WAIT).await.is_some(),
+        "the held request still completes"
+    );
     user.send_xml(&request("after"));
     let req = imp.recv_request(WAIT).await.expect("still serving");
     imp.send(reply_to(&req, "result", ""));
@@ -183,7 +260,10 @@ async fn hostile_battery_keeps_the_session_and_answers_no_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_is_rate_limited_and_others_are_still_served() {
-    let d = Deployment::start_with(&binary(), "\n[limits]\nrate_per_sender = 5.0\nrate_burst = 20\n");
+    let d = Deployment::start_with(
+        &binary(),
+        "\n[limits]\nrate_per_sender = 5.0\nrate_burst = 20\n",
+    );
     let mut imp = d.implementing("a").await;
     let mut flood = d.client("flood", "f").await;
     let mut user = d.client("user", "abc").await;
@@ -211,10 +291,15 @@ async fn a_flood_is_rate_limited_and_others_are_still_served() {
     }
     let innocent = match innocent {
         Some(r) => r,
-        None => user.recv_iq("innocent", WAIT).await.expect("the other user is served"),
+        None => user
+            .recv_iq("innocent", WAIT)
+            .await
+            .expect("the other user is served"),
     };
     assert_eq!(innocent.attr("type"), Some("result"));
-    println!("flood: {n} requests sent, {results} served, {limited} refused with resource-constraint");
+    println!(
+        "flood: {n} requests sent, {results} served, {limited} refused with resource-constraint"
+    );
     assert_eq!(results + limited, n, "every flood request got an answer");
     assert!(limited > 0, "the rate limit engaged");
     assert!(results >= 20, "the burst was served");
@@ -243,7 +328,12 @@ async fn live_rotation_across_two_instances_sharing_a_key_file() {
         (d.proxy.log().contains("key file reloaded") && standby.log().contains("key file reloaded"))
             .then_some(())
     });
-    assert!(reloaded.is_some(), "both instances reload:\n{}\n{}", d.proxy.log(), standby.log());
+    assert!(
+        reloaded.is_some(),
+        "both instances reload:\n{}\n{}",
+        d.proxy.log(),
+        standby.log()
+    );
 
     user.send_xml(&request("new-key"));
     let new = imp.recv_request(WAIT).await.unwrap();
@@ -257,7 +347,10 @@ async fn live_rotation_across_two_instances_sharing_a_key_file() {
     imp.send(reply_to(&old, "result", ""));
     imp.send(reply_to(&new, "result", ""));
     for id in ["old-key", "new-key"] {
-        let r = user.recv_iq(id, WAIT).await.unwrap_or_else(|| panic!("{id} lost"));
+        let r = user
+            .recv_iq(id, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("{id} lost"));
         assert_eq!(r.attr("type"), Some("result"), "{}", xml(&r));
     }
     standby.signal("TERM");
@@ -267,8 +360,13 @@ async fn live_rotation_across_two_instances_sharing_a_key_file() {
 /// The key id in the clear header of the token a forwarded request carries.
 fn key_id(req: &testkit::client::Element) -> u32 {
     use base64::Engine;
-    let token = req.attr("from").unwrap().trim_start_matches("proxy.localhost/");
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).unwrap();
+    let token = req
+        .attr("from")
+        .unwrap()
+        .trim_start_matches("proxy.localhost/");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .unwrap();
     u32::from_be_bytes(raw[1..5].try_into().unwrap())
 }
 
@@ -291,23 +389,33 @@ fn readable_key_or_secret_file_is_refused() {
     let cfg = config.to_str().unwrap();
     let (status, out) = testkit::proxy::run_to_end(&binary(), &["check", "--config", cfg]);
     assert!(status.success(), "{out}");
-    assert_eq!(std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (status, out) = testkit::proxy::run_to_end(&binary(), &["--config", cfg]);
     assert_eq!(status.code(), Some(2), "{out}");
-    assert!(out.contains("keys.toml") && out.contains("chmod 600"), "{out}");
+    assert!(
+        out.contains("keys.toml") && out.contains("chmod 600"),
+        "{out}"
+    );
 
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
     let secret = dir.join("secret");
     std::fs::write(&secret, "s3cret\n").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("secret = \"s\"", &format!("secret_file = \"{}\"", secret.display()));
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "secret = \"s\"",
+        &format!("secret_file = \"{}\"", secret.display()),
+    );
     std::fs::write(&config, text).unwrap();
     let (status, out) = testkit::proxy::run_to_end(&binary(), &["check", "--config", cfg]);
     assert_eq!(status.code(), Some(2), "{out}");
-    assert!(out.contains("component.secret_file") && out.contains("mode 0640"), "{out}");
+    assert!(
+        out.contains("component.secret_file") && out.contains("mode 0640"),
+        "{out}"
+    );
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (status, out) = testkit::proxy::run_to_end(&binary(), &["check", "--config", cfg]);
     assert!(status.success(), "{out}");

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::client::{Answer, Client, Element};
-use crate::proxy::{ConfigSpec, ProxyProcess, write_config};
 use crate::prosody::Prosody;
+use crate::proxy::{ConfigSpec, ProxyProcess, write_config};
 
 /// The component domain of test deployments.
 pub const COMPONENT: &str = "proxy.localhost";
@@ -67,7 +67,15 @@ impl Deployment {
 
     /// An ordinary client.
     pub async fn client(&self, user: &str, resource: &str) -> Client {
-        Client::login(self.prosody.c2s, "localhost", user, "pw", resource, Answer::Nothing).await
+        Client::login(
+            self.prosody.c2s,
+            "localhost",
+            user,
+            "pw",
+            resource,
+            Answer::Nothing,
+        )
+        .await
     }
 
     /// A resource of the implementing client, once the proxy knows it is online. It accepts
@@ -97,7 +105,11 @@ pub fn wait_resource(proxy: &ProxyProcess, resource: &str) {
             .any(|l| l.contains("resource available") && l.contains(&needle))
             .then_some(())
     });
-    assert!(seen.is_some(), "proxy never saw impl/{resource}:\n{}", proxy.log());
+    assert!(
+        seen.is_some(),
+        "proxy never saw impl/{resource}:\n{}",
+        proxy.log()
+    );
 }
 
 /// A request to the component, as in the README: `<iq type='get' id=ID to='proxy.localhost'>`.
