@@ -36,6 +36,8 @@ pub struct Config {
     pub keepalive_to: String,
     /// Longest wait between reconnection attempts.
     pub reconnect_max: Duration,
+    /// How often the target's presence is probed (jittered by ±20%).
+    pub probe_interval: Duration,
     /// The implementing client's account.
     pub target: BareJid,
     /// Token lifetime in seconds.
@@ -192,6 +194,8 @@ struct RawProxy {
     token_lifetime_secs: u64,
     #[serde(default = "d_max_resources")]
     max_resources: usize,
+    #[serde(default = "d_probe")]
+    probe_interval_secs: u64,
 }
 
 #[derive(Deserialize)]
@@ -256,6 +260,11 @@ fn d_lifetime() -> u64 {
 }
 fn d_max_resources() -> usize {
     64
+}
+/// Often enough that each of several instances behind ejabberd learns every resource within
+/// about a minute; a probe costs the server one presence per resource.
+fn d_probe() -> u64 {
+    30
 }
 fn d_reload() -> u64 {
     10
@@ -400,6 +409,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .to_string(),
         None => target.domain().to_string(),
     };
+    let probe_interval = secs(
+        "proxy.probe_interval_secs",
+        raw.proxy.probe_interval_secs,
+        1,
+        86400,
+    )?;
     let token_lifetime = secs(
         "proxy.token_lifetime_secs",
         raw.proxy.token_lifetime_secs,
@@ -485,6 +500,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         keepalive_timeout,
         keepalive_to,
         reconnect_max,
+        probe_interval,
         target,
         token_lifetime,
         max_resources: raw.proxy.max_resources,

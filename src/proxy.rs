@@ -124,6 +124,15 @@ impl Proxy {
         ]
     }
 
+    /// A periodic probe of the target's presence. With one instance it only refreshes what
+    /// presence broadcasts already said. With several instances behind a server that
+    /// spreads a component domain over connections (ejabberd), each presence stanza of the
+    /// target reaches *one* instance; periodic probes are how every instance learns every
+    /// resource.
+    pub fn probe(&self) -> Element {
+        stanza::presence(Some("probe"), &self.settings.component, &self.target)
+    }
+
     /// The session lost its stream: nothing is known about presence any more.
     pub fn disconnected(&mut self) {
         self.resources.clear();
@@ -299,6 +308,27 @@ impl Proxy {
         };
         if sender.domain().as_str() == self.settings.component {
             return dropped("token addressed to the component itself");
+        }
+        // A genuine reply also says whether its resource is online: a result proves it is;
+        // the server's bounce of a request to a resource that went away
+        // (service-unavailable from that full JID) proves it is not — this instance may not
+        // have seen the unavailable presence, which went to another instance.
+        if let Some(res) = from.resource() {
+            match el.attr("type") {
+                Some("result") => {
+                    self.resources.available(res.as_str());
+                }
+                Some("error")
+                    if stanza::error_condition(el).as_deref() == Some("service-unavailable") =>
+                {
+                    debug!(
+                        resource = res.as_str(),
+                        "request bounced: resource forgotten"
+                    );
+                    self.resources.unavailable(res.as_str());
+                }
+                _ => {}
+            }
         }
         let mut out = el.clone();
         let reply_from = opened

@@ -21,8 +21,9 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::inbound::{self, Inbound};
 use crate::keys::{self, KeySet};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Verdict};
 use crate::random::OsRandom;
+use crate::stanza::Condition;
 use crate::stanza::NS;
 
 type Stream = XmlStream<BufStream<TcpStream>, Inbound>;
@@ -246,8 +247,18 @@ async fn serve(
     }
     let mut reload = tokio::time::interval(config.key_reload_interval);
     reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_probe = Instant::now() + jittered(config.probe_interval, rng);
+    let mut urgent_probe = Instant::now();
     loop {
         let first = tokio::select! {
+            _ = tokio::time::sleep_until(next_probe.into()) => {
+                next_probe = Instant::now() + jittered(config.probe_interval, rng);
+                let probe = proxy.probe();
+                if let Err(e) = stream.send(&probe).await {
+                    return End::Lost(e.to_string());
+                }
+                continue;
+            }
             _ = shutdown(&mut signals.term, &mut signals.int) => {
                 close(&mut stream).await;
                 return End::Shutdown;
@@ -267,7 +278,7 @@ async fn serve(
         let mut item = first;
         let mut handled = 0;
         loop {
-            match step(item, &mut stream, proxy, rng).await {
+            match step(item, &mut stream, proxy, rng, &mut urgent_probe).await {
                 Ok(()) => {}
                 Err(why) => return End::Lost(why),
             }
@@ -286,11 +297,19 @@ async fn serve(
     }
 }
 
+/// `d` ± 20%, so that instances started together do not probe in lockstep.
+fn jittered(d: Duration, rng: &mut OsRandom) -> Duration {
+    use crate::random::Random;
+    let ms = d.as_millis() as usize;
+    Duration::from_millis((ms * 8 / 10 + rng.below(ms * 4 / 10 + 1)) as u64)
+}
+
 async fn step(
     item: Option<Result<Inbound, ReadError>>,
     stream: &mut Stream,
     proxy: &mut Proxy,
     rng: &mut OsRandom,
+    urgent_probe: &mut Instant,
 ) -> Result<(), String> {
     let out = match item {
         None => return Err("connection closed".into()),
@@ -301,7 +320,19 @@ async fn step(
             if let Inbound::Element(el) = &inbound {
                 trace!(xml = %String::from(el), "in");
             }
-            proxy.handle(inbound, unix_now_ms(), rng).0
+            let (out, verdict) = proxy.handle(inbound, unix_now_ms(), rng);
+            if verdict == Verdict::Refused(Condition::ServiceUnavailable)
+                && urgent_probe.elapsed() >= Duration::from_secs(1)
+            {
+                // No resource known: maybe this instance just (re)connected and the target's
+                // presence went to another one. Ask now rather than at the next probe.
+                *urgent_probe = Instant::now();
+                stream
+                    .feed(&proxy.probe())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            out
         }
         Some(Err(ReadError::SoftTimeout)) => {
             debug!("idle: sending keepalive ping");

@@ -383,6 +383,7 @@ fn readable_key_or_secret_file_is_refused() {
             secret: "s",
             target: "impl@localhost",
             key_file: &keys,
+            proxy_extra: "",
             extra: "",
         },
     );

@@ -312,6 +312,7 @@ fn config_errors_name_the_key_and_exit_2() {
             secret: SECRET,
             target: "impl@localhost",
             key_file: &dir.join("keys.toml"),
+            proxy_extra: "",
             extra: "",
         },
     );

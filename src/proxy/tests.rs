@@ -386,3 +386,34 @@ fn policy_and_rate_limit() {
     let again = w.send("<iq type='get' id='z' to='proxy.example' from='flood@example/r'><q xmlns='urn:x'/></iq>").unwrap();
     assert_eq!(attr(&again, "type"), "get", "refilled after a second");
 }
+
+#[test]
+fn replies_teach_presence_an_instance_did_not_see() {
+    // Another instance saw impl/b come online; this one learns it from b's result.
+    let mut w = World::new().online(&["a"]);
+    let fwd = w
+        .send("<iq type='get' id='1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>")
+        .unwrap();
+    let back = w.send(&format!(
+        "<iq type='result' id='1' to='{}' from='impl@example/b'/>",
+        attr(&fwd, "from")
+    ));
+    assert!(back.is_some());
+    assert_eq!(w.proxy.resources(), ["a", "b"]);
+    // The server bounces a request to a resource that went away: forgotten, and the
+    // sender still gets the error.
+    let fwd = w
+        .send("<iq type='get' id='2' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>")
+        .unwrap();
+    let gone = attr(&fwd, "to").rsplit('/').next().unwrap().to_owned();
+    let bounce = w
+        .send(&format!(
+            "<iq type='error' id='2' to='{}' from='impl@example/{gone}'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+            attr(&fwd, "from")
+        ))
+        .unwrap();
+    assert_eq!(attr(&bounce, "to"), "u@example/r");
+    assert_eq!(condition(&bounce), "service-unavailable");
+    assert!(!w.proxy.resources().contains(&gone));
+    assert_eq!(w.proxy.probe().attr("type"), Some("probe"));
+}

@@ -250,6 +250,11 @@ impl Client {
         self.history.lock().unwrap().clone()
     }
 
+    /// The live history, which keeps filling until the client is closed.
+    pub fn history_handle(&self) -> Arc<Mutex<Vec<String>>> {
+        self.history.clone()
+    }
+
     /// IQs received so far (serialised).
     pub fn iqs_received(&self) -> Vec<String> {
         self.history()

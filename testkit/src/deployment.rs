@@ -52,6 +52,7 @@ impl Deployment {
                 secret: SECRET,
                 target: "impl@localhost",
                 key_file: &keys,
+                proxy_extra: "",
                 extra: extra_config,
             },
         );

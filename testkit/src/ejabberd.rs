@@ -1,1 +1,221 @@
-//! ejabberd harness: see the production-faults issue.
+//! A throwaway ejabberd on loopback (Debian's package): its own ejabberdctl config, config,
+//! logs, spool and a unique Erlang node name, started with `ejabberdctl foreground` as a child
+//! process and stopped by PID (the whole process tree it started).
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::ports::free_port;
+use crate::process::Owned;
+
+const CTL: &str = "/usr/sbin/ejabberdctl";
+
+/// Panics, saying how to install it, unless ejabberd is installed. Never skips.
+pub fn require() {
+    if !Path::new(CTL).exists() {
+        panic!(
+            "ejabberd is not installed ({CTL} missing). These tests need a real server: run \
+             `apt-get install -y ejabberd` (Debian/Ubuntu), then run the tests again."
+        );
+    }
+}
+
+/// A running ejabberd serving `localhost`.
+pub struct Ejabberd {
+    dir: PathBuf,
+    node: String,
+    process: Option<Owned>,
+    /// The c2s listener.
+    pub c2s: SocketAddr,
+    /// The XEP-0114 listener.
+    pub component: SocketAddr,
+}
+
+impl Ejabberd {
+    /// Starts ejabberd with these `(component domain, secret)` pairs on one service listener.
+    pub fn start(components: &[(&str, &str)]) -> Ejabberd {
+        require();
+        let dir = crate::work_dir("ejabberd");
+        let c2s_port = free_port();
+        let component_port = free_port();
+        let node = format!(
+            "jat{}x{}@localhost",
+            std::process::id(),
+            dir.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .rsplit('-')
+                .next()
+                .unwrap()
+        );
+        for sub in ["logs", "spool"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+            let _ = Command::new("chown")
+                .args(["-R", "ejabberd:ejabberd"])
+                .arg(dir.join(sub))
+                .status();
+        }
+        let mut hosts = String::new();
+        for (domain, secret) in components {
+            hosts.push_str(&format!(
+                "      \"{domain}\":\n        password: \"{secret}\"\n"
+            ));
+        }
+        let config = format!(
+            r#"# written by jat-proxy's testkit
+hosts:
+  - localhost
+loglevel: info
+certfiles: []
+listen:
+  -
+    port: {c2s_port}
+    ip: "127.0.0.1"
+    module: ejabberd_c2s
+    starttls: false
+  -
+    port: {component_port}
+    ip: "127.0.0.1"
+    module: ejabberd_service
+    hosts:
+{hosts}auth_method: internal
+auth_password_format: plain
+acl:
+  local:
+    user_regexp: ""
+access_rules:
+  local:
+    allow: local
+  c2s:
+    allow: all
+  register:
+    deny: all
+modules:
+  mod_roster: {{}}
+  mod_ping: {{}}
+  mod_disco: {{}}
+"#
+        );
+        std::fs::write(dir.join("ejabberd.yml"), config).unwrap();
+        std::fs::write(dir.join("ejabberdctl.cfg"), format!("ERLANG_NODE={node}\n")).unwrap();
+        let mut e = Ejabberd {
+            dir,
+            node,
+            process: None,
+            c2s: SocketAddr::from(([127, 0, 0, 1], c2s_port)),
+            component: SocketAddr::from(([127, 0, 0, 1], component_port)),
+        };
+        e.start_again();
+        e
+    }
+
+    fn ctl_args(&self) -> Vec<String> {
+        let d = |s: &str| self.dir.join(s).to_string_lossy().into_owned();
+        vec![
+            "--ctl-config".into(),
+            d("ejabberdctl.cfg"),
+            "--config".into(),
+            d("ejabberd.yml"),
+            "--logs".into(),
+            d("logs"),
+            "--spool".into(),
+            d("spool"),
+            "--node".into(),
+            self.node.clone(),
+        ]
+    }
+
+    /// Runs `ejabberdctl ARGS` against this node; returns (success, output).
+    pub fn ctl(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(CTL)
+            .args(self.ctl_args())
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .expect("run ejabberdctl");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// Starts the node again (same ports, spool and logs) after [`Ejabberd::stop`].
+    pub fn start_again(&mut self) {
+        assert!(self.process.is_none(), "already running");
+        let mut args = self.ctl_args();
+        args.push("foreground".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut process = Owned::spawn("ejabberd", Path::new(CTL), &args, &[]);
+        let up = crate::wait_until(Duration::from_secs(60), || {
+            if let Some(status) = process.exited() {
+                panic!(
+                    "ejabberd exited ({status}) while starting:\n{}\n{}",
+                    process.output(),
+                    self.log()
+                );
+            }
+            (TcpStream::connect(self.c2s).is_ok() && TcpStream::connect(self.component).is_ok())
+                .then_some(())
+        });
+        if up.is_none() {
+            panic!("ejabberd did not listen within 60 s:\n{}", self.log());
+        }
+        self.process = Some(process);
+    }
+
+    /// Stops the node: `ejabberdctl stop`, then the process tree it ran in, by PID.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = self.ctl(&["stop"]);
+            if p.wait_exit(Duration::from_secs(20)).is_none() {
+                p.kill_tree();
+            }
+        }
+    }
+
+    /// Creates an account.
+    pub fn register(&self, user: &str, password: &str) {
+        let (ok, out) = self.ctl(&["register", user, "localhost", password]);
+        assert!(ok, "ejabberdctl register {user}: {out}");
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("logs/ejabberd.log")).unwrap_or_default()
+    }
+
+    /// How many component logins for `domain` the server logged.
+    pub fn component_logins(&self, domain: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("Accepted external component") && l.contains(domain))
+            .count()
+    }
+
+    /// The work directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Ejabberd {
+    fn drop(&mut self) {
+        if let Some(p) = &mut self.process {
+            p.kill_tree();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!(
+                "ejabberd work dir kept for inspection: {}",
+                self.dir.display()
+            );
+        }
+    }
+}

@@ -112,6 +112,26 @@ impl Owned {
         }
     }
 
+    /// Kills the process and every process it started (found through /proc, by PID), for
+    /// servers whose start script leaves the real server as a grandchild.
+    pub fn kill_tree(&mut self) {
+        if let Some(c) = &self.child {
+            let mut pids = vec![c.id()];
+            let mut i = 0;
+            while i < pids.len() {
+                pids.extend(children(pids[i]));
+                i += 1;
+            }
+            for pid in pids.iter().rev() {
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .arg(pid.to_string())
+                    .status();
+            }
+        }
+        self.kill();
+    }
+
     /// The name given at spawn.
     pub fn name(&self) -> &str {
         &self.name
@@ -122,4 +142,20 @@ impl Drop for Owned {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Direct children of `pid`, from /proc/PID/task/*/children.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(
+                    list.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    out
 }

@@ -18,6 +18,8 @@ pub struct ConfigSpec<'a> {
     pub target: &'a str,
     /// The key file.
     pub key_file: &'a Path,
+    /// More keys of the `[proxy]` section.
+    pub proxy_extra: &'a str,
     /// More TOML, appended as is (sections after `[keys]`).
     pub extra: &'a str,
 }
@@ -29,11 +31,12 @@ pub fn write_config(dir: &Path, name: &str, spec: &ConfigSpec<'_>) -> PathBuf {
         &path,
         format!(
             "[component]\njid = \"{}\"\nserver = \"{}\"\nsecret = \"{}\"\n\
-             reconnect_max_secs = 2\n\n[proxy]\ntarget_address = \"{}\"\n\n[keys]\nfile = \"{}\"\n{}",
+             reconnect_max_secs = 2\n\n[proxy]\ntarget_address = \"{}\"\n{}\n[keys]\nfile = \"{}\"\n{}",
             spec.component,
             spec.server,
             spec.secret,
             spec.target,
+            spec.proxy_extra,
             spec.key_file.display(),
             spec.extra
         ),
