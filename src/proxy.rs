@@ -183,7 +183,7 @@ impl Proxy {
         };
         match el.attr("type") {
             Some("get") | Some("set") => self.request(el, from, to, now_ms, rng),
-            Some("result") | Some("error") => self.reply(&el, &from, &to, now_ms / 1000),
+            Some("result") | Some("error") => self.reply(el, &from, &to, now_ms / 1000),
             // RFC 6120 §8.3.3.1: an unrecognised 'type' is a <bad-request/>.
             _ => refuse(&el, Condition::BadRequest, "unknown IQ type"),
         }
@@ -193,12 +193,12 @@ impl Proxy {
         &mut self,
         mut el: Element,
         from: Jid,
-        to: Jid,
+        to: To,
         now_ms: u64,
         rng: &mut dyn Random,
     ) -> (Option<Element>, Verdict) {
         let now = now_ms / 1000;
-        if from.to_bare() == self.settings.target {
+        if self.is_target(&from) {
             return refuse(
                 &el,
                 Condition::FeatureNotImplemented,
@@ -235,7 +235,10 @@ impl Proxy {
             );
         };
         let sender = from.to_string();
-        let original_to = (to.node().is_some() || to.resource().is_some()).then(|| to.to_string());
+        let original_to = match to {
+            To::Bare => None,
+            _ => Some(to.address(&self.settings.component)),
+        };
         let mut salt = [0u8; SALT_LEN];
         rng.fill(&mut salt);
         let binding = Binding {
@@ -257,9 +260,9 @@ impl Proxy {
                 return refuse(&el, Condition::NotAcceptable, &text);
             }
         };
-        let dest = format!("{}/{}", self.target, resource);
+        let dest = join(&self.target, resource);
         debug!(id, resource, "request forwarded");
-        let new_from = format!("{}/{}", self.settings.component, token);
+        let new_from = join(&self.settings.component, &token);
         stanza::set_attr(&mut el, "from", new_from);
         stanza::set_attr(&mut el, "to", dest);
         (Some(el), Verdict::Forwarded)
@@ -267,19 +270,23 @@ impl Proxy {
 
     fn reply(
         &mut self,
-        el: &Element,
+        mut el: Element,
         from: &Jid,
-        to: &Jid,
+        to: &To,
         now: u64,
     ) -> (Option<Element>, Verdict) {
-        let Some(token) = to.resource() else {
-            trace!(id = el.attr("id"), "reply to the bare component address");
-            return dropped("reply to the bare component address");
+        let token = match to {
+            To::Token(t) => t.as_str(),
+            To::Other(j) if j.node().is_none() && j.resource().is_some() => {
+                j.resource().expect("checked").as_str()
+            }
+            To::Other(_) => return dropped("reply to an address that is not a token"),
+            To::Bare => {
+                trace!(id = el.attr("id"), "reply to the bare component address");
+                return dropped("reply to the bare component address");
+            }
         };
-        if to.node().is_some() {
-            return dropped("reply to an address that is not a token");
-        }
-        if from.to_bare() != self.settings.target {
+        if !self.is_target(from) {
             debug!("reply to a token from outside the target account dropped");
             return dropped("reply from outside the target account");
         }
@@ -293,7 +300,7 @@ impl Proxy {
         let opened = match token::open(
             &self.keys,
             binding,
-            token.as_str(),
+            token,
             now,
             self.settings.token_lifetime,
         ) {
@@ -319,7 +326,7 @@ impl Proxy {
                     self.resources.available(res.as_str());
                 }
                 Some("error")
-                    if stanza::error_condition(el).as_deref() == Some("service-unavailable") =>
+                    if stanza::error_condition(&el).as_deref() == Some("service-unavailable") =>
                 {
                     debug!(
                         resource = res.as_str(),
@@ -330,14 +337,13 @@ impl Proxy {
                 _ => {}
             }
         }
-        let mut out = el.clone();
         let reply_from = opened
             .original_to
             .unwrap_or_else(|| self.settings.component.clone());
         debug!(id, sender = %opened.sender, key = opened.key_id, "reply reversed");
-        stanza::set_attr(&mut out, "from", reply_from);
-        stanza::set_attr(&mut out, "to", opened.sender);
-        (Some(out), Verdict::Reversed)
+        stanza::set_attr(&mut el, "from", reply_from);
+        stanza::set_attr(&mut el, "to", opened.sender);
+        (Some(el), Verdict::Reversed)
     }
 
     fn message(&mut self, el: &Element) -> (Option<Element>, Verdict) {
@@ -359,7 +365,7 @@ impl Proxy {
         let Some((from, _)) = self.addresses(el.attr("from"), el.attr("to")) else {
             return dropped("presence with missing or invalid addresses");
         };
-        if from.to_bare() != self.settings.target {
+        if !self.is_target(&from) {
             return dropped("presence from outside the target account");
         }
         let resource = from.resource().map(|r| r.as_str());
@@ -408,7 +414,7 @@ impl Proxy {
         let error_to_sender = |name: &str| {
             let el = stanza::error_reply(
                 name,
-                &to.to_string(),
+                &to.address(&self.settings.component),
                 &from.to_string(),
                 o.id.as_deref(),
                 Condition::PolicyViolation,
@@ -431,8 +437,8 @@ impl Proxy {
                 );
                 let mut stub = stub;
                 stanza::set_attr(&mut stub, "from", from.to_string());
-                stanza::set_attr(&mut stub, "to", to.to_string());
-                match self.reply(&stub, &from, &to, now) {
+                stanza::set_attr(&mut stub, "to", to.address(&self.settings.component));
+                match self.reply(stub, &from, &to, now) {
                     (Some(out), _) => (Some(out), Verdict::Refused(Condition::PolicyViolation)),
                     (None, v) => (None, v),
                 }
@@ -442,14 +448,76 @@ impl Proxy {
         }
     }
 
+    /// Whether `jid` is (a resource of) the target account; no allocation.
+    fn is_target(&self, jid: &Jid) -> bool {
+        jid.domain() == self.settings.target.domain() && jid.node() == self.settings.target.node()
+    }
+
     /// Parses `from` and `to`; `None` unless both are valid, `to` is at the component's
     /// domain and `from` is not (the proxy never talks to itself).
-    fn addresses(&self, from: Option<&str>, to: Option<&str>) -> Option<(Jid, Jid)> {
+    fn addresses(&self, from: Option<&str>, to: Option<&str>) -> Option<(Jid, To)> {
         let from = Jid::new(from?).ok()?;
-        let to = Jid::new(to?).ok()?;
         let ours = self.settings.component.as_str();
-        (to.domain().as_str() == ours && from.domain().as_str() != ours).then_some((from, to))
+        if from.domain().as_str() == ours {
+            return None;
+        }
+        let raw = to?;
+        if raw == ours {
+            return Some((from, To::Bare));
+        }
+        // Every reply goes to `domain/TOKEN`, and a base64url resource is already in the
+        // canonical form JID preparation would give it: skip that work on the hot path.
+        if let Some(r) = raw.strip_prefix(ours).and_then(|r| r.strip_prefix('/'))
+            && !r.is_empty()
+            && r.len() <= token::MAX_TOKEN_LEN
+            && r.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Some((from, To::Token(r.to_owned())));
+        }
+        let to = Jid::new(raw).ok()?;
+        if to.domain().as_str() != ours {
+            return None;
+        }
+        Some((
+            from,
+            if to.node().is_none() && to.resource().is_none() {
+                To::Bare
+            } else {
+                To::Other(to)
+            },
+        ))
     }
+}
+
+/// Where a stanza was sent, at the component's domain.
+enum To {
+    /// The bare domain.
+    Bare,
+    /// `domain/RESOURCE`, with a base64url resource (every token is one).
+    Token(String),
+    /// Any other address at the domain.
+    Other(Jid),
+}
+
+impl To {
+    /// The address as a string.
+    fn address(&self, component: &str) -> String {
+        match self {
+            To::Bare => component.to_owned(),
+            To::Token(r) => join(component, r),
+            To::Other(j) => j.to_string(),
+        }
+    }
+}
+
+/// `bare/resource`.
+fn join(bare: &str, resource: &str) -> String {
+    let mut s = String::with_capacity(bare.len() + 1 + resource.len());
+    s.push_str(bare);
+    s.push('/');
+    s.push_str(resource);
+    s
 }
 
 fn dropped(why: &'static str) -> (Option<Element>, Verdict) {

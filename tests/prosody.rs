@@ -227,8 +227,9 @@ async fn odd_stanzas_do_not_end_the_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_longer_than_a_minute_keeps_the_session() {
-    // Longer than tokio-xmpp's 60 s soft read timeout, with the default keepalive settings.
-    let d = Deployment::start(&binary());
+    // Longer than tokio-xmpp's 60 s soft read timeout, with the default keepalive settings
+    // and no presence probes: nothing at all crosses the stream but jat-proxy's pings.
+    let d = Deployment::start_configured(&binary(), "probe_interval_secs = 86400", "");
     let mut imp = d.implementing("a").await;
     let mut user = d.client("user", "abc").await;
     tokio::time::sleep(Duration::from_secs(75)).await;

@@ -38,6 +38,12 @@ impl Deployment {
 
     /// Starts everything; `extra_config` is appended to the proxy's configuration.
     pub fn start_with(binary: &Path, extra_config: &str) -> Deployment {
+        Self::start_configured(binary, "", extra_config)
+    }
+
+    /// Starts everything; `proxy_extra` goes into the `[proxy]` section, `extra_config` is
+    /// appended.
+    pub fn start_configured(binary: &Path, proxy_extra: &str, extra_config: &str) -> Deployment {
         let prosody = Prosody::start(&[(COMPONENT, SECRET)]);
         for user in ["impl", "user", "mallory", "flood"] {
             prosody.register(user, "pw");
@@ -52,7 +58,7 @@ impl Deployment {
                 secret: SECRET,
                 target: "impl@localhost",
                 key_file: &keys,
-                proxy_extra: "",
+                proxy_extra,
                 extra: extra_config,
             },
         );

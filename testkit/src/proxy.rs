@@ -50,16 +50,25 @@ pub struct ProxyProcess {
     process: Owned,
     binary: PathBuf,
     config: PathBuf,
+    filter: String,
 }
 
 impl ProxyProcess {
-    /// Starts `binary --config config` with debug logs from jat-proxy.
+    /// Starts `binary --config config` with debug logs from jat-proxy (or `$JAT_TEST_LOG`).
     pub fn start(binary: &Path, config: &Path) -> ProxyProcess {
-        let process = spawn(binary, config);
+        let filter =
+            std::env::var("JAT_TEST_LOG").unwrap_or_else(|_| "info,jat_proxy=debug".into());
+        Self::start_with_log(binary, config, &filter)
+    }
+
+    /// Starts it with this `RUST_LOG` filter (benchmarks run it at `info`).
+    pub fn start_with_log(binary: &Path, config: &Path, filter: &str) -> ProxyProcess {
+        let process = spawn(binary, config, filter);
         ProxyProcess {
             process,
             binary: binary.to_owned(),
             config: config.to_owned(),
+            filter: filter.to_owned(),
         }
     }
 
@@ -108,22 +117,16 @@ impl ProxyProcess {
     /// Starts the same binary with the same config again (after it was stopped).
     pub fn restart(&mut self) {
         self.process.kill();
-        self.process = spawn(&self.binary, &self.config);
+        self.process = spawn(&self.binary, &self.config, &self.filter);
     }
 }
 
-fn spawn(binary: &Path, config: &Path) -> Owned {
+fn spawn(binary: &Path, config: &Path, filter: &str) -> Owned {
     Owned::spawn(
         "jat-proxy",
         binary,
         &["--config", config.to_str().unwrap()],
-        &[
-            (
-                "RUST_LOG",
-                &std::env::var("JAT_TEST_LOG").unwrap_or_else(|_| "info,jat_proxy=debug".into()),
-            ),
-            ("NO_COLOR", "1"),
-        ],
+        &[("RUST_LOG", filter), ("NO_COLOR", "1")],
     )
 }
 

@@ -1,0 +1,496 @@
+//! jat-bench: what the proxy hop costs, measured end to end in one run on one server.
+//!
+//! Starts a throwaway Prosody (the integration tests' harness), the release jat-proxy, an
+//! implementing client with R resources answering every request, and K senders. Then, one
+//! after the other on the same server:
+//!
+//! 1. **direct**: senders → the implementing client's full JIDs (no proxy): the ceiling;
+//! 2. **proxied**: senders → jat-proxy → implementing client.
+//!
+//! For each: requests/s, latency percentiles, CPU seconds of Prosody and of jat-proxy per
+//! 1000 requests (from /proc), jat-proxy's RSS. Prints a table and the ratios; writes JSON
+//! and an SVG latency chart on request.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde::Serialize;
+use testkit::Prosody;
+use testkit::client::{Answer, Client, reply_to};
+use testkit::deployment::{COMPONENT, SECRET, rss_kib};
+use testkit::proxy::{ConfigSpec, ProxyProcess, write_config};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "End-to-end load generator: direct vs proxied on a throwaway Prosody")]
+struct Args {
+    /// Sender clients.
+    #[arg(long, default_value_t = 4)]
+    senders: usize,
+    /// Resources of the implementing client.
+    #[arg(long, default_value_t = 2)]
+    resources: usize,
+    /// Requests outstanding at once, over all senders.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Requests per phase.
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    /// Requests of the proxied phase only (e.g. 1000000 for the RSS-flatness run).
+    #[arg(long)]
+    proxied_requests: Option<usize>,
+    /// The jat-proxy binary (build it with `cargo build --release`).
+    #[arg(long, default_value = "target/release/jat-proxy")]
+    proxy_bin: PathBuf,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw the latency distribution of both phases as SVG here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+struct Phase {
+    name: String,
+    requests: usize,
+    errors: usize,
+    lost: usize,
+    seconds: f64,
+    requests_per_second: f64,
+    latency_us: Percentiles,
+    server_cpu_s_per_1000: f64,
+    proxy_cpu_s_per_1000: f64,
+    proxy_rss_kib_start: u64,
+    proxy_rss_kib_end: u64,
+    proxy_rss_kib_max: u64,
+    #[serde(skip)]
+    sorted_latencies_us: Vec<u64>,
+}
+
+#[derive(Serialize, Debug, Clone, Default)]
+struct Percentiles {
+    p50: u64,
+    p90: u64,
+    p99: u64,
+    max: u64,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    machine: String,
+    senders: usize,
+    resources: usize,
+    window: usize,
+    phases: &'a [Phase],
+    proxied_over_direct_throughput: f64,
+    proxy_cpu_over_server_cpu_per_request: f64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = Args::parse();
+    if !args.proxy_bin.exists() {
+        eprintln!(
+            "jat-bench: {} not found; build it first: cargo build --release",
+            args.proxy_bin.display()
+        );
+        std::process::exit(2);
+    }
+    let prosody = Prosody::start(&[(COMPONENT, SECRET)]);
+    prosody.register("impl", "pw");
+    for i in 0..args.senders {
+        prosody.register(&format!("s{i}"), "pw");
+    }
+    let config = write_config(
+        prosody.dir(),
+        "jat-proxy.toml",
+        &ConfigSpec {
+            component: COMPONENT,
+            server: prosody.component,
+            secret: SECRET,
+            target: "impl@localhost",
+            key_file: &prosody.dir().join("keys.toml"),
+            proxy_extra: "",
+            extra: "\n[limits]\nrate_per_sender = 1000000.0\nrate_burst = 1000000\n",
+        },
+    );
+    let proxy = ProxyProcess::start_with_log(&args.proxy_bin, &config, "warn");
+    proxy.wait_sessions(0, Duration::from_secs(1));
+    wait_for_login(&prosody);
+
+    // The implementing client: every resource answers every request at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut responders = Vec::new();
+    for r in 0..args.resources {
+        let c = Client::login(
+            prosody.c2s,
+            "localhost",
+            "impl",
+            "pw",
+            &format!("r{r}"),
+            Answer::Subscriptions,
+        )
+        .await;
+        responders.push(tokio::spawn(respond(c, stop.clone())));
+    }
+    let mut senders = Vec::new();
+    for i in 0..args.senders {
+        senders.push(
+            Client::login(
+                prosody.c2s,
+                "localhost",
+                &format!("s{i}"),
+                "pw",
+                "bench",
+                Answer::Nothing,
+            )
+            .await,
+        );
+    }
+    // Until the proxy knows the resources, it answers service-unavailable: warm up both paths.
+    warm_up(&mut senders[0], COMPONENT).await;
+    warm_up(&mut senders[0], "impl@localhost/r0").await;
+
+    let direct_targets: Vec<String> = (0..args.resources)
+        .map(|r| format!("impl@localhost/r{r}"))
+        .collect();
+    let (mut senders, direct) = run_phase(
+        "direct",
+        senders,
+        &direct_targets,
+        &args,
+        args.requests,
+        prosody.pid(),
+        proxy.pid(),
+    )
+    .await;
+    let proxied_n = args.proxied_requests.unwrap_or(args.requests);
+    let (_senders, proxied) = {
+        let s = std::mem::take(&mut senders);
+        run_phase(
+            "proxied",
+            s,
+            &[COMPONENT.to_string()],
+            &args,
+            proxied_n,
+            prosody.pid(),
+            proxy.pid(),
+        )
+        .await
+    };
+    stop.store(true, Ordering::Relaxed);
+
+    let phases = [direct, proxied];
+    let ratio_tput = phases[1].requests_per_second / phases[0].requests_per_second;
+    let server_per_req = phases[1].server_cpu_s_per_1000;
+    let ratio_cpu = if server_per_req > 0.0 {
+        phases[1].proxy_cpu_s_per_1000 / server_per_req
+    } else {
+        f64::NAN
+    };
+    print_table(&phases);
+    println!();
+    println!(
+        "proxied / direct throughput:                 {ratio_tput:.3}   (goal >= 0.45; about 0.5 is the ceiling)"
+    );
+    println!("jat-proxy CPU / Prosody CPU, per request:    {ratio_cpu:.3}   (goal <= 0.10)");
+    println!(
+        "jat-proxy RSS over the proxied phase:        {} KiB at start, {} KiB at end, {} KiB max",
+        phases[1].proxy_rss_kib_start, phases[1].proxy_rss_kib_end, phases[1].proxy_rss_kib_max
+    );
+    let report = Report {
+        machine: machine(),
+        senders: args.senders,
+        resources: args.resources,
+        window: args.window,
+        phases: &phases,
+        proxied_over_direct_throughput: ratio_tput,
+        proxy_cpu_over_server_cpu_per_request: ratio_cpu,
+    };
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        println!("JSON written to {}", path.display());
+    }
+    if let Some(path) = &args.svg {
+        draw(path, &phases, &args);
+        println!("chart written to {}", path.display());
+    }
+    // Stopped cleanly, so that a profiler wrapped around it (--proxy-bin) writes its output.
+    let mut proxy = proxy;
+    proxy.signal("TERM");
+    let _ = proxy.wait_exit(Duration::from_secs(30));
+}
+
+fn wait_for_login(prosody: &Prosody) {
+    let ok = testkit::wait_until(Duration::from_secs(15), || {
+        (prosody.component_logins() >= 1).then_some(())
+    });
+    assert!(ok.is_some(), "jat-proxy did not log in:\n{}", prosody.log());
+}
+
+async fn respond(mut c: Client, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(req) = c.recv_request(Duration::from_millis(500)).await {
+            c.send(reply_to(&req, "result", ""));
+        }
+    }
+}
+
+async fn warm_up(c: &mut Client, to: &str) {
+    for i in 0..100 {
+        let id = format!("warm-{to}-{i}");
+        c.send_xml(&format!(
+            "<iq type='get' id='{id}' to='{to}'><ping xmlns='urn:xmpp:ping'/></iq>"
+        ));
+        if let Some(r) = c.recv_iq(&id, Duration::from_secs(5)).await
+            && r.attr("type") == Some("result")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{to} never answered");
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    (f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0)) as f64 / 100.0
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_phase(
+    name: &str,
+    senders: Vec<Client>,
+    targets: &[String],
+    args: &Args,
+    requests: usize,
+    server_pid: u32,
+    proxy_pid: u32,
+) -> (Vec<Client>, Phase) {
+    let k = senders.len();
+    let per_sender = requests / k;
+    let window = (args.window / k).max(1);
+    let rss_start = rss_kib(proxy_pid).unwrap_or(0);
+    let rss_max = Arc::new(std::sync::atomic::AtomicU64::new(rss_start));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (rss_max, sampling) = (rss_max.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                if let Some(r) = rss_kib(proxy_pid) {
+                    rss_max.fetch_max(r, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let cpu_server = cpu_seconds(server_pid);
+    let cpu_proxy = cpu_seconds(proxy_pid);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (si, mut c) in senders.into_iter().enumerate() {
+        let targets = targets.to_vec();
+        let name = name.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut in_flight: HashMap<String, Instant> = HashMap::new();
+            let mut latencies = Vec::with_capacity(per_sender);
+            let (mut sent, mut errors, mut lost) = (0usize, 0usize, 0usize);
+            while latencies.len() + errors + lost < per_sender {
+                while sent < per_sender && in_flight.len() < window {
+                    let id = format!("{name}-{si}-{sent}");
+                    let to = &targets[sent % targets.len()];
+                    c.send_xml(&format!(
+                        "<iq type='get' id='{id}' to='{to}'><ping xmlns='urn:xmpp:ping'/></iq>"
+                    ));
+                    in_flight.insert(id, Instant::now());
+                    sent += 1;
+                }
+                match c.recv(Duration::from_secs(30)).await {
+                    Some(r) if r.name() == "iq" => {
+                        if let Some(t0) = r.attr("id").and_then(|id| in_flight.remove(id)) {
+                            if r.attr("type") == Some("result") {
+                                latencies.push(t0.elapsed().as_micros() as u64);
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        lost += in_flight.len();
+                        in_flight.clear();
+                    }
+                }
+            }
+            (c, latencies, errors, lost)
+        }));
+    }
+    let mut clients = Vec::new();
+    let mut all = Vec::new();
+    let (mut errors, mut lost) = (0, 0);
+    for t in tasks {
+        let (c, l, e, x) = t.await.unwrap();
+        clients.push(c);
+        all.extend(l);
+        errors += e;
+        lost += x;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let server_cpu = cpu_seconds(server_pid) - cpu_server;
+    let proxy_cpu = cpu_seconds(proxy_pid) - cpu_proxy;
+    sampling.store(false, Ordering::Relaxed);
+    let _ = sampler.await;
+    all.sort_unstable();
+    let done = all.len();
+    let pct = |p: f64| {
+        all.get(((done as f64 * p) as usize).min(done.saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    let total = done + errors + lost;
+    let phase = Phase {
+        name: name.to_owned(),
+        requests: total,
+        errors,
+        lost,
+        seconds,
+        requests_per_second: done as f64 / seconds,
+        latency_us: Percentiles {
+            p50: pct(0.50),
+            p90: pct(0.90),
+            p99: pct(0.99),
+            max: all.last().copied().unwrap_or(0),
+        },
+        server_cpu_s_per_1000: server_cpu / total as f64 * 1000.0,
+        proxy_cpu_s_per_1000: proxy_cpu / total as f64 * 1000.0,
+        proxy_rss_kib_start: rss_start,
+        proxy_rss_kib_end: rss_kib(proxy_pid).unwrap_or(0),
+        proxy_rss_kib_max: rss_max.load(Ordering::Relaxed),
+        sorted_latencies_us: all,
+    };
+    eprintln!("{name}: done");
+    (clients, phase)
+}
+
+fn print_table(phases: &[Phase]) {
+    println!(
+        "{:<8} {:>9} {:>6} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>14} {:>14}",
+        "phase",
+        "requests",
+        "errors",
+        "lost",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "Prosody CPU s",
+        "jat-proxy CPU s"
+    );
+    println!(
+        "{:<8} {:>9} {:>6} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>14} {:>14}",
+        "", "", "", "", "", "", "", "", "", "per 1000 req", "per 1000 req"
+    );
+    for p in phases {
+        let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "{:<8} {:>9} {:>6} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>14.3} {:>14.3}",
+            p.name,
+            p.requests,
+            p.errors,
+            p.lost,
+            p.requests_per_second,
+            ms(p.latency_us.p50),
+            ms(p.latency_us.p90),
+            ms(p.latency_us.p99),
+            ms(p.latency_us.max),
+            p.server_cpu_s_per_1000,
+            p.proxy_cpu_s_per_1000
+        );
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} cores, {cpu} (shared machine)")
+}
+
+/// Latency by percentile, both phases, as SVG.
+fn draw(path: &Path, phases: &[Phase], args: &Args) {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let max_ms = phases
+        .iter()
+        .filter_map(|p| {
+            p.sorted_latencies_us
+                .get((p.sorted_latencies_us.len() as f64 * 0.999) as usize)
+        })
+        .max()
+        .copied()
+        .unwrap_or(1) as f64
+        / 1000.0;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "jat-bench: latency by percentile ({} senders, window {}, {} resources; Prosody 0.12)",
+                args.senders, args.window, args.resources
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..99.9f64, 0f64..max_ms * 1.05)
+        .unwrap();
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("latency (ms)")
+        .draw()
+        .unwrap();
+    for (p, color) in phases.iter().zip([BLUE, RED]) {
+        let n = p.sorted_latencies_us.len();
+        if n == 0 {
+            continue;
+        }
+        let points = (0..999).map(|i| {
+            let q = i as f64 / 10.0;
+            let v = p.sorted_latencies_us[((n as f64 * q / 100.0) as usize).min(n - 1)];
+            (q, v as f64 / 1000.0)
+        });
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .unwrap()
+            .label(format!("{} ({:.0} req/s)", p.name, p.requests_per_second))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .unwrap();
+    root.present().unwrap();
+}

@@ -1,0 +1,110 @@
+//! Micro-benchmarks: the token codec, and the sans-IO core from bytes in to bytes out.
+//!
+//! `cargo bench --bench core`. Numbers of one run are in BENCHMARKS.md.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use jat_proxy::inbound::{Limits, read_one};
+use jat_proxy::invariants::{COMPONENT, NOW, keys, settings};
+use jat_proxy::proxy::Proxy;
+use jat_proxy::random::SeededRandom;
+use jat_proxy::token::{self, Binding, Contents, SALT_LEN};
+
+/// A sender JID of exactly `len` bytes.
+fn sender(len: usize) -> String {
+    let base = "user@example.org/";
+    format!("{base}{}", "r".repeat(len - base.len()))
+}
+
+fn tokens(c: &mut Criterion) {
+    let keys = keys();
+    let binding = Binding {
+        component: COMPONENT,
+        iq_id: "purple-7a2b",
+    };
+    let mut g = c.benchmark_group("token");
+    for len in [20usize, 50, 200, 700] {
+        let s = sender(len);
+        let contents = Contents {
+            sender: &s,
+            original_to: None,
+        };
+        let t = token::seal(&keys, binding, &contents, NOW, [9; SALT_LEN]).unwrap();
+        let mut forged = t.clone().into_bytes();
+        let last = forged.len() - 2;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        g.throughput(Throughput::Elements(1));
+        g.bench_with_input(BenchmarkId::new("encode", len), &len, |b, _| {
+            b.iter(|| token::seal(&keys, binding, black_box(&contents), NOW, [9; SALT_LEN]))
+        });
+        g.bench_with_input(BenchmarkId::new("decode", len), &len, |b, _| {
+            b.iter(|| token::open(&keys, binding, black_box(&t), NOW, 300))
+        });
+        g.bench_with_input(BenchmarkId::new("decode_forged", len), &len, |b, _| {
+            b.iter(|| token::open(&keys, binding, black_box(&forged), NOW, 300))
+        });
+        g.bench_with_input(BenchmarkId::new("encode+decode", len), &len, |b, _| {
+            b.iter(|| {
+                let t =
+                    token::seal(&keys, binding, black_box(&contents), NOW, [9; SALT_LEN]).unwrap();
+                token::open(&keys, binding, &t, NOW, 300)
+            })
+        });
+    }
+    g.finish();
+}
+
+fn core(c: &mut Criterion) {
+    let mut proxy = Proxy::new(settings_unlimited(), keys());
+    let mut rng = SeededRandom::new(1);
+    let online = read_one(
+        b"<presence from='impl@example/a' to='proxy.example'/>",
+        Limits::default(),
+    )
+    .unwrap();
+    proxy.handle(online, NOW * 1000, &mut rng);
+    let request = b"<iq type='get' id='purple-7a2b' to='proxy.example' from='user@example.org/phone-4f3a'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>";
+    let inbound = read_one(request, Limits::default()).unwrap();
+    let (fwd, _) = proxy.handle(inbound, NOW * 1000, &mut rng);
+    let fwd = fwd.unwrap();
+    let reply = format!(
+        "<iq type='result' id='purple-7a2b' to='{}' from='impl@example/a'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='client' type='bot' name='x'/><feature var='urn:xmpp:ping'/></query></iq>",
+        fwd.attr("from").unwrap()
+    );
+    let mut g = c.benchmark_group("core");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("request_in_forwarded_out", |b| {
+        b.iter(|| {
+            let el = read_one(black_box(request), Limits::default()).unwrap();
+            let (out, _) = proxy.handle(el, NOW * 1000, &mut rng);
+            String::from(&out.unwrap())
+        })
+    });
+    g.bench_function("reply_in_reversed_out", |b| {
+        b.iter(|| {
+            let el = read_one(black_box(reply.as_bytes()), Limits::default()).unwrap();
+            let (out, _) = proxy.handle(el, NOW * 1000, &mut rng);
+            String::from(&out.unwrap())
+        })
+    });
+    g.bench_function("parse_only", |b| {
+        b.iter(|| read_one(black_box(request), Limits::default()).unwrap())
+    });
+    g.finish();
+}
+
+/// The harness settings without the rate limit, which would refuse a benchmark's requests.
+fn settings_unlimited() -> jat_proxy::proxy::Settings {
+    let mut s = settings();
+    s.rate = jat_proxy::rate::RateLimit {
+        per_second: 1e9,
+        burst: 1e9,
+        max_senders: 16,
+    };
+    s
+}
+
+criterion_group!(benches, tokens, core);
+criterion_main!(benches);
