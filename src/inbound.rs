@@ -89,6 +89,10 @@ fn limits() -> Limits {
 }
 
 /// Builds an [`Inbound`] from XML events (used by the xmlstream reader).
+///
+/// The tree is built with an explicit stack (no recursion), and each element takes the
+/// parser's attribute map as it is (no copy). The stanza header of an oversized element is
+/// read from the partial root when a limit is hit, so nothing is copied up front.
 pub struct InboundBuilder {
     limits: Limits,
     bytes: usize,
@@ -97,7 +101,9 @@ pub struct InboundBuilder {
 }
 
 enum State {
-    Building(<Element as FromXml>::Builder, Box<Oversized>),
+    /// Open elements, root first.
+    Building(Vec<Element>),
+    /// Over a limit: the rest of the element is counted and dropped.
     Skipping(Box<Oversized>),
 }
 
@@ -113,31 +119,32 @@ impl FromXml for Inbound {
     }
 }
 
+fn element(name: rxml::QName, attrs: rxml::AttrMap) -> Element {
+    let mut el = Element::bare(name.1.as_str(), name.0.as_str());
+    *el.attrs_mut() = attrs;
+    el
+}
+
 impl InboundBuilder {
     /// A builder with explicit limits, for tests and the fuzzer.
-    pub fn new(limits: Limits, name: rxml::QName, attrs: rxml::AttrMap, ctx: &Context<'_>) -> Self {
-        let get = |n: &str| attrs.get(&rxml::Namespace::NONE, n).cloned();
-        let header = Box::new(Oversized {
-            ns: name.0.to_string(),
-            name: name.1.to_string(),
-            from: get("from"),
-            to: get("to"),
-            id: get("id"),
-            type_: get("type"),
-            exceeded: Exceeded::Depth(limits.max_depth),
-        });
+    pub fn new(
+        limits: Limits,
+        name: rxml::QName,
+        attrs: rxml::AttrMap,
+        _ctx: &Context<'_>,
+    ) -> Self {
         let bytes = name.1.len()
             + attrs
                 .iter()
                 .map(|((_, n), v)| n.len() + v.len() + 4)
                 .sum::<usize>();
-        let inner = <Element as FromXml>::from_events(name, attrs, ctx)
-            .expect("minidom accepts every element");
+        let mut stack = Vec::with_capacity(4);
+        stack.push(element(name, attrs));
         let mut b = InboundBuilder {
             limits,
             bytes: 0,
             depth: 1,
-            state: State::Building(inner, header),
+            state: State::Building(stack),
         };
         b.count(bytes);
         b
@@ -151,31 +158,28 @@ impl InboundBuilder {
     }
 
     fn exceed(&mut self, what: Exceeded) {
-        if let State::Building(_, header) = &mut self.state {
-            header.exceeded = what;
-            let header = std::mem::replace(header, Box::new(placeholder()));
-            // Dropping the partial element is cheap: it is at most max_depth deep.
-            self.state = State::Skipping(header);
+        if let State::Building(stack) = &self.state {
+            let root = &stack[0];
+            let get = |n: &str| root.attr(n).map(str::to_owned);
+            let header = Oversized {
+                ns: root.ns(),
+                name: root.name().to_owned(),
+                from: get("from"),
+                to: get("to"),
+                id: get("id"),
+                type_: get("type"),
+                exceeded: what,
+            };
+            // Dropping the partial tree is cheap and shallow: it is at most max_depth deep.
+            self.state = State::Skipping(Box::new(header));
         }
-    }
-}
-
-fn placeholder() -> Oversized {
-    Oversized {
-        ns: String::new(),
-        name: String::new(),
-        from: None,
-        to: None,
-        id: None,
-        type_: None,
-        exceeded: Exceeded::Bytes(0),
     }
 }
 
 impl FromEventsBuilder for InboundBuilder {
     type Output = Inbound;
 
-    fn feed(&mut self, ev: rxml::Event, ctx: &Context<'_>) -> Result<Option<Inbound>, Error> {
+    fn feed(&mut self, ev: rxml::Event, _ctx: &Context<'_>) -> Result<Option<Inbound>, Error> {
         match &ev {
             rxml::Event::StartElement(m, ..) => {
                 self.depth += 1;
@@ -192,16 +196,52 @@ impl FromEventsBuilder for InboundBuilder {
             rxml::Event::XmlDeclaration(m, _) => self.count(m.len()),
         }
         match &mut self.state {
-            State::Building(inner, _) => Ok(inner.feed(ev, ctx)?.map(Inbound::Element)),
+            State::Building(stack) => match ev {
+                rxml::Event::StartElement(_, name, attrs) => {
+                    stack.push(element(name, attrs));
+                    Ok(None)
+                }
+                rxml::Event::Text(_, text) => {
+                    if let Some(top) = stack.last_mut() {
+                        top.append_text_node(text);
+                    }
+                    Ok(None)
+                }
+                rxml::Event::EndElement(_) => {
+                    let done = stack.pop().expect("an open element per end event");
+                    match stack.last_mut() {
+                        Some(parent) => {
+                            parent.append_child(done);
+                            Ok(None)
+                        }
+                        None => Ok(Some(Inbound::Element(done))),
+                    }
+                }
+                rxml::Event::XmlDeclaration(..) => Ok(None),
+            },
             State::Skipping(header) => {
                 if self.depth == 0 {
-                    let header = std::mem::replace(header, Box::new(placeholder()));
-                    Ok(Some(Inbound::Oversized(*header)))
+                    Ok(Some(Inbound::Oversized(std::mem::replace(
+                        header.as_mut(),
+                        placeholder(),
+                    ))))
                 } else {
                     Ok(None)
                 }
             }
         }
+    }
+}
+
+fn placeholder() -> Oversized {
+    Oversized {
+        ns: String::new(),
+        name: String::new(),
+        from: None,
+        to: None,
+        id: None,
+        type_: None,
+        exceeded: Exceeded::Bytes(0),
     }
 }
 

@@ -2,7 +2,7 @@
 //! logs, spool and a unique Erlang node name, started with `ejabberdctl foreground` as a child
 //! process and stopped by PID (the whole process tree it started).
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -152,20 +152,9 @@ modules:
         args.push("foreground".into());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut process = Owned::spawn("ejabberd", Path::new(CTL), &args, &[]);
-        let up = crate::wait_until(Duration::from_secs(60), || {
-            if let Some(status) = process.exited() {
-                panic!(
-                    "ejabberd exited ({status}) while starting:\n{}\n{}",
-                    process.output(),
-                    self.log()
-                );
-            }
-            (TcpStream::connect(self.c2s).is_ok() && TcpStream::connect(self.component).is_ok())
-                .then_some(())
+        process.wait_listening(&[self.c2s, self.component], Duration::from_secs(60), || {
+            self.log()
         });
-        if up.is_none() {
-            panic!("ejabberd did not listen within 60 s:\n{}", self.log());
-        }
         self.process = Some(process);
     }
 

@@ -132,6 +132,33 @@ impl Owned {
         self.kill();
     }
 
+    /// Waits until something listens on every address, panicking with the process output
+    /// and `log()` if the process exits first or `limit` passes.
+    pub fn wait_listening(
+        &mut self,
+        addrs: &[std::net::SocketAddr],
+        limit: Duration,
+        log: impl Fn() -> String,
+    ) {
+        let up = crate::wait_until(limit, || {
+            if let Some(status) = self.exited() {
+                panic!(
+                    "{} exited ({status}) while starting:\n{}\n{}",
+                    self.name,
+                    self.output(),
+                    log()
+                );
+            }
+            addrs
+                .iter()
+                .all(|a| std::net::TcpStream::connect(a).is_ok())
+                .then_some(())
+        });
+        if up.is_none() {
+            panic!("{} did not listen within {limit:?}:\n{}", self.name, log());
+        }
+    }
+
     /// The name given at spawn.
     pub fn name(&self) -> &str {
         &self.name

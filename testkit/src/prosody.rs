@@ -1,6 +1,6 @@
 //! A throwaway Prosody on loopback: its own config, data directory, log and free ports.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -95,20 +95,9 @@ VirtualHost "localhost"
             &["-F", "--config", cfg.to_str().unwrap()],
             &[],
         );
-        let up = crate::wait_until(Duration::from_secs(30), || {
-            if let Some(status) = process.exited() {
-                panic!(
-                    "Prosody exited ({status}) while starting:\n{}\n{}",
-                    process.output(),
-                    self.log()
-                );
-            }
-            (TcpStream::connect(self.c2s).is_ok() && TcpStream::connect(self.component).is_ok())
-                .then_some(())
+        process.wait_listening(&[self.c2s, self.component], Duration::from_secs(30), || {
+            self.log()
         });
-        if up.is_none() {
-            panic!("Prosody did not listen within 30 s:\n{}", self.log());
-        }
         self.process = Some(process);
     }
 
