@@ -151,7 +151,16 @@ impl Client {
                             if stream.send(&el).await.is_err() { break; }
                         }
                         Some(Command::Close) | None => {
-                            let _ = stream.shutdown().await;
+                            // Our footer, then everything the server still delivers until its
+                            // own footer: the history must hold all it sent to this session.
+                            if stream.shutdown().await.is_ok() {
+                                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                                    while let Some(Ok(el)) = stream.next().await {
+                                        hist.lock().unwrap().push(xml(&el));
+                                    }
+                                })
+                                .await;
+                            }
                             break;
                         }
                     },
