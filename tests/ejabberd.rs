@@ -160,10 +160,10 @@ async fn replies_are_reversed_by_instances_other_than_the_encoder() {
             }
         }
     }
-    println!(
+    testkit::report(&format!(
         "three instances: {results}/{n} results; (forwarded, reversed) per instance: {per_instance:?}; \
          {cross} replies reversed by an instance other than the one that sealed the token"
-    );
+    ));
     assert!(
         cross > 0,
         "ejabberd spreads replies: some must cross instances"
@@ -275,15 +275,15 @@ async fn rolling_restart_under_load_loses_no_request() {
         .filter(|(id, _)| !answers.contains_key(id))
         .collect();
     let killed_at = killed_at.expect("the plan kills one instance");
-    println!(
+    testkit::report(&format!(
         "rolling restart: sent {total}, answered {} ({results} results, errors {by_condition:?}), \
          missing {}: {:?} (kill -9 at {killed_at:?})",
         answers.len(),
         missing.len(),
         missing
-    );
+    ));
     let logins = c.ejabberd.component_logins(COMPONENT);
-    println!("component logins seen by ejabberd: {logins}");
+    testkit::report(&format!("component logins seen by ejabberd: {logins}"));
     drop(answering);
     assert_eq!(
         logins,

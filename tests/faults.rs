@@ -43,11 +43,11 @@ async fn server_restart_costs_no_cpu_and_service_resumes() {
     imp.send(reply_to(&req, "result", ""));
     assert!(user.recv_iq("again", WAIT).await.is_some());
     let attempts = d.proxy.log().matches("cannot log in").count();
-    println!(
+    testkit::report(&format!(
         "server down {down:?}: jat-proxy used {cpu_down:.2} s CPU over {attempts} reconnection attempts; \
          serving again {:?} after the server was started",
         returned.elapsed()
-    );
+    ));
     // Near idle: well under 5% of one core while waiting (10 ms ticks).
     assert!(
         cpu_down < down.as_secs_f64() * 0.05,
@@ -173,13 +173,13 @@ async fn a_resource_leaving_with_requests_in_flight() {
         .cloned()
         .collect();
     let both = held_by_a.iter().filter(|id| answered.contains(*id)).count();
-    println!(
+    testkit::report(&format!(
         "resource a left: {n} requests; {results} results (via b), {bounced} server bounces \
          reversed to the sender as errors, {refused} refused for lack of a resource, {} accepted \
          by a ({both} of them answered anyway), {} lost",
         held_by_a.len(),
         lost.len()
-    );
+    ));
     // Everything not already accepted by the departed resource is answered, exactly once
     // (checked above); what a had accepted and dropped, no server bounces without stream
     // management, and the sender's own IQ timeout covers it.

@@ -250,11 +250,11 @@ async fn hostile_battery_keeps_the_session_and_answers_no_result() {
     assert_eq!(d.prosody.component_logins(), 1, "{}", d.prosody.log());
     assert_eq!(d.proxy.sessions(), 1, "{}", d.proxy.log());
     let rss_after = rss_kib(d.proxy.pid()).unwrap();
-    println!(
+    testkit::report(&format!(
         "hostile battery: {n_cases} stanzas from the user, {} results/errors, {forwarded} forwarded; \
          proxy RSS {rss_before} KiB -> {rss_after} KiB",
         reply_ids.len()
-    );
+    ));
     assert!(rss_after < 64 * 1024, "memory bounded: {rss_after} KiB");
 }
 
@@ -297,9 +297,9 @@ async fn a_flood_is_rate_limited_and_others_are_still_served() {
             .expect("the other user is served"),
     };
     assert_eq!(innocent.attr("type"), Some("result"));
-    println!(
+    testkit::report(&format!(
         "flood: {n} requests sent, {results} served, {limited} refused with resource-constraint"
-    );
+    ));
     assert_eq!(results + limited, n, "every flood request got an answer");
     assert!(limited > 0, "the rate limit engaged");
     assert!(results >= 20, "the burst was served");

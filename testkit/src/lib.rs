@@ -20,6 +20,13 @@ pub use proxy::ProxyProcess;
 
 use std::time::{Duration, Instant};
 
+/// Prints a measurement line that a reader of the test output must see, also when the test
+/// passes: written to stderr directly, past libtest's capture of `println!`.
+pub fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "[measured] {line}");
+}
+
 /// Polls `f` every 50 ms until it returns `Some` or `limit` passes.
 pub fn wait_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
