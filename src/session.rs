@@ -260,7 +260,7 @@ async fn serve(
                 continue;
             }
             _ = shutdown(&mut signals.term, &mut signals.int) => {
-                close(&mut stream).await;
+                close(&mut stream, proxy, rng).await;
                 return End::Shutdown;
             }
             _ = signals.hup.recv() => {
@@ -356,22 +356,46 @@ async fn step(
     Ok(())
 }
 
-/// Closes the stream cleanly: our footer, then the server's (briefly waited for).
-async fn close(stream: &mut Stream) {
+/// Closes the stream cleanly: first handles every stanza already received (so that nothing
+/// the server delivered before the signal is dropped), then sends our footer and waits briefly
+/// for the server's. XEP-0114 has no way to ask the server to stop routing first: a stanza it
+/// routes to us between our footer and its reading of it can no longer be answered; such
+/// stanzas are counted and logged.
+async fn close(stream: &mut Stream, proxy: &mut Proxy, rng: &mut OsRandom) {
+    let mut urgent_probe = Instant::now();
+    while let Some(item) = stream.next().now_or_never() {
+        if step(item, stream, proxy, rng, &mut urgent_probe)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    if let Err(e) = SinkExt::<&Element>::flush(stream).await {
+        debug!("closing the stream: {e}");
+        return;
+    }
     if let Err(e) = stream.shutdown().await {
         debug!("closing the stream: {e}");
         return;
     }
+    let mut dropped = 0usize;
     let _ = timeout(Duration::from_secs(2), async {
         while let Some(item) = stream.next().await {
-            if matches!(
-                item,
-                Err(ReadError::StreamFooterReceived) | Err(ReadError::HardError(_))
-            ) {
-                break;
+            match item {
+                Ok(Inbound::Element(el)) if el.has_ns(NS) => dropped += 1,
+                Ok(Inbound::Oversized(_)) => dropped += 1,
+                Err(ReadError::StreamFooterReceived) | Err(ReadError::HardError(_)) => break,
+                _ => {}
             }
         }
     })
     .await;
+    if dropped > 0 {
+        warn!(
+            dropped,
+            "stanzas routed to this instance after its stream footer were dropped"
+        );
+    }
     info!("stream closed");
 }

@@ -79,6 +79,7 @@ impl Owned {
             let _ = Command::new("kill")
                 .arg(format!("-{signal}"))
                 .arg(c.id().to_string())
+                .stderr(Stdio::null())
                 .status();
         }
     }
