@@ -198,13 +198,6 @@ impl Drop for Ejabberd {
         if let Some(p) = &mut self.process {
             p.kill_tree();
         }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!(
-                "ejabberd work dir kept for inspection: {}",
-                self.dir.display()
-            );
-        }
+        crate::discard_work_dir(&self.dir, "ejabberd");
     }
 }

@@ -41,6 +41,16 @@ pub fn wait_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// Removes a server's work directory, unless the test is panicking: then it is kept, and
+/// its path printed, for inspection.
+pub fn discard_work_dir(dir: &std::path::Path, what: &str) {
+    if std::thread::panicking() {
+        eprintln!("{what} work dir kept for inspection: {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// A fresh directory under the system temp dir that the `prosody`/`ejabberd` users can enter.
 pub fn work_dir(tag: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;

@@ -149,13 +149,6 @@ impl Drop for Prosody {
         if let Some(p) = &mut self.process {
             p.kill();
         }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!(
-                "prosody work dir kept for inspection: {}",
-                self.dir.display()
-            );
-        }
+        crate::discard_work_dir(&self.dir, "prosody");
     }
 }
