@@ -25,7 +25,8 @@ impl Entry {
     fn matches(&self, sender: &Jid) -> bool {
         match self {
             Entry::Domain(d) => sender.domain().as_str() == d,
-            Entry::Account(a) => sender.to_bare() == *a,
+            // Compared part by part: no bare JID is built per request.
+            Entry::Account(a) => sender.node() == a.node() && sender.domain() == a.domain(),
         }
     }
 }

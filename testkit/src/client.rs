@@ -60,7 +60,8 @@ pub enum Answer {
 }
 
 impl Client {
-    /// Logs `user@domain/resource` in over plain TCP and sends initial presence.
+    /// Logs `user@domain/resource` in over plain TCP and sends initial presence; panics,
+    /// naming the account, if that fails.
     pub async fn login(
         addr: SocketAddr,
         domain: &str,
@@ -69,21 +70,7 @@ impl Client {
         resource: &str,
         answer: Answer,
     ) -> Client {
-        Self::try_login(addr, domain, user, password, resource, answer, true)
-            .await
-            .unwrap_or_else(|e| panic!("{user}@{domain}/{resource} cannot log in: {e}"))
-    }
-
-    /// Logs in; `presence` says whether to send initial presence.
-    pub async fn try_login(
-        addr: SocketAddr,
-        domain: &str,
-        user: &str,
-        password: &str,
-        resource: &str,
-        answer: Answer,
-        presence: bool,
-    ) -> Result<Client, String> {
+        let attempt: Result<Client, String> = async {
         let timeouts = Timeouts {
             read_timeout: Duration::from_secs(3600),
             response_timeout: Duration::from_secs(3600),
@@ -133,12 +120,10 @@ impl Client {
             .and_then(|b| b.get_child("jid", BIND_NS))
             .map(|j| j.text())
             .ok_or_else(|| format!("bind failed: {}", xml(&bound)))?;
-        if presence {
-            stream
-                .send(&stanza("<presence/>"))
-                .await
-                .map_err(|e| e.to_string())?;
-        }
+        stream
+            .send(&stanza("<presence/>"))
+            .await
+            .map_err(|e| e.to_string())?;
         let (tx, mut cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, rx) = mpsc::unbounded_channel();
         let history = Arc::new(Mutex::new(Vec::new()));
@@ -195,6 +180,9 @@ impl Client {
             history,
             task,
         })
+        }
+        .await;
+        attempt.unwrap_or_else(|e| panic!("{user}@{domain}/{resource} cannot log in: {e}"))
     }
 
     /// The full JID the server bound.
