@@ -3,8 +3,9 @@
 //! authenticated tokens instead of kept in a table or shown in clear.
 //!
 //! Layout: [`token`] (the codec the fuzzer links), [`keys`] (key file), [`proxy`] (the
-//! sans-IO state machine), [`inbound`] (bounded reading of raw elements), [`session`] (the
-//! only module with sockets, clocks and signals).
+//! sans-IO state machine), [`stream`] (the component stream without I/O: bytes in, bounded
+//! raw elements out, and back), [`inbound`] (what the core is given), [`session`] (the only
+//! module with sockets, clocks and signals).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -20,4 +21,5 @@ pub mod random;
 pub mod rate;
 pub mod session;
 pub mod stanza;
+pub mod stream;
 pub mod token;

@@ -2,40 +2,36 @@
 //! signals. Everything the proxy decides is in [`crate::proxy`]; this module only moves
 //! stanzas between the socket and it.
 
-use std::borrow::Cow;
 use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::{FutureExt, SinkExt, StreamExt};
-use tokio::io::BufStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::time::{sleep, timeout};
-use tokio_xmpp::xmlstream::{ReadError, StreamHeader, Timeouts, XmlStream, initiate_stream};
+use tokio::time::{sleep, sleep_until, timeout};
 use tracing::{debug, info, trace, warn};
 use xmpp_parsers::component::Handshake;
 use xmpp_parsers::minidom::Element;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::inbound::{self, Inbound};
+use crate::inbound::{Inbound, Limits};
 use crate::keys::{self, KeySet};
 use crate::proxy::{Proxy, Verdict};
 use crate::random::OsRandom;
-use crate::stanza::Condition;
-use crate::stanza::NS;
-
-type Stream = XmlStream<BufStream<TcpStream>, Inbound>;
-
-const STREAM_NS: &str = "http://etherx.jabber.org/streams";
+use crate::stanza::{Condition, NS, STREAM_NS};
+use crate::stream::{Frame, Reader, Writer};
 /// Time allowed for TCP connect, stream header and handshake together.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// A session shorter than this does not reset the backoff: a server that accepts and then
 /// drops us at once is not hammered.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
-/// Most stanzas handled before the output is flushed.
-const BATCH: usize = 64;
+/// Bytes read from the socket at once.
+const READ_CHUNK: usize = 64 * 1024;
+/// How long the server may take to send its footer after ours.
+const FOOTER_WAIT: Duration = Duration::from_secs(2);
 
 /// Why `run` returned.
 #[derive(Debug)]
@@ -125,7 +121,6 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
 /// Runs the component until SIGTERM/SIGINT: connects, serves, and reconnects whenever the
 /// session is lost.
 pub async fn run(config: Config, keys: KeySet) -> io::Result<Exit> {
-    inbound::set_limits(config.limits);
     let mut signals = Signals::new()?;
     let mut rng = OsRandom::new();
     let mut proxy = Proxy::new(config.settings(), keys);
@@ -139,11 +134,11 @@ pub async fn run(config: Config, keys: KeySet) -> io::Result<Exit> {
             _ = signals.shutdown() => return Ok(Exit::Signal),
         };
         match login {
-            Ok(stream) => {
+            Ok(conn) => {
                 info!(component = %config.jid, server = %config.server, "session established");
                 let started = Instant::now();
                 let end = serve(
-                    stream,
+                    conn,
                     &config,
                     &mut proxy,
                     &mut rng,
@@ -171,40 +166,137 @@ pub async fn run(config: Config, keys: KeySet) -> io::Result<Exit> {
     }
 }
 
+/// One connection to the server: the socket's halves, the stream without I/O on top
+/// ([`Reader`], [`Writer`]), and what is waiting to be sent. Every write is bounded in time:
+/// a server that stops reading ends the session instead of hanging it.
+struct Conn {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
+    out: Vec<u8>,
+    buf: Vec<u8>,
+    write_timeout: Duration,
+}
+
+impl Conn {
+    fn new(tcp: TcpStream, limits: Limits, write_timeout: Duration) -> Conn {
+        let (rd, wr) = tcp.into_split();
+        Conn {
+            rd,
+            wr,
+            reader: Reader::new(limits),
+            writer: Writer::new(),
+            out: Vec::with_capacity(4096),
+            buf: vec![0; READ_CHUNK],
+            write_timeout,
+        }
+    }
+
+    /// Serialises `el` into the output buffer.
+    fn queue(&mut self, el: &Element) {
+        if let Err(e) = self.writer.element(el, &mut self.out) {
+            warn!("{e}: not sent");
+        }
+    }
+
+    /// Sends the output buffer.
+    async fn flush(&mut self) -> Result<(), String> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        match timeout(self.write_timeout, self.wr.write_all(&self.out)).await {
+            Ok(Ok(())) => {
+                self.out.clear();
+                if self.out.capacity() > 1024 * 1024 {
+                    self.out = Vec::with_capacity(4096);
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("cannot send: {e}")),
+            Err(_) => Err(format!(
+                "the server took nothing we sent for {} s",
+                self.write_timeout.as_secs()
+            )),
+        }
+    }
+
+    /// Waits for bytes from the server and gives them to the reader. Cancel-safe.
+    async fn read(&mut self) -> Result<(), String> {
+        let n = self
+            .rd
+            .read(&mut self.buf)
+            .await
+            .map_err(|e| format!("cannot read: {e}"))?;
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        self.reader.feed(&self.buf[..n]).map_err(|e| e.to_string())
+    }
+
+    /// Gives the reader what the socket already holds, without waiting. False when there
+    /// was nothing.
+    fn read_ready(&mut self) -> Result<bool, String> {
+        match self.rd.try_read(&mut self.buf) {
+            Ok(0) => Err("connection closed".into()),
+            Ok(n) => self
+                .reader
+                .feed(&self.buf[..n])
+                .map(|()| true)
+                .map_err(|e| e.to_string()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(format!("cannot read: {e}")),
+        }
+    }
+
+    /// The next frame, reading as needed.
+    async fn next_frame(&mut self) -> Result<Frame, String> {
+        loop {
+            if let Some(f) = self.reader.next_frame().map_err(|e| e.to_string())? {
+                return Ok(f);
+            }
+            self.read().await?;
+        }
+    }
+}
+
 /// TCP connect, stream header, XEP-0114 handshake.
-async fn login(config: &Config) -> io::Result<Stream> {
+async fn login(config: &Config) -> io::Result<Conn> {
+    let refused = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, why);
     let attempt = async {
         let tcp = TcpStream::connect(&config.server).await?;
         tcp.set_nodelay(true)?;
-        let timeouts = Timeouts {
-            read_timeout: config.keepalive_interval,
-            response_timeout: config.keepalive_timeout,
-        };
-        let header = StreamHeader {
-            from: None,
-            to: Some(Cow::Borrowed(config.jid.as_str())),
-            id: None,
-        };
-        let mut pending = initiate_stream(BufStream::new(tcp), NS, header, timeouts).await?;
-        let id = pending.take_header().id.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, "server sent no stream id")
-        })?;
-        let mut stream: Stream = pending.skip_features();
-        let handshake = Handshake::from_stream_id_and_password(id.into_owned(), &config.secret);
-        stream.send(&handshake).await?;
-        loop {
-            match stream.next().await {
-                Some(Ok(Inbound::Element(el))) if el.is("handshake", NS) => return Ok(stream),
-                Some(Ok(Inbound::Element(el))) if el.is("error", STREAM_NS) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::PermissionDenied,
-                        format!("server refused the handshake: {}", stream_error(&el)),
-                    ));
+        let mut conn = Conn::new(tcp, config.limits, config.keepalive_timeout);
+        conn.writer.header(&config.jid, &mut conn.out);
+        conn.flush().await.map_err(io::Error::other)?;
+        let id = loop {
+            match conn.next_frame().await.map_err(io::Error::other)? {
+                Frame::Header(h) => {
+                    break h.id.ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, "server sent no stream id")
+                    })?;
                 }
-                Some(Ok(_)) => continue,
-                Some(Err(ReadError::SoftTimeout)) => continue,
-                Some(Err(e)) => return Err(io::Error::other(e.to_string())),
-                None => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Frame::Stanza(Inbound::Element(el)) if el.is("error", STREAM_NS) => {
+                    return Err(refused(format!("stream error: {}", stream_error(&el))));
+                }
+                Frame::Footer => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Frame::Stanza(_) => continue,
+            }
+        };
+        let handshake = Handshake::from_stream_id_and_password(id, &config.secret);
+        conn.queue(&Element::from(handshake));
+        conn.flush().await.map_err(io::Error::other)?;
+        loop {
+            match conn.next_frame().await.map_err(io::Error::other)? {
+                Frame::Stanza(Inbound::Element(el)) if el.is("handshake", NS) => return Ok(conn),
+                Frame::Stanza(Inbound::Element(el)) if el.is("error", STREAM_NS) => {
+                    return Err(refused(format!(
+                        "server refused the handshake: {}",
+                        stream_error(&el)
+                    )));
+                }
+                Frame::Footer => return Err(io::ErrorKind::UnexpectedEof.into()),
+                _ => continue,
             }
         }
     };
@@ -230,7 +322,7 @@ fn stream_error(el: &Element) -> String {
 }
 
 async fn serve(
-    mut stream: Stream,
+    mut conn: Conn,
     config: &Config,
     proxy: &mut Proxy,
     rng: &mut OsRandom,
@@ -238,61 +330,61 @@ async fn serve(
     watch: &mut KeyWatch,
 ) -> End {
     for el in proxy.connected() {
-        if let Err(e) = stream.feed(&el).await {
-            return End::Lost(e.to_string());
-        }
-    }
-    if let Err(e) = SinkExt::<&Element>::flush(&mut stream).await {
-        return End::Lost(e.to_string());
+        conn.queue(&el);
     }
     let mut reload = tokio::time::interval(config.key_reload_interval);
     reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_probe = Instant::now() + jittered(config.probe_interval, rng);
     let mut urgent_probe = Instant::now();
+    let mut last_read = Instant::now();
+    let mut ping_sent: Option<Instant> = None;
     loop {
-        let first = tokio::select! {
-            _ = tokio::time::sleep_until(next_probe.into()) => {
-                next_probe = Instant::now() + jittered(config.probe_interval, rng);
-                let probe = proxy.probe();
-                if let Err(e) = stream.send(&probe).await {
-                    return End::Lost(e.to_string());
+        // Everything complete that was read is handled before anything is sent.
+        if let Err(why) = handle_frames(&mut conn, proxy, rng, &mut urgent_probe) {
+            return End::Lost(why);
+        }
+        if let Err(why) = conn.flush().await {
+            return End::Lost(why);
+        }
+        // Idle for keepalive_interval: ping; no byte for keepalive_timeout after that: dead.
+        let wake = match ping_sent {
+            None => last_read + config.keepalive_interval,
+            Some(at) => at + config.keepalive_timeout,
+        };
+        tokio::select! {
+            r = conn.read() => {
+                if let Err(why) = r {
+                    return End::Lost(why);
                 }
-                continue;
+                last_read = Instant::now();
+                ping_sent = None;
+            }
+            _ = sleep_until(wake.into()) => {
+                if ping_sent.is_some() {
+                    return End::Lost(format!(
+                        "no answer to a keepalive ping within {} s",
+                        config.keepalive_timeout.as_secs()
+                    ));
+                }
+                debug!("idle: sending keepalive ping");
+                conn.queue(&proxy.keepalive());
+                ping_sent = Some(Instant::now());
+            }
+            _ = sleep_until(next_probe.into()) => {
+                next_probe = Instant::now() + jittered(config.probe_interval, rng);
+                conn.queue(&proxy.probe());
             }
             _ = shutdown(&mut signals.term, &mut signals.int) => {
-                close(&mut stream, proxy, rng).await;
+                close(conn, proxy, rng).await;
                 return End::Shutdown;
             }
             _ = signals.hup.recv() => {
                 info!("SIGHUP: reloading the key file");
                 watch.reload_if_changed(&config.key_file, proxy, true);
-                continue;
             }
             _ = reload.tick() => {
                 watch.reload_if_changed(&config.key_file, proxy, false);
-                continue;
             }
-            item = stream.next() => item,
-        };
-        // Handle what is already buffered before flushing once.
-        let mut item = first;
-        let mut handled = 0;
-        loop {
-            match step(item, &mut stream, proxy, rng, &mut urgent_probe).await {
-                Ok(()) => {}
-                Err(why) => return End::Lost(why),
-            }
-            handled += 1;
-            if handled >= BATCH {
-                break;
-            }
-            match stream.next().now_or_never() {
-                Some(next) => item = next,
-                None => break,
-            }
-        }
-        if let Err(e) = SinkExt::<&Element>::flush(&mut stream).await {
-            return End::Lost(e.to_string());
         }
     }
 }
@@ -304,54 +396,37 @@ fn jittered(d: Duration, rng: &mut OsRandom) -> Duration {
     Duration::from_millis((ms * 8 / 10 + rng.below(ms * 4 / 10 + 1)) as u64)
 }
 
-async fn step(
-    item: Option<Result<Inbound, ReadError>>,
-    stream: &mut Stream,
+/// Hands every complete frame the reader holds to the proxy and queues what it answers.
+fn handle_frames(
+    conn: &mut Conn,
     proxy: &mut Proxy,
     rng: &mut OsRandom,
     urgent_probe: &mut Instant,
 ) -> Result<(), String> {
-    let out = match item {
-        None => return Err("connection closed".into()),
-        Some(Ok(Inbound::Element(el))) if el.is("error", STREAM_NS) => {
-            return Err(format!("stream error from server: {}", stream_error(&el)));
-        }
-        Some(Ok(inbound)) => {
-            if let Inbound::Element(el) = &inbound {
-                trace!(xml = %String::from(el), "in");
+    while let Some(frame) = conn.reader.next_frame().map_err(|e| e.to_string())? {
+        let inbound = match frame {
+            Frame::Footer => return Err("server closed the stream".into()),
+            Frame::Header(_) => return Err("the server opened a second stream".into()),
+            Frame::Stanza(Inbound::Element(el)) if el.is("error", STREAM_NS) => {
+                return Err(format!("stream error from server: {}", stream_error(&el)));
             }
-            let (out, verdict) = proxy.handle(inbound, unix_now_ms(), rng);
-            if verdict == Verdict::Refused(Condition::ServiceUnavailable)
-                && urgent_probe.elapsed() >= Duration::from_secs(1)
-            {
-                // No resource known: maybe this instance just (re)connected and the target's
-                // presence went to another one. Ask now rather than at the next probe.
-                *urgent_probe = Instant::now();
-                stream
-                    .feed(&proxy.probe())
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            out
+            Frame::Stanza(inbound) => inbound,
+        };
+        if let Inbound::Element(el) = &inbound {
+            trace!(xml = %String::from(el), "in");
         }
-        Some(Err(ReadError::SoftTimeout)) => {
-            debug!("idle: sending keepalive ping");
-            Some(proxy.keepalive())
+        let (out, verdict) = proxy.handle(inbound, unix_now_ms(), rng);
+        if verdict == Verdict::Refused(Condition::ServiceUnavailable)
+            && urgent_probe.elapsed() >= Duration::from_secs(1)
+        {
+            // No resource known: maybe this instance just (re)connected and the target's
+            // presence went to another one. Ask now rather than at the next probe.
+            *urgent_probe = Instant::now();
+            conn.queue(&proxy.probe());
         }
-        Some(Err(ReadError::ParseError(e))) => {
-            // Inbound accepts every well-formed element; kept for completeness.
-            warn!("unparseable element skipped: {e}");
-            None
+        if let Some(out) = out {
+            conn.queue(&out);
         }
-        Some(Err(ReadError::HardError(e))) => return Err(e.to_string()),
-        Some(Err(ReadError::StreamFooterReceived)) => {
-            return Err("server closed the stream".into());
-        }
-    };
-    if let Some(out) = out {
-        SinkExt::<&Element>::feed(stream, &out)
-            .await
-            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -360,33 +435,40 @@ async fn step(
 /// the server delivered before the signal is dropped), then sends our footer and waits briefly
 /// for the server's. XEP-0114 has no way to ask the server to stop routing first: a stanza it
 /// routes to us between our footer and its reading of it can no longer be answered; such
-/// stanzas are counted and logged.
-async fn close(stream: &mut Stream, proxy: &mut Proxy, rng: &mut OsRandom) {
+/// stanzas are counted and logged. Every step is bounded in time.
+async fn close(mut conn: Conn, proxy: &mut Proxy, rng: &mut OsRandom) {
     let mut urgent_probe = Instant::now();
-    while let Some(item) = stream.next().now_or_never() {
-        if step(item, stream, proxy, rng, &mut urgent_probe)
-            .await
-            .is_err()
-        {
-            return;
+    loop {
+        match conn.read_ready() {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                debug!("closing the stream: {e}");
+                break;
+            }
         }
     }
-    if let Err(e) = SinkExt::<&Element>::flush(stream).await {
+    if let Err(e) = handle_frames(&mut conn, proxy, rng, &mut urgent_probe) {
         debug!("closing the stream: {e}");
         return;
     }
-    if let Err(e) = stream.shutdown().await {
+    conn.writer.footer(&mut conn.out);
+    if let Err(e) = conn.flush().await {
+        debug!("closing the stream: {e}");
+        return;
+    }
+    if let Err(e) = timeout(conn.write_timeout, conn.wr.shutdown()).await {
         debug!("closing the stream: {e}");
         return;
     }
     let mut dropped = 0usize;
-    let _ = timeout(Duration::from_secs(2), async {
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(Inbound::Element(el)) if el.has_ns(NS) => dropped += 1,
-                Ok(Inbound::Oversized(_)) => dropped += 1,
-                Err(ReadError::StreamFooterReceived) | Err(ReadError::HardError(_)) => break,
-                _ => {}
+    let _ = timeout(FOOTER_WAIT, async {
+        loop {
+            match conn.next_frame().await {
+                Ok(Frame::Stanza(Inbound::Element(el))) if el.has_ns(NS) => dropped += 1,
+                Ok(Frame::Stanza(Inbound::Oversized(_))) => dropped += 1,
+                Ok(Frame::Footer) | Err(_) => break,
+                Ok(_) => {}
             }
         }
     })

@@ -8,6 +8,8 @@ use xmpp_parsers::minidom::Element;
 
 /// Namespace of stanzas on a component stream (XEP-0114).
 pub const NS: &str = "jabber:component:accept";
+/// Namespace of the stream element and stream errors (RFC 6120 §4).
+pub const STREAM_NS: &str = "http://etherx.jabber.org/streams";
 /// Namespace of stanza error conditions (RFC 6120 §8.3).
 pub const STANZAS_NS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 /// XEP-0199 ping.

@@ -1,0 +1,443 @@
+//! Splits the bytes of a component stream into its pieces — the stream header, each
+//! top-level element, the footer — by lexing just enough XML to find their boundaries, before
+//! any XML parser sees them.
+//!
+//! This is what lets [`super::Reader`] hold the limits of `[limits]` *before* parsing: an
+//! element is collected only while it is within `max_bytes` and `max_depth`; past that its
+//! remaining bytes are counted and dropped as they arrive, so that an over-limit element is
+//! never held whole and no token of it (an attribute value or a name of any length) ever
+//! reaches the parser, whose own token limit would otherwise end the stream.
+//!
+//! Comments and processing instructions inside an element are dropped here (they carry
+//! nothing XMPP cares about, and the parser rejects processing instructions); CDATA
+//! sections are kept. The framer does not check well-formedness beyond what finding
+//! boundaries needs: the parser checks every element it is given.
+
+use std::collections::VecDeque;
+
+use crate::inbound::{Exceeded, Limits};
+
+/// The most bytes the stream header (`<stream:stream ...>`) may take.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// One piece of the stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// The stream header's start tag, as received.
+    Header(Vec<u8>),
+    /// A complete top-level element within the limits (comments and processing instructions
+    /// removed).
+    Element(Vec<u8>),
+    /// A top-level element over a limit. `head` is its start tag when that alone was within
+    /// the byte limit.
+    Oversized {
+        /// The element's start tag, if it was complete within the limit.
+        head: Option<Vec<u8>>,
+        /// Which limit it broke.
+        exceeded: Exceeded,
+    },
+    /// The stream's end tag.
+    Footer,
+}
+
+/// The bytes are not XML in a way that finding boundaries notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FramingError(pub &'static str);
+
+impl std::fmt::Display for FramingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lex {
+    /// Character data.
+    Text,
+    /// Just after `<`.
+    Lt,
+    /// After `<!` and `n` bytes of `--` or `[CDATA[`.
+    Bang { cdata: bool, n: u8 },
+    /// In a comment; `dashes` consecutive `-` just seen.
+    Comment { dashes: u8 },
+    /// In a processing instruction (or the XML declaration); whether `?` was just seen.
+    Pi { question: bool },
+    /// In a CDATA section; `brackets` consecutive `]` just seen.
+    Cdata { brackets: u8 },
+    /// In a start tag; `quote` is the open quote of an attribute value (0: none), `slash`
+    /// whether the last byte outside a value was `/`.
+    StartTag { quote: u8, slash: bool },
+    /// In an end tag.
+    EndTag,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Collecting {
+    /// Between pieces: bytes are looked at, not kept.
+    Nothing,
+    /// The stream header's start tag.
+    Header,
+    /// A top-level element.
+    Element,
+}
+
+/// The splitter. Feed it bytes in chunks of any size; take the pieces out.
+#[derive(Debug)]
+pub struct Framer {
+    limits: Limits,
+    lex: Lex,
+    /// Element depth: 0 before the header, 1 inside the stream, 2 inside a top-level element.
+    depth: usize,
+    collecting: Collecting,
+    /// Bytes of the piece being collected.
+    buf: Vec<u8>,
+    /// Bytes of the current top-level element as received (including what is dropped).
+    count: usize,
+    /// Where in `buf` the markup being lexed began (to drop comments and PIs).
+    markup_start: usize,
+    /// Length of the top-level element's start tag in `buf`, once complete.
+    root_end: Option<usize>,
+    /// Set when the current element broke a limit: nothing more is kept.
+    exceeded: Option<Exceeded>,
+    closed: bool,
+    out: VecDeque<Piece>,
+}
+
+impl Framer {
+    /// A framer at the start of a stream.
+    pub fn new(limits: Limits) -> Framer {
+        Framer {
+            limits,
+            lex: Lex::Text,
+            depth: 0,
+            collecting: Collecting::Nothing,
+            buf: Vec::new(),
+            count: 0,
+            markup_start: 0,
+            root_end: None,
+            exceeded: None,
+            closed: false,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// A framer inside a stream whose header was already read (to resume a stream).
+    pub fn resumed(limits: Limits) -> Framer {
+        let mut f = Framer::new(limits);
+        f.depth = 1;
+        f
+    }
+
+    /// The limits it enforces.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Whether it is between top-level elements (nothing partial is held).
+    pub fn at_boundary(&self) -> bool {
+        self.collecting == Collecting::Nothing && self.lex == Lex::Text
+    }
+
+    /// Bytes held for the element being collected (bounded by the byte limit).
+    pub fn held(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete piece, if any.
+    pub fn next_piece(&mut self) -> Option<Piece> {
+        self.out.pop_front()
+    }
+
+    /// Consumes `input`.
+    pub fn feed(&mut self, mut input: &[u8]) -> Result<(), FramingError> {
+        if self.closed {
+            return Ok(());
+        }
+        while !input.is_empty() {
+            let n = self.step(input)?;
+            input = &input[n..];
+            if self.closed {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn keeping(&self) -> bool {
+        self.collecting != Collecting::Nothing && self.exceeded.is_none()
+    }
+
+    /// Takes `bytes` as part of the current piece: counted against the limit, and kept
+    /// unless the piece is already over it.
+    fn take(&mut self, bytes: &[u8]) -> Result<(), FramingError> {
+        match self.collecting {
+            Collecting::Nothing => Ok(()),
+            Collecting::Header => {
+                if self.buf.len() + bytes.len() > MAX_HEADER_BYTES {
+                    return Err(FramingError("stream header too large"));
+                }
+                self.buf.extend_from_slice(bytes);
+                Ok(())
+            }
+            Collecting::Element => {
+                self.count = self.count.saturating_add(bytes.len());
+                if self.exceeded.is_some() {
+                    return Ok(());
+                }
+                if self.count > self.limits.max_bytes {
+                    self.exceed(Exceeded::Bytes(self.limits.max_bytes));
+                } else {
+                    self.buf.extend_from_slice(bytes);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn exceed(&mut self, what: Exceeded) {
+        if self.exceeded.is_none() {
+            self.exceeded = Some(what);
+            self.buf.truncate(self.root_end.unwrap_or(0));
+        }
+    }
+
+    /// Lexes from the start of `input`; returns how many bytes it consumed (at least one).
+    fn step(&mut self, input: &[u8]) -> Result<usize, FramingError> {
+        match self.lex {
+            Lex::Text => {
+                let end = memchr::memchr(b'<', input).unwrap_or(input.len());
+                if end > 0 {
+                    // Character data between top-level elements (whitespace keepalives) is
+                    // not kept; inside an element it is.
+                    self.take(&input[..end])?;
+                    return Ok(end);
+                }
+                self.markup_start = self.buf.len();
+                self.lex = Lex::Lt;
+                self.take(b"<")?;
+                Ok(1)
+            }
+            Lex::Lt => {
+                let b = input[0];
+                match b {
+                    b'/' => self.lex = Lex::EndTag,
+                    b'?' => self.lex = Lex::Pi { question: false },
+                    b'!' => self.lex = Lex::Bang { cdata: false, n: 0 },
+                    _ if b.is_ascii_whitespace() || b == b'>' || b == b'<' => {
+                        return Err(FramingError("'<' not followed by a name"));
+                    }
+                    _ => {
+                        self.lex = Lex::StartTag {
+                            quote: 0,
+                            slash: false,
+                        };
+                        if self.collecting == Collecting::Nothing {
+                            self.begin_piece()?;
+                        }
+                    }
+                }
+                self.take(&input[..1])?;
+                Ok(1)
+            }
+            Lex::Bang { cdata, n } => {
+                const CDATA: &[u8] = b"[CDATA[";
+                let b = input[0];
+                self.lex = match (cdata, n, b) {
+                    (false, 0, b'-') => Lex::Bang { cdata: false, n: 1 },
+                    (false, 1, b'-') => Lex::Comment { dashes: 0 },
+                    (false, 0, b'[') => Lex::Bang { cdata: true, n: 1 },
+                    (true, n, b) if b == CDATA[n as usize] => {
+                        if n as usize + 1 == CDATA.len() {
+                            Lex::Cdata { brackets: 0 }
+                        } else {
+                            Lex::Bang {
+                                cdata: true,
+                                n: n + 1,
+                            }
+                        }
+                    }
+                    _ => return Err(FramingError("document type or unknown markup")),
+                };
+                self.take(&input[..1])?;
+                Ok(1)
+            }
+            Lex::Comment { dashes } => {
+                let b = input[0];
+                self.take(&input[..1])?;
+                self.lex = match b {
+                    b'-' => Lex::Comment {
+                        dashes: (dashes + 1).min(2),
+                    },
+                    b'>' if dashes >= 2 => {
+                        self.drop_markup();
+                        Lex::Text
+                    }
+                    _ => Lex::Comment { dashes: 0 },
+                };
+                Ok(1)
+            }
+            Lex::Pi { question } => {
+                let b = input[0];
+                self.take(&input[..1])?;
+                self.lex = match b {
+                    b'>' if question => {
+                        self.drop_markup();
+                        Lex::Text
+                    }
+                    _ => Lex::Pi {
+                        question: b == b'?',
+                    },
+                };
+                Ok(1)
+            }
+            Lex::Cdata { brackets } => {
+                let b = input[0];
+                self.take(&input[..1])?;
+                self.lex = match b {
+                    b']' => Lex::Cdata {
+                        brackets: (brackets + 1).min(2),
+                    },
+                    b'>' if brackets >= 2 => Lex::Text,
+                    _ => Lex::Cdata { brackets: 0 },
+                };
+                Ok(1)
+            }
+            Lex::StartTag { quote, slash } => {
+                if quote != 0 {
+                    // Inside an attribute value: up to and including the closing quote.
+                    return match memchr::memchr(quote, input) {
+                        Some(i) => {
+                            self.take(&input[..=i])?;
+                            self.lex = Lex::StartTag {
+                                quote: 0,
+                                slash: false,
+                            };
+                            Ok(i + 1)
+                        }
+                        None => {
+                            self.take(input)?;
+                            Ok(input.len())
+                        }
+                    };
+                }
+                let b = input[0];
+                self.take(&input[..1])?;
+                match b {
+                    b'\'' | b'"' => {
+                        self.lex = Lex::StartTag {
+                            quote: b,
+                            slash: false,
+                        }
+                    }
+                    b'>' => {
+                        self.lex = Lex::Text;
+                        self.start_tag_done(slash)?;
+                    }
+                    b'/' => {
+                        self.lex = Lex::StartTag {
+                            quote: 0,
+                            slash: true,
+                        }
+                    }
+                    _ => {
+                        self.lex = Lex::StartTag {
+                            quote: 0,
+                            slash: false,
+                        }
+                    }
+                }
+                Ok(1)
+            }
+            Lex::EndTag => {
+                let end = memchr::memchr(b'>', input);
+                let n = end.map_or(input.len(), |i| i + 1);
+                self.take(&input[..n])?;
+                if end.is_some() {
+                    self.lex = Lex::Text;
+                    self.end_tag_done()?;
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    /// A comment or PI ended: it is not kept.
+    fn drop_markup(&mut self) {
+        if self.keeping() {
+            self.buf.truncate(self.markup_start);
+        }
+    }
+
+    fn begin_piece(&mut self) -> Result<(), FramingError> {
+        self.buf.clear();
+        self.count = 0;
+        self.root_end = None;
+        self.exceeded = None;
+        self.collecting = match self.depth {
+            0 => Collecting::Header,
+            1 => Collecting::Element,
+            _ => return Err(FramingError("element outside a piece")),
+        };
+        // The '<' was taken before the piece began.
+        self.take(b"<")
+    }
+
+    fn start_tag_done(&mut self, empty: bool) -> Result<(), FramingError> {
+        if self.collecting == Collecting::Header {
+            if empty {
+                return Err(FramingError("empty stream header"));
+            }
+            self.depth = 1;
+            self.collecting = Collecting::Nothing;
+            self.out
+                .push_back(Piece::Header(std::mem::take(&mut self.buf)));
+            return Ok(());
+        }
+        if self.root_end.is_none() && self.exceeded.is_none() {
+            self.root_end = Some(self.buf.len());
+        }
+        if empty {
+            if self.depth == 1 {
+                self.element_done();
+            }
+            return Ok(());
+        }
+        self.depth += 1;
+        if self.depth - 1 > self.limits.max_depth {
+            self.exceed(Exceeded::Depth(self.limits.max_depth));
+        }
+        Ok(())
+    }
+
+    fn end_tag_done(&mut self) -> Result<(), FramingError> {
+        match self.depth {
+            0 => Err(FramingError("end tag before the stream header")),
+            1 => {
+                self.depth = 0;
+                self.closed = true;
+                self.out.push_back(Piece::Footer);
+                Ok(())
+            }
+            _ => {
+                self.depth -= 1;
+                if self.depth == 1 {
+                    self.element_done();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn element_done(&mut self) {
+        self.collecting = Collecting::Nothing;
+        let piece = match self.exceeded.take() {
+            None => Piece::Element(std::mem::take(&mut self.buf)),
+            Some(exceeded) => Piece::Oversized {
+                head: self.root_end.map(|_| std::mem::take(&mut self.buf)),
+                exceeded,
+            },
+        };
+        self.buf = Vec::new();
+        self.out.push_back(piece);
+    }
+}

@@ -1,0 +1,285 @@
+//! The stream layer on every stanza shape a server may route.
+
+use super::*;
+use crate::inbound::{Exceeded, Inbound, Limits};
+use xmpp_parsers::minidom::Element;
+
+const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' \
+    xmlns:stream='http://etherx.jabber.org/streams' from='proxy.example' id='abc123'>";
+
+fn limits() -> Limits {
+    Limits {
+        max_bytes: 64 * 1024,
+        max_depth: 16,
+    }
+}
+
+/// Everything read from `bytes` fed in chunks of `chunk` bytes.
+fn read_all(bytes: &[u8], chunk: usize, limits: Limits) -> Result<Vec<Frame>, ReadError> {
+    let mut r = Reader::new(limits);
+    let mut frames = Vec::new();
+    for c in bytes.chunks(chunk.max(1)) {
+        r.feed(c)?;
+        while let Some(f) = r.next_frame()? {
+            frames.push(f);
+        }
+        assert!(r.held() <= limits.max_bytes, "held {} bytes", r.held());
+    }
+    Ok(frames)
+}
+
+fn stanzas(frames: &[Frame]) -> Vec<&Inbound> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Stanza(i) => Some(i),
+            _ => None,
+        })
+        .collect()
+}
+
+fn element(i: &Inbound) -> &Element {
+    match i {
+        Inbound::Element(e) => e,
+        Inbound::Oversized(o) => panic!("oversized: {o:?}"),
+    }
+}
+
+fn stream_of(stanzas: &[String]) -> Vec<u8> {
+    let mut s = HEADER.to_owned();
+    for st in stanzas {
+        s.push_str(st);
+        s.push_str("\n ");
+    }
+    s.push_str("</stream:stream>");
+    s.into_bytes()
+}
+
+#[test]
+fn header_stanzas_whitespace_and_footer_in_any_chunking() {
+    let bytes = stream_of(&[
+        "<handshake/>".into(),
+        "<iq type='get' id='1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'>t&amp;t</q></iq>"
+            .into(),
+        "<message to='proxy.example'><body>hi</body></message>".into(),
+    ]);
+    for chunk in [1, 2, 3, 7, 64, bytes.len()] {
+        let frames = read_all(&bytes, chunk, limits()).unwrap();
+        assert!(matches!(&frames[0], Frame::Header(h) if h.id.as_deref() == Some("abc123")));
+        let s = stanzas(&frames);
+        assert_eq!(s.len(), 3, "chunk {chunk}");
+        let iq = element(s[1]);
+        assert_eq!(iq.ns(), "jabber:component:accept");
+        assert_eq!(iq.attr("id"), Some("1"));
+        assert_eq!(iq.children().next().unwrap().text(), "t&t");
+        assert!(matches!(frames.last(), Some(Frame::Footer)));
+    }
+}
+
+#[test]
+fn long_tokens_within_the_limit_are_read() {
+    let long_id = "i".repeat(9_000);
+    let long_value = "v".repeat(100_000);
+    let long_name = format!("n{}", "a".repeat(9_000));
+    let limits = Limits {
+        max_bytes: 512 * 1024,
+        max_depth: 64,
+    };
+    let bytes = stream_of(&[
+        format!("<iq type='get' id='{long_id}' to='proxy.example'><q xmlns='urn:x'/></iq>"),
+        format!(
+            "<iq type='get' id='2' to='proxy.example'><q xmlns='urn:x' a='{long_value}'/></iq>"
+        ),
+        format!("<iq type='get' id='3' to='proxy.example'><{long_name} xmlns='urn:x'/></iq>"),
+        format!("<iq type='get' id='4' to='proxy.example'><q xmlns='urn:x'>{long_value}</q></iq>"),
+    ]);
+    for chunk in [1000, 8192, 65536] {
+        let frames = read_all(&bytes, chunk, limits).unwrap();
+        let s = stanzas(&frames);
+        assert_eq!(s.len(), 4);
+        assert_eq!(element(s[0]).attr("id"), Some(long_id.as_str()));
+        let q = element(s[1]).children().next().unwrap();
+        assert_eq!(q.attr("a").map(str::len), Some(100_000));
+        assert_eq!(element(s[2]).children().next().unwrap().name(), long_name);
+        assert_eq!(
+            element(s[3]).children().next().unwrap().text().len(),
+            100_000
+        );
+    }
+}
+
+#[test]
+fn thousands_of_attributes_and_namespace_declarations() {
+    let attrs: String = (0..5000).map(|i| format!(" a{i}='{i}'")).collect();
+    let decls: String = (0..2000)
+        .map(|i| format!(" xmlns:p{i}='urn:p:{i}'"))
+        .collect();
+    let bytes = stream_of(&[
+        format!("<iq type='get' id='a' to='proxy.example'><q xmlns='urn:x'{attrs}/></iq>"),
+        format!(
+            "<iq type='get' id='n' to='proxy.example'><q xmlns='urn:x'{decls}><p1999:z/></q></iq>"
+        ),
+    ]);
+    let frames = read_all(&bytes, 4096, limits()).unwrap();
+    let s = stanzas(&frames);
+    let q = element(s[0]).children().next().unwrap();
+    assert_eq!(q.attrs().len(), 5000);
+    let z = element(s[1])
+        .children()
+        .next()
+        .unwrap()
+        .children()
+        .next()
+        .unwrap();
+    assert_eq!(z.ns(), "urn:p:1999");
+}
+
+#[test]
+fn comments_pis_cdata_and_astral_characters() {
+    let bytes = stream_of(&[
+        "<!-- between --><?pi between?><message to='proxy.example'><!-- c --><body><?pi x?>a<![CDATA[<b>&]]>🦀\u{10FFFD}</body></message>"
+            .into(),
+    ]);
+    for chunk in [1, 5, 4096] {
+        let frames = read_all(&bytes, chunk, limits()).unwrap();
+        let s = stanzas(&frames);
+        assert_eq!(s.len(), 1);
+        let body = element(s[0]).children().next().unwrap();
+        assert_eq!(body.text(), "a<b>&🦀\u{10FFFD}");
+    }
+}
+
+#[test]
+fn over_the_limits_is_skipped_with_its_header_and_the_stream_goes_on() {
+    let small = Limits {
+        max_bytes: 4096,
+        max_depth: 8,
+    };
+    let big = "x".repeat(100_000);
+    let deep = format!("{}{}", "<d>".repeat(10_000), "</d>".repeat(10_000));
+    let bytes = stream_of(&[
+        format!(
+            "<iq type='set' id='big' from='u@e/r' to='proxy.example'><q xmlns='urn:x'>{big}</q></iq>"
+        ),
+        format!("<iq type='set' id='deep' from='u@e/r' to='proxy.example'>{deep}</iq>"),
+        format!("<iq type='set' id='{big}' from='u@e/r' to='proxy.example'/>"),
+        format!(
+            "<iq type='set' id='attr' from='u@e/r' to='proxy.example'><q xmlns='urn:x' a='{big}'/></iq>"
+        ),
+        "<iq type='get' id='after' to='proxy.example'><q xmlns='urn:x'/></iq>".into(),
+    ]);
+    for chunk in [3, 1000, 8192] {
+        let frames = read_all(&bytes, chunk, small).unwrap();
+        let s = stanzas(&frames);
+        assert_eq!(s.len(), 5);
+        let Inbound::Oversized(o) = s[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (o.id.as_deref(), o.exceeded),
+            (Some("big"), Exceeded::Bytes(4096))
+        );
+        assert_eq!(o.from.as_deref(), Some("u@e/r"));
+        assert_eq!(o.ns, "jabber:component:accept");
+        let Inbound::Oversized(o) = s[1] else {
+            panic!()
+        };
+        assert_eq!(
+            (o.id.as_deref(), o.exceeded),
+            (Some("deep"), Exceeded::Depth(8))
+        );
+        // A start tag over the limit by itself: nothing of it is kept.
+        let Inbound::Oversized(o) = s[2] else {
+            panic!()
+        };
+        assert_eq!((o.id.as_deref(), o.name.as_str()), (None, ""));
+        let Inbound::Oversized(o) = s[3] else {
+            panic!()
+        };
+        assert_eq!(o.id.as_deref(), Some("attr"));
+        assert_eq!(element(s[4]).attr("id"), Some("after"));
+    }
+}
+
+#[test]
+fn ill_formed_xml_is_an_error() {
+    for bad in [
+        "<iq><a></b></iq>",
+        "<iq a='1' a='2'/>",
+        "<!DOCTYPE x>",
+        "<iq>&bogus;</iq>",
+        "<p:iq/>",
+        "< iq/>",
+    ] {
+        let mut bytes = HEADER.as_bytes().to_vec();
+        bytes.extend_from_slice(bad.as_bytes());
+        assert!(read_all(&bytes, 4096, limits()).is_err(), "{bad}");
+    }
+    assert!(read_all(b"<foo/>", 10, limits()).is_err());
+}
+
+#[test]
+fn written_elements_read_back_and_resume_at_any_boundary() {
+    let mut w = Writer::new();
+    let mut out = Vec::new();
+    w.header("proxy.example", &mut out);
+    let stanzas_in: Vec<Element> = [
+        "<iq xmlns='jabber:component:accept' type='get' id='1' to='a@b/c'><q xmlns='urn:x' v='&apos;&quot;&lt;'>\u{1F980}&amp;</q></iq>",
+        "<message xmlns='jabber:component:accept' to='a@b'><body xml:lang='en'>x</body><x xmlns='urn:y'/></message>",
+        "<stream:error xmlns:stream='http://etherx.jabber.org/streams'><conflict xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    let mut boundaries = Vec::new();
+    for el in &stanzas_in {
+        w.element(el, &mut out).unwrap();
+        boundaries.push(out.len());
+    }
+    assert!(!String::from_utf8_lossy(&out[boundaries[0]..]).contains("jabber:component:accept"));
+    let frames = read_all(&out, 17, limits())
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)));
+    let Frame::Header(_) = &frames[0] else {
+        panic!()
+    };
+    let read: Vec<&Element> = stanzas(&frames).into_iter().map(element).collect();
+    assert_eq!(read.len(), 3);
+    for (a, b) in read.iter().zip(&stanzas_in) {
+        assert_same(a, b);
+    }
+    // A reader resumed from the header picks up at any boundary.
+    let mut first = Reader::new(limits());
+    first.feed(&out[..boundaries[0]]).unwrap();
+    while first.next_frame().unwrap().is_some() {}
+    assert!(first.at_boundary());
+    let header = first.header_bytes().unwrap().to_vec();
+    let mut resumed = Reader::resume(limits(), &header).unwrap();
+    resumed.feed(&out[boundaries[0]..]).unwrap();
+    let mut n = 0;
+    while let Some(Frame::Stanza(i)) = resumed.next_frame().unwrap() {
+        assert_same(element(&i), &stanzas_in[n + 1]);
+        n += 1;
+    }
+    assert_eq!(n, 2);
+}
+
+/// Same name, namespace, attributes, text and children (text nodes may be split
+/// differently).
+fn assert_same(a: &Element, b: &Element) {
+    assert_eq!((a.name(), a.ns()), (b.name(), b.ns()));
+    let attrs = |e: &Element| {
+        let mut v: Vec<(String, String)> = e
+            .attrs()
+            .iter()
+            .map(|((ns, k), v)| (format!("{ns:?}{k}"), v.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(attrs(a), attrs(b));
+    assert_eq!(a.text(), b.text());
+    assert_eq!(a.children().count(), b.children().count());
+    for (x, y) in a.children().zip(b.children()) {
+        assert_same(x, y);
+    }
+}
