@@ -267,7 +267,7 @@ async fn login(config: &Config) -> io::Result<Conn> {
         let tcp = TcpStream::connect(&config.server).await?;
         tcp.set_nodelay(true)?;
         let mut conn = Conn::new(tcp, config.limits, config.keepalive_timeout);
-        conn.writer.header(&config.jid, &mut conn.out);
+        conn.writer.header(&[("to", &config.jid)], &mut conn.out);
         conn.flush().await.map_err(io::Error::other)?;
         let id = loop {
             match conn.next_frame().await.map_err(io::Error::other)? {

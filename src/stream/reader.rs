@@ -68,13 +68,15 @@ pub struct Reader {
 }
 
 fn parser(limits: Limits) -> rxml::Parser {
-    let mut options = rxml::parser::Options::default();
     // An element within the limits has no token longer than max_bytes (a token's decoded
     // length never exceeds its encoded one), and longer elements never reach the parser.
-    options.max_token_length = limits
-        .max_bytes
-        .max(rxml::parser::Options::default().max_token_length);
-    options.comments = rxml::parser::CommentMode::Discard;
+    let options = rxml::parser::Options {
+        max_token_length: limits
+            .max_bytes
+            .max(rxml::parser::Options::default().max_token_length),
+        comments: rxml::parser::CommentMode::Discard,
+        ..Default::default()
+    };
     rxml::Parser::with_options(options)
 }
 

@@ -222,7 +222,7 @@ fn ill_formed_xml_is_an_error() {
 fn written_elements_read_back_and_resume_at_any_boundary() {
     let mut w = Writer::new();
     let mut out = Vec::new();
-    w.header("proxy.example", &mut out);
+    w.header(&[("to", "proxy.example")], &mut out);
     let stanzas_in: Vec<Element> = [
         "<iq xmlns='jabber:component:accept' type='get' id='1' to='a@b/c'><q xmlns='urn:x' v='&apos;&quot;&lt;'>\u{1F980}&amp;</q></iq>",
         "<message xmlns='jabber:component:accept' to='a@b'><body xml:lang='en'>x</body><x xmlns='urn:y'/></message>",

@@ -25,6 +25,7 @@ impl std::error::Error for WriteError {}
 /// sends.
 pub struct Writer {
     encoder: rxml::writer::Encoder<rxml::writer::SimpleNamespaces>,
+    ns: &'static str,
 }
 
 impl std::fmt::Debug for Writer {
@@ -40,40 +41,56 @@ impl Default for Writer {
 }
 
 impl Writer {
-    /// A writer for a new stream: [`Writer::header`] comes first.
+    /// A writer for a new component stream: [`Writer::header`] comes first.
     pub fn new() -> Writer {
+        Writer::with_namespace(NS)
+    }
+
+    /// A writer for a new stream whose default namespace is `ns` (`jabber:client` for a
+    /// client, as the test harness is).
+    pub fn with_namespace(ns: &'static str) -> Writer {
         let mut encoder = rxml::writer::Encoder::new();
         encoder
             .ns_tracker_mut()
             .declare_fixed(Some(rxml::xml_ncname!("stream")), STREAM_NS.into());
-        encoder.ns_tracker_mut().declare_fixed(None, NS.into());
-        Writer { encoder }
+        encoder.ns_tracker_mut().declare_fixed(None, ns.into());
+        Writer { encoder, ns }
     }
 
-    /// A writer for a stream whose header was already sent (by another writer, in this
-    /// process or before an upgrade).
-    pub fn resumed(to: &str) -> Writer {
-        let mut w = Writer::new();
-        w.header(to, &mut Vec::new());
+    /// A writer for a component stream whose header was already sent (by another writer, in
+    /// this process or before an upgrade).
+    pub fn resumed() -> Writer {
+        Writer::resumed_with_namespace(NS)
+    }
+
+    /// [`Writer::resumed`] for a stream whose default namespace is `ns`.
+    pub fn resumed_with_namespace(ns: &'static str) -> Writer {
+        let mut w = Writer::with_namespace(ns);
+        w.header(&[], &mut Vec::new());
         w
     }
 
-    /// The stream header a component sends (XEP-0114 §3), to the component domain `to`.
-    /// The component namespace is the default one and `stream` the streams prefix, so the
-    /// stanzas written after it carry no `xmlns` of their own.
-    pub fn header(&mut self, to: &str, out: &mut Vec<u8>) {
+    /// The stream header, with these attributes: for a component (XEP-0114 §3) just `to`,
+    /// the component domain. The default namespace and the `stream` prefix are declared
+    /// here, so the stanzas written after it carry no `xmlns` of their own.
+    pub fn header(&mut self, attrs: &[(&str, &str)], out: &mut Vec<u8>) {
         use rxml::writer::Item;
-        let items = [
-            Item::XmlDeclaration(rxml::XmlVersion::V1_0),
-            Item::ElementHeadStart(STREAM_NS.into(), rxml::xml_ncname!("stream")),
-            Item::Attribute(rxml::Namespace::NONE, rxml::xml_ncname!("to"), to),
-            Item::ElementHeadEnd,
-        ];
-        for item in items {
+        let mut encode = |item: Item<'_>| {
             self.encoder
                 .encode(item, out)
-                .expect("a stream header is always well-formed");
+                .expect("a stream header is always well-formed")
+        };
+        encode(Item::XmlDeclaration(rxml::XmlVersion::V1_0));
+        encode(Item::ElementHeadStart(
+            STREAM_NS.into(),
+            rxml::xml_ncname!("stream"),
+        ));
+        for (name, value) in attrs {
+            let name =
+                <&rxml::NcNameStr>::try_from(*name).expect("attribute names used here are valid");
+            encode(Item::Attribute(rxml::Namespace::NONE, name, value));
         }
+        encode(Item::ElementHeadEnd);
     }
 
     /// The stream footer.
@@ -103,7 +120,7 @@ impl Writer {
             out.truncate(before);
             // The encoder may be left inside the element: start from a clean one, inside
             // the stream.
-            *self = Writer::resumed("");
+            *self = Writer::resumed_with_namespace(self.ns);
         }
         result
     }

@@ -1,24 +1,96 @@
 //! A raw XMPP client: SASL PLAIN over plain TCP on loopback, resource binding, then any
-//! element the test wants to send, odd ones included. Built on tokio-xmpp's xmlstream layer
-//! with untyped elements, so nothing the server sends can end it.
+//! element the test wants to send, odd ones included. Built on jat-proxy's own stream layer
+//! (`jat_proxy::stream`), with untyped elements and no token limit short of 64 MiB, so that
+//! nothing the server sends — a 100 KB attribute included — can end it (tokio-xmpp's stream
+//! would: its parser refuses tokens over 8 KiB).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use futures::{SinkExt, StreamExt};
-use tokio::io::BufStream;
+use jat_proxy::inbound::{Inbound, Limits};
+use jat_proxy::stream::{Frame, Reader, Writer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-pub use tokio_xmpp::minidom::Element;
-use tokio_xmpp::xmlstream::{ReadError, StreamHeader, Timeouts, XmlStream, initiate_stream};
+pub use xmpp_parsers::minidom::Element;
 
 const CLIENT_NS: &str = "jabber:client";
 const SASL_NS: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 const BIND_NS: &str = "urn:ietf:params:xml:ns:xmpp-bind";
 
-type Stream = XmlStream<BufStream<TcpStream>, Element>;
+/// What the test client reads: anything up to 64 MiB and 4096 levels.
+const LIMITS: Limits = Limits {
+    max_bytes: 64 * 1024 * 1024,
+    max_depth: 4096,
+};
+
+/// A client stream: the socket and the stream layer on top.
+struct Stream {
+    tcp: TcpStream,
+    reader: Reader,
+    writer: Writer,
+    buf: Vec<u8>,
+}
+
+impl Stream {
+    /// Sends a stream header (again, after SASL).
+    async fn open(&mut self, domain: &str) -> Result<(), String> {
+        self.reader = Reader::new(LIMITS);
+        self.writer = Writer::with_namespace(CLIENT_NS);
+        let mut out = Vec::new();
+        self.writer
+            .header(&[("to", domain), ("version", "1.0")], &mut out);
+        self.tcp.write_all(&out).await.map_err(|e| e.to_string())?;
+        match self.frame().await? {
+            Frame::Header(_) => Ok(()),
+            _ => Err("no stream header".into()),
+        }
+    }
+
+    async fn send(&mut self, el: &Element) -> Result<(), String> {
+        let mut out = Vec::new();
+        self.writer
+            .element(el, &mut out)
+            .map_err(|e| e.to_string())?;
+        self.tcp.write_all(&out).await.map_err(|e| e.to_string())
+    }
+
+    /// The next frame (cancel-safe: a frame is only taken once complete).
+    async fn frame(&mut self) -> Result<Frame, String> {
+        loop {
+            if let Some(f) = self.reader.next_frame().map_err(|e| e.to_string())? {
+                return Ok(f);
+            }
+            let n = self
+                .tcp
+                .read(&mut self.buf)
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("stream closed".into());
+            }
+            self.reader
+                .feed(&self.buf[..n])
+                .map_err(|e| e.to_string())?;
+        }
+    }
+
+    /// The next element; `Err` when the stream ends.
+    async fn element(&mut self) -> Result<Element, String> {
+        loop {
+            match self.frame().await? {
+                Frame::Stanza(Inbound::Element(el)) => return Ok(el),
+                Frame::Stanza(Inbound::Oversized(o)) => {
+                    return Err(format!("over the test client's limits: {o:?}"));
+                }
+                Frame::Footer => return Err("stream closed".into()),
+                Frame::Header(_) => return Err("a second stream header".into()),
+            }
+        }
+    }
+}
 
 /// Parses stanza XML written without a namespace, as in the examples of the XMPP RFCs:
 /// `<iq type='get' id='1' to='proxy.localhost'><query xmlns='urn:x'/></iq>`.
@@ -71,59 +143,41 @@ impl Client {
         answer: Answer,
     ) -> Client {
         let attempt: Result<Client, String> = async {
-        let timeouts = Timeouts {
-            read_timeout: Duration::from_secs(3600),
-            response_timeout: Duration::from_secs(3600),
-        };
-        let header = || StreamHeader {
-            from: None,
-            to: Some(domain.to_owned().into()),
-            id: None,
-        };
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-        let pending = initiate_stream(BufStream::new(tcp), CLIENT_NS, header(), timeouts)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (_, mut stream) = pending
-            .recv_features::<Element>()
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut stream = Stream {
+            tcp,
+            reader: Reader::new(LIMITS),
+            writer: Writer::with_namespace(CLIENT_NS),
+            buf: vec![0; 64 * 1024],
+        };
+        stream.open(domain).await?;
+        let _features = next(&mut stream).await?;
         let creds =
             base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
         let auth: Element = format!("<auth xmlns='{SASL_NS}' mechanism='PLAIN'>{creds}</auth>")
             .parse()
             .unwrap();
-        stream.send(&auth).await.map_err(|e| e.to_string())?;
+        stream.send(&auth).await?;
         let answer_el = next(&mut stream).await?;
         if answer_el.name() != "success" {
             return Err(format!("authentication failed: {}", xml(&answer_el)));
         }
-        let pending = stream
-            .initiate_reset()
-            .send_header(header())
-            .await
-            .map_err(|e| e.to_string())?;
-        let (_, mut stream) = pending
-            .recv_features::<Element>()
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.open(domain).await?;
+        let _features = next(&mut stream).await?;
         let bind: Element = format!(
             "<iq xmlns='{CLIENT_NS}' type='set' id='bind'><bind xmlns='{BIND_NS}'><resource>{resource}</resource></bind></iq>"
         )
         .parse()
         .unwrap();
-        stream.send(&bind).await.map_err(|e| e.to_string())?;
+        stream.send(&bind).await?;
         let bound = next(&mut stream).await?;
         let jid = bound
             .get_child("bind", BIND_NS)
             .and_then(|b| b.get_child("jid", BIND_NS))
             .map(|j| j.text())
             .ok_or_else(|| format!("bind failed: {}", xml(&bound)))?;
-        stream
-            .send(&stanza("<presence/>"))
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.send(&stanza("<presence/>")).await?;
         let (tx, mut cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, rx) = mpsc::unbounded_channel();
         let history = Arc::new(Mutex::new(Vec::new()));
@@ -138,9 +192,11 @@ impl Client {
                         Some(Command::Close) | None => {
                             // Our footer, then everything the server still delivers until its
                             // own footer: the history must hold all it sent to this session.
-                            if stream.shutdown().await.is_ok() {
+                            let mut out = Vec::new();
+                            stream.writer.footer(&mut out);
+                            if stream.tcp.write_all(&out).await.is_ok() {
                                 let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                                    while let Some(Ok(el)) = stream.next().await {
+                                    while let Ok(el) = stream.element().await {
                                         hist.lock().unwrap().push(xml(&el));
                                     }
                                 })
@@ -149,8 +205,8 @@ impl Client {
                             break;
                         }
                     },
-                    item = stream.next() => match item {
-                        Some(Ok(el)) => {
+                    item = stream.element() => match item {
+                        Ok(el) => {
                             hist.lock().unwrap().push(xml(&el));
                             if answer == Answer::Subscriptions
                                 && el.name() == "presence"
@@ -166,8 +222,7 @@ impl Client {
                             }
                             if ev_tx.send(el).is_err() { break; }
                         }
-                        Some(Err(ReadError::SoftTimeout)) => continue,
-                        Some(Err(_)) | None => break,
+                        Err(_) => break,
                     },
                 }
             }
@@ -268,14 +323,9 @@ impl Client {
 }
 
 async fn next(stream: &mut Stream) -> Result<Element, String> {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
-            Err(_) => return Err("no answer within 10 s".into()),
-            Ok(Some(Ok(el))) => return Ok(el),
-            Ok(Some(Err(ReadError::SoftTimeout))) => continue,
-            Ok(Some(Err(e))) => return Err(e.to_string()),
-            Ok(None) => return Err("stream closed".into()),
-        }
+    match tokio::time::timeout(Duration::from_secs(10), stream.element()).await {
+        Err(_) => Err("no answer within 10 s".into()),
+        Ok(r) => r,
     }
 }
 
