@@ -93,13 +93,24 @@ impl Stream {
 }
 
 /// Parses stanza XML written without a namespace, as in the examples of the XMPP RFCs:
-/// `<iq type='get' id='1' to='proxy.localhost'><query xmlns='urn:x'/></iq>`.
+/// `<iq type='get' id='1' to='proxy.localhost'><query xmlns='urn:x'/></iq>`. Any token
+/// length is fine (it is read as the client reads its stream).
 pub fn stanza(xml: &str) -> Element {
-    let wrapped = format!("<w xmlns='{CLIENT_NS}'>{xml}</w>");
-    let w: Element = wrapped
-        .parse()
-        .unwrap_or_else(|e| panic!("bad test XML {xml:?}: {e}"));
-    w.children().next().expect("one element").clone()
+    let header = format!(
+        "<stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='{CLIENT_NS}'>"
+    );
+    let mut reader = Reader::resume(LIMITS, header.as_bytes()).expect("a header");
+    let parsed = reader
+        .feed(xml.as_bytes())
+        .map_err(|e| e.to_string())
+        .and_then(|()| reader.next_frame().map_err(|e| e.to_string()));
+    match parsed {
+        Ok(Some(Frame::Stanza(Inbound::Element(el)))) => el,
+        other => panic!(
+            "bad test XML {:?}: {other:?}",
+            xml.chars().take(200).collect::<String>()
+        ),
+    }
 }
 
 /// Serialises an element.
