@@ -16,6 +16,7 @@ use crate::policy::{Entry, Policy};
 use crate::proxy::{Proxy, Settings, Verdict};
 use crate::random::SeededRandom;
 use crate::rate::RateLimit;
+use crate::stream::{Frame, ReadError, Reader, Writer};
 use crate::token::{self, Binding, Contents};
 
 /// The component the harnesses run as.
@@ -343,6 +344,422 @@ fn replace(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Limits of the byte-path harness: small, so the fuzzer reaches them.
+pub const WIRE_LIMITS: Limits = Limits {
+    max_bytes: 16 * 1024,
+    max_depth: 12,
+};
+
+/// The stream header the byte-path harness reads first: what Prosody sends a component.
+pub const WIRE_HEADER: &[u8] = b"<?xml version='1.0'?><stream:stream \
+    xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:component:accept' \
+    from='proxy.example' id='s1'>";
+
+/// The real byte path, from raw bytes: the stream reader, the core and the writer, as the
+/// session runs them. Ill-formed input may end the session; short of that, every stanza
+/// read is checked as [`proxy`] checks it, the reader never holds more than the byte
+/// limit, and everything written re-parses as well-formed XML.
+///
+/// Input: one byte that picks the chunk size the bytes arrive in, then what the server
+/// sends after its stream header.
+pub fn wire_raw(data: &[u8]) {
+    let (chunk, rest) = match data {
+        [c, rest @ ..] => (usize::from(*c) + 1, rest),
+        [] => (1, data),
+    };
+    let mut session = Wire::new();
+    session
+        .feed(WIRE_HEADER)
+        .expect("the header is well-formed");
+    for c in rest.chunks(chunk) {
+        if session.feed(c).is_err() {
+            break;
+        }
+    }
+    session.finish();
+}
+
+/// The real byte path, from well-formed stanzas generated from `data` (every stanza kind
+/// and type, long tokens, many attributes, deep trees, odd namespaces, comments, CDATA,
+/// genuine and forged tokens): on top of [`wire_raw`]'s checks, **no well-formed stanza
+/// ends the session**, each one is read as exactly one stanza, and it is skipped as
+/// oversized exactly when it is over [`WIRE_LIMITS`].
+pub fn wire_structured(data: &[u8]) {
+    let mut u = arbitrary::Unstructured::new(data);
+    let chunk = u.int_in_range(1..=4096usize).unwrap_or(64);
+    let mut generated = Vec::new();
+    while !u.is_empty() && generated.len() < 24 {
+        match generate::stanza(&mut u) {
+            Ok(s) => generated.push(s),
+            Err(_) => break,
+        }
+    }
+    let mut bytes = WIRE_HEADER.to_vec();
+    for s in &generated {
+        bytes.extend_from_slice(b"\n ");
+        bytes.extend_from_slice(&s.xml);
+    }
+    let mut session = Wire::new();
+    for c in bytes.chunks(chunk) {
+        if let Err(e) = session.feed(c) {
+            panic!("a well-formed stanza ended the session: {e}");
+        }
+    }
+    assert_eq!(session.oversized.len(), generated.len(), "one stanza each");
+    for (s, oversized) in generated.iter().zip(&session.oversized) {
+        let over = s.xml.len() > WIRE_LIMITS.max_bytes || s.depth > WIRE_LIMITS.max_depth;
+        assert_eq!(*oversized, over, "{} bytes, depth {}", s.xml.len(), s.depth);
+    }
+    session.finish();
+}
+
+/// One session of the byte-path harness.
+struct Wire {
+    reader: Reader,
+    writer: Writer,
+    out: Vec<u8>,
+    written: usize,
+    proxy: Proxy,
+    rng: SeededRandom,
+    target: BareJid,
+    /// Per stanza read: whether it was over a limit.
+    oversized: Vec<bool>,
+}
+
+impl Wire {
+    fn new() -> Wire {
+        let mut proxy = Proxy::new(settings(), keys());
+        let _ = proxy.connected();
+        Wire {
+            reader: Reader::new(WIRE_LIMITS),
+            writer: Writer::resumed(),
+            out: Vec::new(),
+            written: 0,
+            proxy,
+            rng: SeededRandom::new(7),
+            target: BareJid::new(TARGET).unwrap(),
+            oversized: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) -> Result<(), ReadError> {
+        self.reader.feed(bytes)?;
+        assert!(
+            self.reader.held() <= WIRE_LIMITS.max_bytes,
+            "the reader holds {} bytes",
+            self.reader.held()
+        );
+        while let Some(frame) = self.reader.next_frame()? {
+            let Frame::Stanza(inbound) = frame else {
+                continue;
+            };
+            self.oversized
+                .push(matches!(inbound, Inbound::Oversized(_)));
+            let h = header(&inbound);
+            let resources_before = self.proxy.resources().to_vec();
+            let (out, verdict) = self.proxy.handle(inbound, NOW * 1000, &mut self.rng);
+            assert!(self.proxy.resources().len() <= 4);
+            assert!(self.proxy.tracked_senders() <= 8);
+            if let Some(out) = out {
+                check_output(&h, &out, verdict, &resources_before, &self.target, NOW);
+                self.writer
+                    .element(&out, &mut self.out)
+                    .expect("everything the core emits serialises");
+                self.written += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything written re-parses as well-formed XML, one element per stanza written.
+    fn finish(self) {
+        let mut header = Vec::new();
+        Writer::new().header(&[("to", COMPONENT)], &mut header);
+        let mut r = Reader::new(Limits {
+            max_bytes: 1 << 26,
+            max_depth: 1 << 16,
+        });
+        r.feed(&header).expect("our header is well-formed");
+        r.feed(&self.out).expect("our output is well-formed");
+        let mut n = 0;
+        while let Some(f) = r.next_frame().expect("our output is well-formed") {
+            if let Frame::Stanza(Inbound::Element(_)) = f {
+                n += 1;
+            }
+        }
+        assert_eq!(n, self.written, "every stanza written reads back");
+    }
+}
+
+/// The generator of well-formed stanzas for [`wire_structured`].
+mod generate {
+    use arbitrary::{Result, Unstructured};
+
+    use super::{COMPONENT, NOW, keys};
+    use crate::token::{self, Binding, Contents};
+
+    /// A generated stanza: its bytes and its depth (the stanza element is level 1).
+    pub struct Stanza {
+        pub xml: Vec<u8>,
+        pub depth: usize,
+    }
+
+    const SENDERS: &[&str] = &[
+        "u@example/r",
+        "v@example/phone",
+        "impl@example/a",
+        "impl@example/b",
+        "impl@example",
+        "x@spam.example/y",
+        "proxy.example",
+        "@@bad",
+        "example",
+    ];
+
+    pub fn stanza(u: &mut Unstructured<'_>) -> Result<Stanza> {
+        let name = *u.choose(&["iq", "iq", "iq", "message", "presence", "other"])?;
+        let type_ = *u.choose(&[
+            "get",
+            "set",
+            "result",
+            "error",
+            "weird",
+            "",
+            "probe",
+            "subscribe",
+            "subscribed",
+            "unavailable",
+            "chat",
+            "normal",
+            "groupchat",
+            "headline",
+            "-",
+        ])?;
+        let from = *u.choose(SENDERS)?;
+        let id = match u.int_in_range(0..=5u8)? {
+            0 => None,
+            1 => Some(String::new()),
+            2 => Some("x".repeat(u.int_in_range(1000..=20_000usize)?)),
+            _ => Some(text(u, 12)?),
+        };
+        let to = match u.int_in_range(0..=6u8)? {
+            0 => None,
+            1 | 2 => {
+                // A genuine token for a sender of the pool and this id (or another one).
+                let sender = *u.choose(SENDERS)?;
+                let bound = if u.ratio(1, 8)? {
+                    "other".to_owned()
+                } else {
+                    id.clone().unwrap_or_default()
+                };
+                let binding = Binding {
+                    component: COMPONENT,
+                    iq_id: &bound,
+                };
+                let contents = Contents {
+                    sender,
+                    original_to: None,
+                };
+                let salt = u.arbitrary()?;
+                let t = token::seal(&keys(), binding, &contents, NOW, salt).expect("fits");
+                Some(format!("{COMPONENT}/{t}"))
+            }
+            3 => Some(COMPONENT.to_owned()),
+            4 => Some(format!("svc@{COMPONENT}/{}", text(u, 8)?)),
+            5 => Some(format!("{COMPONENT}/{}", text(u, 30)?)),
+            _ => Some("impl@example/a".to_owned()),
+        };
+        let mut xml = Vec::new();
+        let el_name = if name == "other" {
+            self::name(u)?
+        } else {
+            name.to_owned()
+        };
+        xml.extend_from_slice(b"<");
+        xml.extend_from_slice(el_name.as_bytes());
+        if name == "other" && u.ratio(1, 2)? {
+            xml.extend_from_slice(b" xmlns='urn:other'");
+        }
+        for (k, v) in [
+            (
+                "type",
+                (!type_.is_empty() || u.ratio(1, 4)?).then(|| type_.to_owned()),
+            ),
+            ("from", Some(from.to_owned())),
+            ("to", to),
+            ("id", id),
+        ] {
+            if let Some(v) = v {
+                attr(u, &mut xml, k, &v)?;
+            }
+        }
+        let mut depth = 1;
+        if u.ratio(1, 6)? {
+            xml.extend_from_slice(b"/>");
+        } else {
+            xml.extend_from_slice(b">");
+            let n = u.int_in_range(0..=3u8)?;
+            for _ in 0..n {
+                depth = depth.max(1 + child(u, &mut xml, 1)?);
+            }
+            xml.extend_from_slice(b"</");
+            xml.extend_from_slice(el_name.as_bytes());
+            xml.extend_from_slice(b">");
+        }
+        Ok(Stanza { xml, depth })
+    }
+
+    /// A payload element at `level` (the stanza is level 1); returns the depth below and
+    /// including it.
+    fn child(u: &mut Unstructured<'_>, xml: &mut Vec<u8>, level: usize) -> Result<usize> {
+        match u.int_in_range(0..=9u8)? {
+            0 => {
+                escaped_text(u, xml)?;
+                return Ok(0);
+            }
+            1 => {
+                xml.extend_from_slice(b"<![CDATA[");
+                xml.extend_from_slice(text(u, 40)?.replace("]]>", "").as_bytes());
+                xml.extend_from_slice(b"]]>");
+                return Ok(0);
+            }
+            2 => {
+                xml.extend_from_slice(b"<!--");
+                xml.extend_from_slice(text(u, 20)?.replace('-', "").as_bytes());
+                xml.extend_from_slice(b"-->");
+                return Ok(0);
+            }
+            3 => {
+                xml.extend_from_slice(b"<?pi ");
+                xml.extend_from_slice(text(u, 20)?.replace('?', "").as_bytes());
+                xml.extend_from_slice(b"?>");
+                return Ok(0);
+            }
+            _ => {}
+        }
+        let prefixed = u.ratio(1, 4)?;
+        let local = name(u)?;
+        let qname = if prefixed {
+            format!("p:{local}")
+        } else {
+            local
+        };
+        xml.push(b'<');
+        xml.extend_from_slice(qname.as_bytes());
+        if prefixed {
+            xml.extend_from_slice(b" xmlns:p='urn:p'");
+        } else if level == 1 || u.ratio(1, 4)? {
+            xml.extend_from_slice(b" xmlns='urn:x:");
+            xml.extend_from_slice(u.int_in_range(0..=9u8)?.to_string().as_bytes());
+            xml.push(b'\'');
+        }
+        let n_attrs = match u.int_in_range(0..=20u8)? {
+            0 => u.int_in_range(100..=3000usize)?,
+            n => usize::from(n % 4),
+        };
+        for i in 0..n_attrs {
+            let v = text(u, 16)?;
+            attr(u, xml, &format!("a{i}"), &v)?;
+        }
+        if u.ratio(1, 12)? {
+            let v = "v".repeat(u.int_in_range(1000..=40_000usize)?);
+            attr(u, xml, "long", &v)?;
+        }
+        if u.ratio(1, 5)? {
+            xml.extend_from_slice(b"/>");
+            return Ok(1);
+        }
+        xml.push(b'>');
+        let mut below = 0;
+        // Chains deeper than the limit, sometimes.
+        let n = if level < 20 {
+            u.int_in_range(0..=3u8)?
+        } else {
+            0
+        };
+        for _ in 0..n {
+            below = below.max(child(u, xml, level + 1)?);
+        }
+        xml.extend_from_slice(b"</");
+        xml.extend_from_slice(qname.as_bytes());
+        xml.push(b'>');
+        Ok(1 + below)
+    }
+
+    /// An element name: short, or long.
+    fn name(u: &mut Unstructured<'_>) -> Result<String> {
+        let first = *u.choose(&["q", "query", "x", "body", "n\u{e9}", "\u{1F980}", "_a"])?;
+        let mut n = first.to_owned();
+        if u.ratio(1, 10)? {
+            n.push_str(&"n".repeat(u.int_in_range(100..=10_000usize)?));
+        } else {
+            for _ in 0..u.int_in_range(0..=6u8)? {
+                n.push(*u.choose(&['a', 'z', '0', '-', '.', '_', '\u{e9}'])?);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Up to `max` characters of every kind a stanza may hold (no `\r`, which parsers
+    /// normalise; no characters XML forbids).
+    fn text(u: &mut Unstructured<'_>, max: usize) -> Result<String> {
+        let len = u.int_in_range(0..=max)?;
+        let mut s = String::with_capacity(len);
+        for _ in 0..len {
+            let c = match u.int_in_range(0..=9u8)? {
+                0 => *u.choose(&['<', '>', '&', '\'', '"', '\t', '\n', ' ', ']'])?,
+                1 => char::from_u32(u.int_in_range(0x1_0000..=0x10_FFFDu32)?).unwrap_or('x'),
+                2 => char::from_u32(u.int_in_range(0xA0..=0xD7FFu32)?).unwrap_or('y'),
+                _ => char::from(u.int_in_range(b'!'..=b'~')?),
+            };
+            s.push(c);
+        }
+        Ok(s)
+    }
+
+    fn escaped_text(u: &mut Unstructured<'_>, xml: &mut Vec<u8>) -> Result<()> {
+        let t = if u.ratio(1, 10)? {
+            "t".repeat(u.int_in_range(1000..=40_000usize)?)
+        } else {
+            text(u, 40)?
+        };
+        escape(u, xml, &t, 0)
+    }
+
+    fn attr(u: &mut Unstructured<'_>, xml: &mut Vec<u8>, name: &str, value: &str) -> Result<()> {
+        let quote = if u.ratio(1, 2)? { b'\'' } else { b'"' };
+        xml.push(b' ');
+        xml.extend_from_slice(name.as_bytes());
+        xml.push(b'=');
+        xml.push(quote);
+        escape(u, xml, value, quote)?;
+        xml.push(quote);
+        Ok(())
+    }
+
+    /// Escapes what must be, and sometimes more, by entity or character reference.
+    fn escape(u: &mut Unstructured<'_>, xml: &mut Vec<u8>, s: &str, quote: u8) -> Result<()> {
+        let by_ref = u.ratio(1, 8)?;
+        for c in s.chars() {
+            match c {
+                '<' => xml.extend_from_slice(b"&lt;"),
+                '&' => xml.extend_from_slice(b"&amp;"),
+                '>' => xml.extend_from_slice(b"&gt;"),
+                '\'' if quote == b'\'' => xml.extend_from_slice(b"&apos;"),
+                '"' if quote == b'"' => xml.extend_from_slice(b"&quot;"),
+                c if by_ref && !c.is_ascii() => {
+                    xml.extend_from_slice(format!("&#x{:X};", c as u32).as_bytes())
+                }
+                c => {
+                    let mut b = [0u8; 4];
+                    xml.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -43,6 +43,16 @@ fn proxy_corpus_holds() {
 }
 
 #[test]
+fn wire_raw_corpus_holds() {
+    replay("wire_raw", invariants::wire_raw);
+}
+
+#[test]
+fn wire_structured_corpus_holds() {
+    replay("wire_structured", invariants::wire_structured);
+}
+
+#[test]
 fn config_corpus_holds() {
     replay("config", invariants::config);
 }
