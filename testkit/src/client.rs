@@ -79,15 +79,13 @@ impl Stream {
 
     /// The next element; `Err` when the stream ends.
     async fn element(&mut self) -> Result<Element, String> {
-        loop {
-            match self.frame().await? {
-                Frame::Stanza(Inbound::Element(el)) => return Ok(el),
-                Frame::Stanza(Inbound::Oversized(o)) => {
-                    return Err(format!("over the test client's limits: {o:?}"));
-                }
-                Frame::Footer => return Err("stream closed".into()),
-                Frame::Header(_) => return Err("a second stream header".into()),
+        match self.frame().await? {
+            Frame::Stanza(Inbound::Element(el)) => Ok(el),
+            Frame::Stanza(Inbound::Oversized(o)) => {
+                Err(format!("over the test client's limits: {o:?}"))
             }
+            Frame::Footer => Err("stream closed".into()),
+            Frame::Header(_) => Err("a second stream header".into()),
         }
     }
 }
