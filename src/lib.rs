@@ -21,3 +21,4 @@ pub mod rate;
 pub mod session;
 pub mod stanza;
 pub mod token;
+mod tomldiag;
