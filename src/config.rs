@@ -1,5 +1,6 @@
-//! The configuration file (TOML). Every mistake is reported once, naming the file and the key,
-//! before any connection is made; the binary then exits with status 2.
+//! The configuration file (TOML). Every mistake is reported once, naming the file, line,
+//! column and key, before any connection is made; the binary then exits with status 2. No
+//! message quotes the file: it may hold the component secret.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use crate::inbound::Limits;
 use crate::policy::{Entry, Policy};
 use crate::proxy::Settings;
 use crate::rate::RateLimit;
+use crate::tomldiag;
 
 /// Name of the environment variable that may hold the component secret.
 pub const SECRET_ENV: &str = "JAT_PROXY_SECRET";
@@ -75,20 +77,13 @@ impl Config {
         file: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<(), ConfigError> {
-        let err = |key: &str, message: String| ConfigError {
-            file: file.to_owned(),
-            key: Some(key.to_owned()),
-            message,
-        };
+        let err = |key: &str, message: String| ConfigError::new(file, Some(key), message);
         let secret = match &self.secret_source {
             SecretSource::Inline => return Ok(()),
             SecretSource::File(f) => {
-                crate::keys::check_private(f, "the secret file")
+                let what = format!("the secret file {}", f.display());
+                let s = crate::keys::read_private(f, &what, crate::keys::MAX_SECRET_FILE_LEN)
                     .map_err(|m| err("component.secret_file", m))?;
-                let s =
-                    Zeroizing::new(std::fs::read_to_string(f).map_err(|e| {
-                        err("component.secret_file", format!("{}: {e}", f.display()))
-                    })?);
                 Zeroizing::new(s.trim_end_matches(['\n', '\r']).to_owned())
             }
             SecretSource::Env => Zeroizing::new(env(SECRET_ENV).ok_or_else(|| {
@@ -119,29 +114,69 @@ impl Config {
     }
 }
 
-/// A configuration error: which file, which key, what is wrong.
+/// A configuration error: which file, where in it, which key, what is wrong. It never
+/// quotes the file.
 #[derive(Debug)]
 pub struct ConfigError {
     /// The configuration file.
     pub file: PathBuf,
+    /// 1-based line of the mistake, when it has a place in the file.
+    pub line: Option<usize>,
+    /// 1-based column of the mistake, when it has a place in the file.
+    pub column: Option<usize>,
     /// The dotted key at fault, when one is.
     pub key: Option<String>,
     /// What is wrong.
     pub message: String,
 }
 
+impl ConfigError {
+    fn new(file: &Path, key: Option<&str>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: file.to_owned(),
+            line: None,
+            column: None,
+            key: key.map(str::to_owned),
+            message: message.into(),
+        }
+    }
+
+    /// Places an error that names a key at that key's value in `text` (or, if the key is
+    /// absent, at the table that should hold it).
+    fn placed(mut self, text: &str) -> ConfigError {
+        if self.line.is_none()
+            && let Some(key) = &self.key
+            && let Some((line, column)) = tomldiag::locate(text, key)
+        {
+            self.line = Some(line);
+            self.column = Some(column);
+        }
+        self
+    }
+
+    fn from_toml(file: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+        let d = tomldiag::diagnose(text, e);
+        ConfigError {
+            file: file.to_owned(),
+            line: d.line,
+            column: d.column,
+            key: d.key,
+            message: d.message,
+        }
+    }
+}
+
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.key {
-            Some(k) => write!(
-                f,
-                "config {}: `{}`: {}",
-                self.file.display(),
-                k,
-                self.message
-            ),
-            None => write!(f, "config {}: {}", self.file.display(), self.message),
-        }
+        tomldiag::write_error(
+            f,
+            "config",
+            &self.file,
+            self.line,
+            self.column,
+            self.key.as_deref(),
+            &self.message,
+        )
     }
 }
 
@@ -277,32 +312,117 @@ fn d_max_depth() -> usize {
 }
 
 /// Reads and validates the configuration file. The secret may come from `secret`,
-/// `secret_file` (which must not be readable by group or others) or, with
+/// `secret_file` (see [`crate::keys::read_private`] for what that file must be) or, with
 /// `secret_env = true`, the environment variable [`SECRET_ENV`].
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.to_owned(),
-        key: None,
-        message: format!("cannot read: {e}"),
-    })?;
+    let text = read(path)?;
     let mut config = parse(path, &text)?;
-    config.resolve_secret(path, |name| std::env::var(name).ok())?;
+    config
+        .resolve_secret(path, |name| std::env::var(name).ok())
+        .map_err(|e| e.placed(&text))?;
     Ok(config)
+}
+
+/// The configuration text, wiped from memory when dropped (it may hold the secret).
+fn read(path: &Path) -> Result<Zeroizing<String>, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(Zeroizing::new)
+        .map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))
+}
+
+/// What `jat-proxy keys rotate` and `keys list` need: the `[keys]` section and
+/// `[proxy] token_lifetime_secs` (for pruning). Nothing else is read or required, so the key
+/// commands work where the component secret cannot be resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeysConfig {
+    /// The key file.
+    pub key_file: PathBuf,
+    /// How often running instances check the key file.
+    pub key_reload_interval: Duration,
+    /// Token lifetime in seconds.
+    pub token_lifetime: u64,
+}
+
+#[derive(Deserialize)]
+struct RawForKeys {
+    keys: RawKeys,
+    #[serde(default)]
+    proxy: RawProxyLifetime,
+}
+
+/// Other `[proxy]` keys are ignored here (the full parse checks them).
+#[derive(Deserialize)]
+struct RawProxyLifetime {
+    #[serde(default = "d_lifetime")]
+    token_lifetime_secs: u64,
+}
+
+impl Default for RawProxyLifetime {
+    fn default() -> Self {
+        RawProxyLifetime {
+            token_lifetime_secs: d_lifetime(),
+        }
+    }
+}
+
+/// Reads the parts of the configuration file that the key commands need ([`KeysConfig`]).
+pub fn load_keys(path: &Path) -> Result<KeysConfig, ConfigError> {
+    let text = read(path)?;
+    parse_keys(path, &text)
+}
+
+/// Validates what [`load_keys`] reads from configuration text.
+pub fn parse_keys(path: &Path, text: &str) -> Result<KeysConfig, ConfigError> {
+    let raw: RawForKeys =
+        toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, &e))?;
+    let err = |key: &str, message: String| ConfigError::new(path, Some(key), message).placed(text);
+    Ok(KeysConfig {
+        key_file: key_file(&raw.keys, &err)?,
+        key_reload_interval: key_reload_interval(&raw.keys, &err)?,
+        token_lifetime: token_lifetime(raw.proxy.token_lifetime_secs, &err)?,
+    })
+}
+
+fn in_range<E>(
+    err: &impl Fn(&str, String) -> E,
+    key: &str,
+    v: u64,
+    min: u64,
+    max: u64,
+) -> Result<Duration, E> {
+    if (min..=max).contains(&v) {
+        Ok(Duration::from_secs(v))
+    } else {
+        Err(err(key, format!("out of range {min}..={max}")))
+    }
+}
+
+fn key_file<E>(keys: &RawKeys, err: &impl Fn(&str, String) -> E) -> Result<PathBuf, E> {
+    if keys.file.as_os_str().is_empty() || keys.file.file_name().is_none() {
+        return Err(err("keys.file", "must be the path of a file".into()));
+    }
+    Ok(keys.file.clone())
+}
+
+fn key_reload_interval<E>(keys: &RawKeys, err: &impl Fn(&str, String) -> E) -> Result<Duration, E> {
+    in_range(
+        err,
+        "keys.reload_interval_secs",
+        keys.reload_interval_secs,
+        1,
+        3600,
+    )
+}
+
+fn token_lifetime<E>(v: u64, err: &impl Fn(&str, String) -> E) -> Result<u64, E> {
+    Ok(in_range(err, "proxy.token_lifetime_secs", v, 10, 86400)?.as_secs())
 }
 
 /// Validates configuration text (`path` only names it in errors). Pure: a secret given by
 /// `secret_file` or `secret_env` is left for [`Config::resolve_secret`].
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let err = |key: &str, message: String| ConfigError {
-        file: path.to_owned(),
-        key: Some(key.to_owned()),
-        message,
-    };
-    let raw: Raw = toml::from_str(text).map_err(|e| ConfigError {
-        file: path.to_owned(),
-        key: None,
-        message: e.to_string().trim_end().to_owned(),
-    })?;
+    let err = |key: &str, message: String| ConfigError::new(path, Some(key), message).placed(text);
+    let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, &e))?;
 
     let jid = BareJid::new(&raw.component.jid)
         .ok()
@@ -310,10 +430,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         .ok_or_else(|| {
             err(
                 "component.jid",
-                format!(
-                    "{:?} is not a domain (expected e.g. \"proxy.example\")",
-                    raw.component.jid
-                ),
+                "not a domain (expected e.g. \"proxy.example\")".into(),
             )
         })?
         .to_string();
@@ -324,7 +441,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         _ => {
             return Err(err(
                 "component.server",
-                format!("{server:?} is not host:port (expected e.g. \"127.0.0.1:5347\")"),
+                "not host:port (expected e.g. \"127.0.0.1:5347\")".into(),
             ));
         }
     }
@@ -352,13 +469,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         return Err(err("component.secret", "the secret is empty".into()));
     }
 
-    let secs = |key: &str, v: u64, min: u64, max: u64| {
-        if (min..=max).contains(&v) {
-            Ok(Duration::from_secs(v))
-        } else {
-            Err(err(key, format!("{v} is out of range {min}..={max}")))
-        }
-    };
+    let secs = |key: &str, v: u64, min: u64, max: u64| in_range(&err, key, v, min, max);
     let keepalive_interval = secs(
         "component.keepalive_interval_secs",
         c.keepalive_interval_secs,
@@ -384,10 +495,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         .ok_or_else(|| {
             err(
                 "proxy.target_address",
-                format!(
-                    "{:?} is not an account address (expected e.g. \"impl@example\")",
-                    raw.proxy.target_address
-                ),
+                "not an account address (expected e.g. \"impl@example\")".into(),
             )
         })?;
     if target.domain().as_str() == jid {
@@ -403,7 +511,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .ok_or_else(|| {
                 err(
                     "component.keepalive_to",
-                    format!("{d:?} is not a server domain other than the component's"),
+                    "not a server domain other than the component's".into(),
                 )
             })?
             .to_string(),
@@ -415,61 +523,36 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         1,
         86400,
     )?;
-    let token_lifetime = secs(
-        "proxy.token_lifetime_secs",
-        raw.proxy.token_lifetime_secs,
-        10,
-        86400,
-    )?
-    .as_secs();
+    let token_lifetime = token_lifetime(raw.proxy.token_lifetime_secs, &err)?;
     if !(1..=4096).contains(&raw.proxy.max_resources) {
-        return Err(err(
-            "proxy.max_resources",
-            format!("{} is out of range 1..=4096", raw.proxy.max_resources),
-        ));
+        return Err(err("proxy.max_resources", "out of range 1..=4096".into()));
     }
-    if raw.keys.file.as_os_str().is_empty() || raw.keys.file.file_name().is_none() {
-        return Err(err("keys.file", "must be the path of a file".into()));
-    }
-    let key_reload_interval = secs(
-        "keys.reload_interval_secs",
-        raw.keys.reload_interval_secs,
-        1,
-        3600,
-    )?;
+    let key_file = key_file(&raw.keys, &err)?;
+    let key_reload_interval = key_reload_interval(&raw.keys, &err)?;
     let l = &raw.limits;
     if !(4096..=64 * 1024 * 1024).contains(&l.max_stanza_bytes) {
         return Err(err(
             "limits.max_stanza_bytes",
-            format!("{} is out of range 4096..=67108864", l.max_stanza_bytes),
+            "out of range 4096..=67108864".into(),
         ));
     }
     if !(4..=1024).contains(&l.max_depth) {
-        return Err(err(
-            "limits.max_depth",
-            format!("{} is out of range 4..=1024", l.max_depth),
-        ));
+        return Err(err("limits.max_depth", "out of range 4..=1024".into()));
     }
 
     if !(l.rate_per_sender.is_finite() && l.rate_per_sender > 0.0 && l.rate_per_sender <= 1e6) {
         return Err(err(
             "limits.rate_per_sender",
-            format!(
-                "{} is not a rate in (0, 1000000] requests per second",
-                l.rate_per_sender
-            ),
+            "not a rate in (0, 1000000] requests per second".into(),
         ));
     }
     if !(l.rate_burst.is_finite() && (1.0..=1e6).contains(&l.rate_burst)) {
-        return Err(err(
-            "limits.rate_burst",
-            format!("{} is out of range 1..=1000000", l.rate_burst),
-        ));
+        return Err(err("limits.rate_burst", "out of range 1..=1000000".into()));
     }
     if !(1..=10_000_000).contains(&l.max_senders) {
         return Err(err(
             "limits.max_senders",
-            format!("{} is out of range 1..=10000000", l.max_senders),
+            "out of range 1..=10000000".into(),
         ));
     }
     let list = |key: &str, items: &[String]| -> Result<Vec<Entry>, ConfigError> {
@@ -480,7 +563,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 Entry::parse(s).ok_or_else(|| {
                     err(
                         &format!("{key}[{i}]"),
-                        format!("{s:?} is neither a domain nor an account address"),
+                        "neither a domain nor an account address".into(),
                     )
                 })
             })
@@ -504,7 +587,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         target,
         token_lifetime,
         max_resources: raw.proxy.max_resources,
-        key_file: raw.keys.file,
+        key_file,
         key_reload_interval,
         limits: Limits {
             max_bytes: l.max_stanza_bytes,
@@ -555,7 +638,75 @@ file = "/var/lib/jat-proxy/keys.toml"
     #[test]
     fn unknown_key_is_named() {
         let e = parse_str(&GOOD.replace("[proxy]", "[proxy]\ntarget = 1")).unwrap_err();
-        assert!(e.to_string().contains("unknown field `target`"), "{e}");
+        assert_eq!(e.key.as_deref(), Some("proxy.target"), "{e}");
+        assert_eq!((e.line, e.column), (Some(8), Some(1)));
+        assert!(
+            e.message
+                .starts_with("unknown key, expected one of `target_address`")
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("config test.toml:8:1: `proxy.target`: {}", e.message)
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_reported_without_the_value() {
+        let e = parse_str(&GOOD.replace("\"s3cret\"", "12345")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config test.toml:5:10: `component.secret`: wrong type, expected a string"
+        );
+    }
+
+    #[test]
+    fn values_found_wrong_after_parsing_are_placed_and_not_quoted() {
+        let e =
+            parse_str(&GOOD.replace("127.0.0.1:5347", "s3cret-in-the-wrong-place")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("component.server"));
+        assert_eq!((e.line, e.column), (Some(4), Some(10)));
+        assert!(!e.to_string().contains("s3cret-in"), "{e}");
+        let e = parse_str(&format!("{GOOD}\n[limits]\nmax_depth = 1\n")).unwrap_err();
+        assert_eq!((e.line, e.column), (Some(14), Some(13)), "{e}");
+        let e = parse_str(&format!(
+            "{GOOD}\n[policy]\ndeny = [\n  \"ok.example\",\n  \"@@\",\n]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("policy.deny[1]"));
+        assert_eq!((e.line, e.column), (Some(16), Some(3)), "{e}");
+        assert!(!e.to_string().contains("@@"), "{e}");
+        // A key that is absent is placed at its table.
+        let e = parse_str(&GOOD.replace("secret = \"s3cret\"\n", "")).unwrap_err();
+        assert_eq!(
+            (e.key.as_deref(), e.line),
+            (Some("component.secret"), Some(2))
+        );
+    }
+
+    #[test]
+    fn key_commands_need_only_the_keys_section() {
+        let only = "[keys]\nfile = \"/k.toml\"\n";
+        let k = parse_keys(Path::new("t"), only).unwrap();
+        assert_eq!(k.key_file, Path::new("/k.toml"));
+        assert_eq!(k.token_lifetime, 300);
+        assert_eq!(k.key_reload_interval, Duration::from_secs(10));
+        assert!(parse(Path::new("t"), only).is_err());
+        // Incomplete or unresolvable other sections do not matter; the lifetime does.
+        let text = GOOD
+            .replace("secret = \"s3cret\"", "secret_env = true\nbogus = 1")
+            .replace(
+                "target_address = \"impl@localhost\"",
+                "token_lifetime_secs = 600",
+            );
+        let k = parse_keys(Path::new("t"), &text).unwrap();
+        assert_eq!(k.token_lifetime, 600);
+        let e = parse_keys(Path::new("t"), &text.replace("600", "5")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("proxy.token_lifetime_secs"));
+        let e = parse_keys(Path::new("t"), "[proxy]\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("keys"), "{e}");
+        let e =
+            parse_keys(Path::new("t"), &format!("{GOOD}reload_interval_secs = 0\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("keys.reload_interval_secs"), "{e}");
     }
 
     #[test]

@@ -23,3 +23,4 @@ pub mod session;
 pub mod stanza;
 pub mod stream;
 pub mod token;
+mod tomldiag;

@@ -1,5 +1,6 @@
 //! `jat-proxy --config FILE`: run the component. `jat-proxy keys rotate --config FILE`: add a
-//! new current token key to the key file (running instances pick it up by themselves).
+//! new current token key to the key file (running instances pick it up by themselves); it
+//! and `keys list` read only the `[keys]` section (and `[proxy] token_lifetime_secs`).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -34,7 +35,7 @@ enum Command {
 enum KeysAction {
     /// Add a new current key; prune keys whose tokens have all expired.
     Rotate,
-    /// List the key ids and when they were created (never the secrets).
+    /// List the key ids and when they were created, oldest first (never the secrets).
     List,
 }
 
@@ -53,94 +54,104 @@ fn main() -> ExitCode {
         eprintln!("jat-proxy: --config FILE is required (see --help)");
         return ExitCode::from(EXIT_CONFIG);
     };
-    let config = match config::load(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("jat-proxy: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
     let mut rng = OsRandom::new();
     let now = session::unix_now();
-    match cli.command {
-        Some(Command::Keys {
-            action: KeysAction::Rotate,
-        }) => {
-            let mut set = match keys::load_or_create(&config.key_file, &mut rng, now) {
-                Ok((set, _)) => set,
+    let command = match cli.command {
+        // The key commands read only `[keys]` (and the token lifetime): they work where the
+        // component secret cannot be resolved, e.g. outside the service's environment.
+        Some(Command::Keys { action }) => {
+            let config = match config::load_keys(&path) {
+                Ok(c) => c,
                 Err(e) => return config_error(e),
             };
-            let id = set.rotate(&mut rng, now);
-            let pruned = set.prune(
-                now,
-                config.token_lifetime,
-                config.key_reload_interval.as_secs(),
-            );
-            if let Err(e) = keys::save(&config.key_file, &set, &mut rng) {
-                return config_error(e);
-            }
-            println!(
-                "new current key: {id}; keys now: {:?}; pruned: {pruned:?}",
-                set.ids()
-            );
-            ExitCode::SUCCESS
+            return keys_command(action, &config, &mut rng, now);
         }
-        Some(Command::Keys {
-            action: KeysAction::List,
-        }) => match keys::load(&config.key_file) {
-            Ok(set) => {
-                for id in set.ids() {
-                    let k = set.get(id).expect("listed");
-                    let mark = if id == set.current().id() {
-                        " (current)"
-                    } else {
-                        ""
-                    };
-                    println!("key {id} created {}{mark}", k.created());
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => config_error(e),
-        },
-        Some(Command::Check) => match keys::load_or_create(&config.key_file, &mut rng, now) {
+        other => other,
+    };
+    let config = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return config_error(e),
+    };
+    if let Some(Command::Check) = command {
+        return match keys::load_or_create(&config.key_file, &mut rng, now) {
             Ok(_) => {
                 println!("configuration and key file OK");
                 ExitCode::SUCCESS
             }
             Err(e) => config_error(e),
-        },
-        None => {
-            let keys = match keys::load_or_create(&config.key_file, &mut rng, now) {
-                Ok((set, created)) => {
-                    if created {
-                        info!(file = %config.key_file.display(), "created a new key file");
-                    }
-                    set
-                }
-                Err(e) => return config_error(e),
-            };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    error!("cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(session::run(config, keys)) {
-                Ok(session::Exit::Signal) => ExitCode::SUCCESS,
-                Err(e) => {
-                    error!("{e}");
-                    ExitCode::FAILURE
-                }
+        };
+    }
+    let keys = match keys::load_or_create(&config.key_file, &mut rng, now) {
+        Ok((set, created)) => {
+            if created {
+                info!(file = %config.key_file.display(), "created a new key file");
             }
+            set
+        }
+        Err(e) => return config_error(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(session::run(config, keys)) {
+        Ok(session::Exit::Signal) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
         }
     }
 }
 
-fn config_error(e: keys::KeyFileError) -> ExitCode {
+fn keys_command(
+    action: KeysAction,
+    config: &config::KeysConfig,
+    rng: &mut OsRandom,
+    now: u64,
+) -> ExitCode {
+    match action {
+        KeysAction::Rotate => match keys::rotate(
+            &config.key_file,
+            rng,
+            now,
+            config.token_lifetime,
+            config.key_reload_interval.as_secs(),
+        ) {
+            Ok(r) => {
+                if r.created {
+                    println!("created the key file {}", config.key_file.display());
+                }
+                println!(
+                    "new current key: {}; keys now (oldest first): {:?}; pruned: {:?}",
+                    r.id, r.ids, r.pruned
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(e),
+        },
+        KeysAction::List => match keys::load(&config.key_file) {
+            Ok(set) => {
+                // In the order the keys were added: the last one seals new tokens.
+                let current = set.current().id();
+                for k in set.keys() {
+                    let mark = if k.id() == current { " (current)" } else { "" };
+                    println!("key {} created {}{mark}", k.id(), k.created());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(e),
+        },
+    }
+}
+
+/// A mistake in the configuration or key file: one message, exit status 2.
+fn config_error(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("jat-proxy: {e}");
     ExitCode::from(EXIT_CONFIG)
 }
