@@ -317,7 +317,15 @@ async fn live_rotation_across_two_instances_sharing_a_key_file() {
 
     user.send_xml(&request("old-key"));
     let old = imp.recv_request(WAIT).await.unwrap();
-    assert_eq!(key_id(&old), 1);
+    let (status, listed) = testkit::proxy::run_to_end(
+        &binary(),
+        &["keys", "list", "--config", d.config.to_str().unwrap()],
+    );
+    assert!(status.success(), "{listed}");
+    assert!(
+        listed.contains(&format!("key {} ", key_id(&old))),
+        "the request used the file's key: {listed}"
+    );
 
     let (status, out) = testkit::proxy::run_to_end(
         &binary(),
@@ -337,7 +345,18 @@ async fn live_rotation_across_two_instances_sharing_a_key_file() {
 
     user.send_xml(&request("new-key"));
     let new = imp.recv_request(WAIT).await.unwrap();
-    assert_eq!(key_id(&new), 2, "new requests use the new key");
+    assert_ne!(key_id(&new), key_id(&old), "new requests use the new key");
+    let (_, listed) = testkit::proxy::run_to_end(
+        &binary(),
+        &["keys", "list", "--config", d.config.to_str().unwrap()],
+    );
+    let current = format!("key {} ", key_id(&new));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&current) && l.ends_with("(current)")),
+        "the new key is current: {listed}"
+    );
 
     // The active instance dies; the standby takes over the domain.
     let mut active = d.proxy;
