@@ -320,7 +320,13 @@ async fn step(
             if let Inbound::Element(el) = &inbound {
                 trace!(xml = %String::from(el), "in");
             }
-            let (out, verdict) = proxy.handle(inbound, unix_now_ms(), rng);
+            // Rate limits run on a monotonic clock from the first stanza of the process.
+            static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+            let clock = crate::proxy::Clock {
+                unix_ms: unix_now_ms(),
+                mono_ms: STARTED.get_or_init(Instant::now).elapsed().as_millis() as u64,
+            };
+            let (out, verdict) = proxy.handle(inbound, clock, rng);
             if verdict == Verdict::Refused(Condition::ServiceUnavailable)
                 && urgent_probe.elapsed() >= Duration::from_secs(1)
             {
