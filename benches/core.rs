@@ -1,4 +1,5 @@
-//! Micro-benchmarks: the token codec, and the sans-IO core from bytes in to bytes out.
+//! Micro-benchmarks: the token codec, the sans-IO core from bytes in to bytes out, and the
+//! rate limiter at a full table.
 //!
 //! `cargo bench --bench core`. Numbers of one run are in BENCHMARKS.md.
 
@@ -7,8 +8,9 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use jat_proxy::inbound::{Limits, read_one};
 use jat_proxy::invariants::{COMPONENT, NOW, keys, settings};
-use jat_proxy::proxy::Proxy;
+use jat_proxy::proxy::{Clock, Proxy};
 use jat_proxy::random::SeededRandom;
+use jat_proxy::rate::{Limiter, RateLimit};
 use jat_proxy::token::{self, Binding, Contents, SALT_LEN};
 
 /// A sender JID of exactly `len` bytes.
@@ -65,6 +67,11 @@ fn tokens(c: &mut Criterion) {
     g.finish();
 }
 
+const CLOCK: Clock = Clock {
+    unix_ms: NOW * 1000,
+    mono_ms: 0,
+};
+
 fn core(c: &mut Criterion) {
     let mut proxy = Proxy::new(settings_unlimited(), keys());
     let mut rng = SeededRandom::new(1);
@@ -73,10 +80,10 @@ fn core(c: &mut Criterion) {
         Limits::default(),
     )
     .unwrap();
-    proxy.handle(online, NOW * 1000, &mut rng);
+    proxy.handle(online, CLOCK, &mut rng);
     let request = b"<iq type='get' id='purple-7a2b' to='proxy.example' from='user@example.org/phone-4f3a'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>";
     let inbound = read_one(request, Limits::default()).unwrap();
-    let (fwd, _) = proxy.handle(inbound, NOW * 1000, &mut rng);
+    let (fwd, _) = proxy.handle(inbound, CLOCK, &mut rng);
     let fwd = fwd.unwrap();
     let reply = format!(
         "<iq type='result' id='purple-7a2b' to='{}' from='impl@example/a'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='client' type='bot' name='x'/><feature var='urn:xmpp:ping'/></query></iq>",
@@ -87,14 +94,14 @@ fn core(c: &mut Criterion) {
     g.bench_function("request_in_forwarded_out", |b| {
         b.iter(|| {
             let el = read_one(black_box(request), Limits::default()).unwrap();
-            let (out, _) = proxy.handle(el, NOW * 1000, &mut rng);
+            let (out, _) = proxy.handle(el, CLOCK, &mut rng);
             String::from(&out.unwrap())
         })
     });
     g.bench_function("reply_in_reversed_out", |b| {
         b.iter(|| {
             let el = read_one(black_box(reply.as_bytes()), Limits::default()).unwrap();
-            let (out, _) = proxy.handle(el, NOW * 1000, &mut rng);
+            let (out, _) = proxy.handle(el, CLOCK, &mut rng);
             String::from(&out.unwrap())
         })
     });
@@ -107,13 +114,48 @@ fn core(c: &mut Criterion) {
 /// The harness settings without the rate limit, which would refuse a benchmark's requests.
 fn settings_unlimited() -> jat_proxy::proxy::Settings {
     let mut s = settings();
-    s.rate = jat_proxy::rate::RateLimit {
+    s.rate = RateLimit {
         per_second: 1e9,
         burst: 1e9,
         max_senders: 16,
+        per_domain: 1e9,
+        domain_burst: 1e9,
     };
     s
 }
 
-criterion_group!(benches, tokens, core);
+/// The rate limiter when its table is full and every call comes from a sender never seen
+/// before (what a sender-minting attacker causes): one eviction per call, whose cost must
+/// not depend on the table's size.
+fn limiter(c: &mut Criterion) {
+    let mut g = c.benchmark_group("limiter");
+    g.throughput(Throughput::Elements(1));
+    for size in [1_000usize, 100_000] {
+        let mut l = Limiter::new(RateLimit {
+            max_senders: size,
+            ..RateLimit::default()
+        });
+        for i in 0..size {
+            let _ = l.request(&format!("old{i}@remote.example"), Some("remote.example"), 0);
+        }
+        let mut sender = String::new();
+        let mut i = 0u64;
+        g.bench_with_input(
+            BenchmarkId::new("table_full_new_sender_each_call", size),
+            &size,
+            |b, _| {
+                b.iter(|| {
+                    use std::fmt::Write;
+                    i += 1;
+                    sender.clear();
+                    write!(sender, "new{i}@remote.example").unwrap();
+                    l.request(black_box(&sender), Some("remote.example"), i)
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, tokens, core, limiter);
 criterion_main!(benches);

@@ -254,6 +254,10 @@ struct RawLimits {
     rate_burst: f64,
     #[serde(default = "d_max_senders")]
     max_senders: usize,
+    #[serde(default = "d_rate_per_domain")]
+    rate_per_domain: f64,
+    #[serde(default = "d_domain_burst")]
+    domain_burst: f64,
 }
 
 impl Default for RawLimits {
@@ -264,6 +268,8 @@ impl Default for RawLimits {
             rate_per_sender: d_rate(),
             rate_burst: d_burst(),
             max_senders: d_max_senders(),
+            rate_per_domain: d_rate_per_domain(),
+            domain_burst: d_domain_burst(),
         }
     }
 }
@@ -276,6 +282,12 @@ fn d_burst() -> f64 {
 }
 fn d_max_senders() -> usize {
     RateLimit::default().max_senders
+}
+fn d_rate_per_domain() -> f64 {
+    RateLimit::default().per_domain
+}
+fn d_domain_burst() -> f64 {
+    RateLimit::default().domain_burst
 }
 
 fn d_keepalive() -> u64 {
@@ -555,6 +567,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             "out of range 1..=10000000".into(),
         ));
     }
+    if !(l.rate_per_domain.is_finite() && l.rate_per_domain > 0.0 && l.rate_per_domain <= 1e6) {
+        return Err(err(
+            "limits.rate_per_domain",
+            format!(
+                "{} is not a rate in (0, 1000000] requests per second",
+                l.rate_per_domain
+            ),
+        ));
+    }
+    if !(l.domain_burst.is_finite() && (1.0..=1e6).contains(&l.domain_burst)) {
+        return Err(err(
+            "limits.domain_burst",
+            format!("{} is out of range 1..=1000000", l.domain_burst),
+        ));
+    }
     let list = |key: &str, items: &[String]| -> Result<Vec<Entry>, ConfigError> {
         items
             .iter()
@@ -597,6 +624,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             per_second: l.rate_per_sender,
             burst: l.rate_burst,
             max_senders: l.max_senders,
+            per_domain: l.rate_per_domain,
+            domain_burst: l.domain_burst,
         },
         policy,
     })

@@ -3,6 +3,7 @@
 //! corpora through them, and the property tests drive them with generated stanzas — so the
 //! fuzzer, the stable test suite and proptest check the very same statements.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use base64::Engine;
@@ -13,9 +14,9 @@ use xmpp_parsers::minidom::Element;
 use crate::inbound::{Inbound, Limits, read_one};
 use crate::keys::KeySet;
 use crate::policy::{Entry, Policy};
-use crate::proxy::{Proxy, Settings, Verdict};
+use crate::proxy::{Clock, Proxy, Settings, Verdict};
 use crate::random::SeededRandom;
-use crate::rate::RateLimit;
+use crate::rate::{Limiter, RateLimit};
 use crate::stream::{Frame, ReadError, Reader, Writer};
 use crate::token::{self, Binding, Contents};
 
@@ -109,6 +110,7 @@ pub fn config(data: &[u8]) {
         assert!((1..=4096).contains(&c.max_resources));
         assert!(c.limits.max_depth >= 4 && c.limits.max_bytes >= 4096);
         assert!(c.rate.per_second > 0.0 && c.rate.burst >= 1.0 && c.rate.max_senders >= 1);
+        assert!(c.rate.per_domain > 0.0 && c.rate.domain_burst >= 1.0);
         assert!(c.target.node().is_some());
         assert!(BareJid::new(&c.jid).is_ok_and(|j| j.node().is_none()));
         assert_ne!(c.target.domain().as_str(), c.jid);
@@ -127,6 +129,8 @@ pub fn settings() -> Settings {
             per_second: 5.0,
             burst: 10.0,
             max_senders: 8,
+            per_domain: 8.0,
+            domain_burst: 15.0,
         },
         policy: Policy {
             allow: vec![],
@@ -175,15 +179,26 @@ fn jid(s: Option<&str>) -> Option<Jid> {
 /// The sans-IO proxy: never panics, and for every stanza in, what comes out (if anything) is
 /// one of: an error back to the sender of a request or message; the request forwarded to an
 /// available resource of the target with a token that opens to its sender; a reply reversed
-/// to the address its token holds; a presence answer to the target. Never an answer to a
-/// result or an error, never a stanza to the component itself. Memory stays bounded.
+/// to the address its token holds, from the component's domain; a presence answer to the
+/// target. Never an answer to a result or an error, never a stanza to the component itself.
+/// Memory stays bounded. Over any stretch of (monotonic) time without an eviction from the
+/// rate limiter's tables, the requests forwarded per sender account and per remote domain,
+/// the errors sent per account and the replies reversed per recipient account stay within
+/// their token buckets — whatever the wall clock does.
 ///
 /// Input: stanzas separated by [`SEPARATOR`]; a stanza starting with `0xFE n` first
-/// advances the clock by `n` seconds; [`TOKEN_PLACEHOLDER`] stands for the last token issued.
+/// advances both clocks by `n` seconds, one starting with `0xFD n` steps the wall clock
+/// back by `n` seconds (the monotonic clock does not move); [`TOKEN_PLACEHOLDER`] stands for
+/// the last token issued.
 pub fn proxy(data: &[u8]) {
-    let mut proxy = Proxy::new(settings(), keys());
+    let settings = settings();
+    let mut budgets = Budgets::new(settings.rate);
+    let mut proxy = Proxy::new(settings, keys());
     let mut rng = SeededRandom::new(data.len() as u64);
-    let mut now_ms = NOW * 1000;
+    let mut clock = Clock {
+        unix_ms: NOW * 1000,
+        mono_ms: 0,
+    };
     let target = BareJid::new(TARGET).unwrap();
     for out in proxy.connected() {
         assert_eq!(out.attr("to"), Some(TARGET));
@@ -192,7 +207,12 @@ pub fn proxy(data: &[u8]) {
     for chunk in data.split(|&b| b == SEPARATOR) {
         let chunk = match chunk {
             [0xFE, n, rest @ ..] => {
-                now_ms += u64::from(*n) * 1000;
+                clock.unix_ms += u64::from(*n) * 1000;
+                clock.mono_ms += u64::from(*n) * 1000;
+                rest
+            }
+            [0xFD, n, rest @ ..] => {
+                clock.unix_ms = clock.unix_ms.saturating_sub(u64::from(*n) * 1000);
                 rest
             }
             _ => chunk,
@@ -203,16 +223,25 @@ pub fn proxy(data: &[u8]) {
         };
         let h = header(&inbound);
         let resources_before = proxy.resources().to_vec();
-        let (out, verdict) = proxy.handle(inbound, now_ms, &mut rng);
+        let (out, verdict) = proxy.handle(inbound, clock, &mut rng);
         assert!(proxy.resources().len() <= 4);
         assert!(proxy.tracked_senders() <= 8);
+        assert!(proxy.limiter().domains() <= 8);
+        budgets.evictions(proxy.limiter());
         let Some(out) = out else {
             continue;
         };
-        if let Some(t) = check_output(&h, &out, verdict, &resources_before, &target, now_ms / 1000)
-        {
+        if let Some(t) = check_output(
+            &h,
+            &out,
+            verdict,
+            &resources_before,
+            &target,
+            clock.unix_ms / 1000,
+        ) {
             last_token = t.into_bytes();
         }
+        budgets.charge(&h, &out, verdict, &target, clock.mono_ms);
     }
 }
 
@@ -263,6 +292,10 @@ fn check_output(
         let opened = token_of(h.id.as_deref().expect("a reversed reply has an id"))
             .unwrap_or_else(|| panic!("reversed without a valid token: {xml}"));
         assert_eq!(out_to, jid(Some(&opened.sender)).unwrap(), "{xml}");
+        match &opened.original_to {
+            Some(a) => assert_eq!(Some(&out_from), jid(Some(a)).as_ref(), "{xml}"),
+            None => assert_eq!(out.attr("from"), Some(COMPONENT), "{xml}"),
+        }
         assert_eq!(out.attr("id"), h.id.as_deref());
         assert!(is_reply(&out.attr("type").map(str::to_owned)), "{xml}");
         return None;
@@ -328,6 +361,83 @@ fn check_output(
             None
         }
         Verdict::Reversed | Verdict::Dropped(_) => panic!("unexpected output {verdict:?}: {xml}"),
+    }
+}
+
+/// What the rate limiter's buckets allow, checked from the outside: per key, the outputs
+/// counted since the first one must fit in a bucket that was at most full then.
+struct Budgets {
+    account: (f64, f64),
+    domain: (f64, f64),
+    evictions: (u64, u64),
+    /// (kind, key) -> (first output, in monotonic ms; outputs since).
+    seen: HashMap<(&'static str, String), (u64, u64)>,
+}
+
+impl Budgets {
+    fn new(rate: RateLimit) -> Budgets {
+        Budgets {
+            account: (rate.per_second, rate.burst),
+            domain: (rate.per_domain, rate.domain_burst),
+            evictions: (0, 0),
+            seen: HashMap::new(),
+        }
+    }
+
+    /// A forgotten bucket comes back full: start counting afresh for every key of that table
+    /// (the bound holds for any stretch of time, so restarting it is always sound).
+    fn evictions(&mut self, limiter: &Limiter) {
+        let now = (limiter.account_evictions(), limiter.domain_evictions());
+        if now.0 != self.evictions.0 {
+            self.seen.retain(|(kind, _), _| *kind == "domain");
+        }
+        if now.1 != self.evictions.1 {
+            self.seen.retain(|(kind, _), _| *kind != "domain");
+        }
+        self.evictions = now;
+    }
+
+    fn charge(
+        &mut self,
+        h: &Header,
+        out: &Element,
+        verdict: Verdict,
+        target: &BareJid,
+        now_ms: u64,
+    ) {
+        let bare = |s: Option<&str>| jid(s).map(|j| j.to_bare().to_string());
+        let reply = h.name == "iq" && matches!(h.type_.as_deref(), Some("result" | "error"));
+        match verdict {
+            _ if reply => self.count("replies", bare(out.attr("to")), self.account, now_ms),
+            Verdict::Refused(_) => self.count("errors", bare(out.attr("to")), self.account, now_ms),
+            Verdict::Forwarded => {
+                let from = jid(h.from.as_deref()).expect("forwarded from a valid sender");
+                self.count(
+                    "requests",
+                    Some(from.to_bare().to_string()),
+                    self.account,
+                    now_ms,
+                );
+                if from.domain() != target.domain() {
+                    let d = from.domain().to_string();
+                    self.count("domain", Some(d), self.domain, now_ms);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn count(&mut self, kind: &'static str, key: Option<String>, rate: (f64, f64), now_ms: u64) {
+        let key = key.expect("outputs go to valid addresses");
+        let (first, n) = self.seen.entry((kind, key.clone())).or_insert((now_ms, 0));
+        *n += 1;
+        let (per_second, burst) = rate;
+        let bound = burst + per_second * (now_ms - *first) as f64 / 1000.0;
+        assert!(
+            *n as f64 <= bound + 1e-6,
+            "{n} {kind} for {key} within {} ms: over the bucket ({bound})",
+            now_ms - *first
+        );
     }
 }
 
@@ -459,9 +569,14 @@ impl Wire {
                 .push(matches!(inbound, Inbound::Oversized(_)));
             let h = header(&inbound);
             let resources_before = self.proxy.resources().to_vec();
-            let (out, verdict) = self.proxy.handle(inbound, NOW * 1000, &mut self.rng);
+            let clock = Clock {
+                unix_ms: NOW * 1000,
+                mono_ms: 0,
+            };
+            let (out, verdict) = self.proxy.handle(inbound, clock, &mut self.rng);
             assert!(self.proxy.resources().len() <= 4);
             assert!(self.proxy.tracked_senders() <= 8);
+            assert!(self.proxy.limiter().domains() <= 8);
             if let Some(out) = out {
                 check_output(&h, &out, verdict, &resources_before, &self.target, NOW);
                 self.writer
@@ -778,6 +893,39 @@ mod tests {
             "<presence type='subscribe' from='impl@example' to='proxy.example'/>",
         ];
         let bytes = script.map(str::as_bytes).join(&SEPARATOR);
+        proxy(&bytes);
+    }
+
+    /// Floods of every kind the rate limiter bounds, within the invariants (which count what
+    /// comes out against the buckets: without the domain bucket, the error budget or the
+    /// per-recipient limit, this script breaks them).
+    #[test]
+    fn a_scripted_flood_stays_within_the_buckets() {
+        let mut script = vec!["<presence from='impl@example/a' to='proxy.example'/>".to_owned()];
+        script.push(
+            "<iq type='get' id='1' from='u@example/r' to='proxy.example'><q xmlns='x'/></iq>"
+                .into(),
+        );
+        for _ in 0..30 {
+            script.push(
+                "<iq type='result' id='1' from='impl@example/a' to='proxy.example/TOKEN'/>".into(),
+            );
+        }
+        for _ in 0..30 {
+            script.push("<iq type='get' id='2' from='bot@example/r' to='proxy.example'/>".into());
+        }
+        for i in 0..7 {
+            for j in 0..4 {
+                script.push(format!(
+                    "<iq type='get' id='{j}' from='a{i}@remote.example/r' to='proxy.example'><q xmlns='x'/></iq>"
+                ));
+            }
+        }
+        let bytes = script
+            .iter()
+            .map(|s| s.as_bytes())
+            .collect::<Vec<_>>()
+            .join(&SEPARATOR);
         proxy(&bytes);
     }
 

@@ -1,7 +1,8 @@
 //! The proxy itself: a pure state machine from (stanza in, time, randomness) to stanza out.
 //!
 //! No sockets, clocks or entropy live here; the session (`session.rs`) feeds it what the
-//! server sends and writes out what it returns, and tests and the fuzzer drive it directly.
+//! server sends and the time (a [`Clock`]: Unix time for tokens, a monotonic clock for rate
+//! limits) and writes out what it returns, and tests and the fuzzer drive it directly.
 //! Every input yields at most one output, which makes "never answers a result or an error"
 //! and "never emits anything not derived from a valid token or the target's presence"
 //! checkable one stanza at a time.
@@ -24,7 +25,7 @@ use crate::keys::KeySet;
 use crate::policy::Policy;
 use crate::presence::Resources;
 use crate::random::Random;
-use crate::rate::{Limiter, RateLimit};
+use crate::rate::{Limiter, Over, RateLimit};
 use crate::stanza::{self, Condition, NS};
 use crate::token::{self, Binding, Contents, SALT_LEN};
 
@@ -41,10 +42,22 @@ pub struct Settings {
     pub max_resources: usize,
     /// Where keepalive pings go (a server domain that answers XEP-0199 or with an error).
     pub keepalive_to: String,
-    /// Per-sender rate limit on requests.
+    /// Rate limits: requests per sender account and per remote domain, errors generated
+    /// per account, replies per recipient account.
     pub rate: RateLimit,
     /// Who may send requests.
     pub policy: Policy,
+}
+
+/// The time of one stanza, from two clocks read by the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// Unix time in milliseconds: tokens carry their issue time in Unix seconds, which every
+    /// instance sharing the key file must agree on.
+    pub unix_ms: u64,
+    /// Milliseconds on a monotonic clock, from any origin: rate limits refill from it, so a
+    /// step of the wall clock (backwards or forwards) neither freezes nor refills them.
+    pub mono_ms: u64,
 }
 
 /// The proxy state machine: the settings, the token keys, and the target's presence.
@@ -148,28 +161,32 @@ impl Proxy {
         )
     }
 
-    /// Senders currently tracked by the rate limiter (bounded by `rate.max_senders`).
+    /// The rate limiter's tables (each bounded by `rate.max_senders`).
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    /// Accounts currently tracked by the rate limiter (bounded by `rate.max_senders`).
     pub fn tracked_senders(&self) -> usize {
         self.limiter.len()
     }
 
-    /// Handles one stanza from the server at time `now_ms` (Unix milliseconds).
+    /// Handles one stanza from the server at time `clock`.
     pub fn handle(
         &mut self,
         inbound: Inbound,
-        now_ms: u64,
+        clock: Clock,
         rng: &mut dyn Random,
     ) -> (Option<Element>, Verdict) {
-        let now = now_ms / 1000;
         match inbound {
-            Inbound::Oversized(o) => self.oversized(o, now),
+            Inbound::Oversized(o) => self.oversized(o, clock),
             Inbound::Element(el) => {
                 if !el.has_ns(NS) {
                     return dropped("not a stanza of the component stream");
                 }
                 match el.name() {
-                    "iq" => self.iq(el, now_ms, rng),
-                    "message" => self.message(&el),
+                    "iq" => self.iq(el, clock, rng),
+                    "message" => self.message(&el, clock),
                     "presence" => self.presence(&el),
                     _ => dropped("unknown top-level element"),
                 }
@@ -177,15 +194,20 @@ impl Proxy {
         }
     }
 
-    fn iq(&mut self, el: Element, now_ms: u64, rng: &mut dyn Random) -> (Option<Element>, Verdict) {
+    fn iq(
+        &mut self,
+        el: Element,
+        clock: Clock,
+        rng: &mut dyn Random,
+    ) -> (Option<Element>, Verdict) {
         let Some((from, to)) = self.addresses(el.attr("from"), el.attr("to")) else {
             return dropped("iq with missing or invalid addresses");
         };
         match el.attr("type") {
-            Some("get") | Some("set") => self.request(el, from, to, now_ms, rng),
-            Some("result") | Some("error") => self.reply(el, &from, &to, now_ms / 1000),
+            Some("get") | Some("set") => self.request(el, from, to, clock, rng),
+            Some("result") | Some("error") => self.reply(el, &from, &to, clock),
             // RFC 6120 §8.3.3.1: an unrecognised 'type' is a <bad-request/>.
-            _ => refuse(&el, Condition::BadRequest, "unknown IQ type"),
+            _ => self.refuse(&el, &from, Condition::BadRequest, "unknown IQ type", clock),
         }
     }
 
@@ -194,44 +216,63 @@ impl Proxy {
         mut el: Element,
         from: Jid,
         to: To,
-        now_ms: u64,
+        clock: Clock,
         rng: &mut dyn Random,
     ) -> (Option<Element>, Verdict) {
-        let now = now_ms / 1000;
+        let now = clock.unix_ms / 1000;
         if self.is_target(&from) {
-            return refuse(
+            return self.refuse(
                 &el,
+                &from,
                 Condition::FeatureNotImplemented,
                 "the implementing client cannot send requests through the proxy",
+                clock,
             );
         }
         let Some(id) = el.attr("id") else {
-            return refuse(&el, Condition::BadRequest, "IQ without id");
+            return self.refuse(&el, &from, Condition::BadRequest, "IQ without id", clock);
         };
         if stanza::child_count(&el) != 1 {
-            return refuse(
+            return self.refuse(
                 &el,
+                &from,
                 Condition::BadRequest,
                 "a get or set IQ must have exactly one payload element",
+                clock,
             );
         }
         if !self.settings.policy.permits(&from) {
             debug!(id, "request refused by policy");
-            return refuse(&el, Condition::Forbidden, "you may not use this service");
-        }
-        if !self.limiter.allow(from.to_bare().as_str(), now_ms) {
-            debug!(id, "request over the sender's rate limit");
-            return refuse(
+            return self.refuse(
                 &el,
-                Condition::ResourceConstraint,
-                "too many requests: slow down",
+                &from,
+                Condition::Forbidden,
+                "you may not use this service",
+                clock,
             );
         }
+        // Accounts at the implementing client's own domain are the operator's: only remote
+        // domains, which can mint local parts at will, are also limited as a whole.
+        let domain =
+            (from.domain() != self.settings.target.domain()).then(|| from.domain().as_str());
+        match self.limiter.request(bare(&from), domain, clock.mono_ms) {
+            Ok(()) => {}
+            Err(over) => {
+                debug!(id, ?over, "request over its rate limit");
+                let text = match over {
+                    Over::Account => "too many requests: slow down",
+                    Over::Domain => "too many requests from your domain: slow down",
+                };
+                return self.refuse(&el, &from, Condition::ResourceConstraint, text, clock);
+            }
+        }
         let Some(resource) = self.resources.pick(rng) else {
-            return refuse(
+            return self.refuse(
                 &el,
+                &from,
                 Condition::ServiceUnavailable,
                 "the service is not available",
+                clock,
             );
         };
         let sender = from.to_string();
@@ -257,7 +298,7 @@ impl Proxy {
                     e.len,
                     token::MAX_PLAINTEXT_LEN
                 );
-                return refuse(&el, Condition::NotAcceptable, &text);
+                return self.refuse(&el, &from, Condition::NotAcceptable, &text, clock);
             }
         };
         let dest = join(&self.target, resource);
@@ -273,8 +314,9 @@ impl Proxy {
         mut el: Element,
         from: &Jid,
         to: &To,
-        now: u64,
+        clock: Clock,
     ) -> (Option<Element>, Verdict) {
+        let now = clock.unix_ms / 1000;
         let token = match to {
             To::Token(t) => t.as_str(),
             To::Other(j) if j.node().is_none() && j.resource().is_some() => {
@@ -316,6 +358,18 @@ impl Proxy {
         if sender.domain().as_str() == self.settings.component {
             return dropped("token addressed to the component itself");
         }
+        // The reply comes from where the request went: an address at the component, never
+        // anything else, whatever a token may hold.
+        let reply_from = match opened.original_to.as_deref() {
+            None => self.settings.component.clone(),
+            Some(a) => match Jid::new(a) {
+                Ok(j) if j.domain().as_str() == self.settings.component => j.to_string(),
+                _ => {
+                    debug!(id, "token's original address is not at the component");
+                    return dropped("token's original address is not at the component");
+                }
+            },
+        };
         // A genuine reply also says whether its resource is online: a result proves it is;
         // the server's bounce of a request to a resource that went away
         // (service-unavailable from that full JID) proves it is not — this instance may not
@@ -337,27 +391,32 @@ impl Proxy {
                 _ => {}
             }
         }
-        let reply_from = opened
-            .original_to
-            .unwrap_or_else(|| self.settings.component.clone());
+        // The implementing client may replay a genuine reply as often as it likes within the
+        // token's lifetime: bounded per recipient account.
+        if !self.limiter.reply(bare(&sender), clock.mono_ms) {
+            debug!(id, "reply dropped: over the recipient's rate limit");
+            return dropped("over the recipient's reply rate limit");
+        }
         debug!(id, sender = %opened.sender, key = opened.key_id, "reply reversed");
         stanza::set_attr(&mut el, "from", reply_from);
         stanza::set_attr(&mut el, "to", opened.sender);
         (Some(el), Verdict::Reversed)
     }
 
-    fn message(&mut self, el: &Element) -> (Option<Element>, Verdict) {
+    fn message(&mut self, el: &Element, clock: Clock) -> (Option<Element>, Verdict) {
         if el.attr("type") == Some("error") {
             return dropped("message error");
         }
-        if self.addresses(el.attr("from"), el.attr("to")).is_none() {
+        let Some((from, _)) = self.addresses(el.attr("from"), el.attr("to")) else {
             return dropped("message with missing or invalid addresses");
-        }
+        };
         // RFC 6121 §5.2.2: a message of unknown type is treated as 'normal'.
-        refuse(
+        self.refuse(
             el,
+            &from,
             Condition::FeatureNotImplemented,
             "this address does not accept messages",
+            clock,
         )
     }
 
@@ -402,7 +461,7 @@ impl Proxy {
         (out, Verdict::Presence)
     }
 
-    fn oversized(&mut self, o: Oversized, now: u64) -> (Option<Element>, Verdict) {
+    fn oversized(&mut self, o: Oversized, clock: Clock) -> (Option<Element>, Verdict) {
         debug!(name = %o.name, exceeded = %o.exceeded, "oversized stanza");
         if o.ns != NS {
             return dropped("oversized element");
@@ -411,7 +470,10 @@ impl Proxy {
             return dropped("oversized stanza with missing or invalid addresses");
         };
         let text = o.exceeded.to_string();
-        let error_to_sender = |name: &str| {
+        let mut error_to_sender = |name: &str| {
+            if !self.limiter.error(bare(&from), clock.mono_ms) {
+                return over_error_budget(Condition::PolicyViolation);
+            }
             let el = stanza::error_reply(
                 name,
                 &to.address(&self.settings.component),
@@ -438,7 +500,8 @@ impl Proxy {
                 let mut stub = stub;
                 stanza::set_attr(&mut stub, "from", from.to_string());
                 stanza::set_attr(&mut stub, "to", to.address(&self.settings.component));
-                match self.reply(stub, &from, &to, now) {
+                // Charged to the recipient as a reply (it is one), not to an error budget.
+                match self.reply(stub, &from, &to, clock) {
                     (Some(out), _) => (Some(out), Verdict::Refused(Condition::PolicyViolation)),
                     (None, v) => (None, v),
                 }
@@ -446,6 +509,27 @@ impl Proxy {
             ("message", t) if t != Some("error") => error_to_sender("message"),
             _ => dropped("oversized stanza"),
         }
+    }
+
+    /// An error reply to the request or message `el` from `sender`, from the address it was
+    /// sent to — if `sender`'s account has not spent its budget of generated errors; else
+    /// nothing, so that an auto-responder answering every error ends up answered by silence.
+    fn refuse(
+        &mut self,
+        el: &Element,
+        sender: &Jid,
+        condition: Condition,
+        text: &str,
+        clock: Clock,
+    ) -> (Option<Element>, Verdict) {
+        let (Some(from), Some(to)) = (el.attr("from"), el.attr("to")) else {
+            return dropped("cannot answer a stanza without addresses");
+        };
+        if !self.limiter.error(bare(sender), clock.mono_ms) {
+            return over_error_budget(condition);
+        }
+        let reply = stanza::error_reply(el.name(), to, from, el.attr("id"), condition, text);
+        (Some(reply), Verdict::Refused(condition))
     }
 
     /// Whether `jid` is (a resource of) the target account; no allocation.
@@ -525,13 +609,21 @@ fn dropped(why: &'static str) -> (Option<Element>, Verdict) {
     (None, Verdict::Dropped(why))
 }
 
-/// An error reply to the request or message `el`, from the address it was sent to.
-fn refuse(el: &Element, condition: Condition, text: &str) -> (Option<Element>, Verdict) {
-    let (Some(from), Some(to)) = (el.attr("from"), el.attr("to")) else {
-        return dropped("cannot answer a stanza without addresses");
-    };
-    let reply = stanza::error_reply(el.name(), to, from, el.attr("id"), condition, text);
-    (Some(reply), Verdict::Refused(condition))
+fn over_error_budget(condition: Condition) -> (Option<Element>, Verdict) {
+    debug!(
+        condition = condition.name(),
+        "error not sent: the sender's error budget is spent"
+    );
+    (None, Verdict::Dropped("over the sender's error budget"))
+}
+
+/// The bare JID of `jid` as a slice of its text; no allocation.
+fn bare(jid: &Jid) -> &str {
+    let s = jid.as_str();
+    match jid.resource() {
+        Some(r) => &s[..s.len() - r.as_str().len() - 1],
+        None => s,
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::inbound::{Inbound, Limits};
 use crate::keys::{self, KeySet};
-use crate::proxy::{Proxy, Verdict};
+use crate::proxy::{Clock, Proxy, Verdict};
 use crate::random::OsRandom;
 use crate::stanza::{Condition, NS, STREAM_NS};
 use crate::stream::{Frame, Reader, Writer};
@@ -43,6 +43,16 @@ pub enum Exit {
 /// Current time in Unix seconds.
 pub fn unix_now() -> u64 {
     unix_now_ms() / 1000
+}
+
+/// The core's clock: Unix time for tokens, and a monotonic clock (from the first call in the
+/// process) for rate limits, which a step of the wall clock must not disturb.
+fn clock() -> Clock {
+    static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    Clock {
+        unix_ms: unix_now_ms(),
+        mono_ms: STARTED.get_or_init(Instant::now).elapsed().as_millis() as u64,
+    }
 }
 
 /// Current time in Unix milliseconds.
@@ -415,7 +425,7 @@ fn handle_frames(
         if let Inbound::Element(el) = &inbound {
             trace!(xml = %String::from(el), "in");
         }
-        let (out, verdict) = proxy.handle(inbound, unix_now_ms(), rng);
+        let (out, verdict) = proxy.handle(inbound, clock(), rng);
         if verdict == Verdict::Refused(Condition::ServiceUnavailable)
             && urgent_probe.elapsed() >= Duration::from_secs(1)
         {

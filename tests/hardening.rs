@@ -268,15 +268,22 @@ async fn a_flood_is_rate_limited_and_others_are_still_served() {
     let mut flood = d.client("flood", "f").await;
     let mut user = d.client("user", "abc").await;
     let n = 300;
+    let started = tokio::time::Instant::now();
     for i in 0..n {
         flood.send_xml(&request(&format!("f{i}")));
     }
     // Meanwhile another user asks once.
     user.send_xml(&request("innocent"));
+    // Every flood request gets a result, a resource-constraint error, or — once the flood's
+    // budget of errors (the same 5/s, 20 at once) is spent — nothing, which jat-proxy logs.
+    let budget_spent = "the sender's error budget is spent";
+    let silent = || d.proxy.log().matches(budget_spent).count();
     let (mut results, mut limited) = (0, 0);
     let mut innocent = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while results + limited < n && tokio::time::Instant::now() < deadline {
+    while (results + limited + silent() < n || innocent.is_none())
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::select! {
             Some(req) = imp.recv_request(Duration::from_millis(200)) => imp.send(reply_to(&req, "result", "")),
             Some(r) = flood.recv_where(Duration::from_millis(200), |e| e.name() == "iq") => {
@@ -287,8 +294,10 @@ async fn a_flood_is_rate_limited_and_others_are_still_served() {
                 }
             }
             Some(r) = user.recv_iq("innocent", Duration::from_millis(200)), if innocent.is_none() => innocent = Some(r),
+            else => {}
         }
     }
+    let elapsed = started.elapsed().as_secs_f64();
     let innocent = match innocent {
         Some(r) => r,
         None => user
@@ -297,12 +306,36 @@ async fn a_flood_is_rate_limited_and_others_are_still_served() {
             .expect("the other user is served"),
     };
     assert_eq!(innocent.attr("type"), Some("result"));
+    // Anything still in flight would show now.
+    tokio::time::sleep(QUIET).await;
+    let late = flood
+        .recv_where(Duration::from_millis(100), |e| e.name() == "iq")
+        .await;
+    assert!(
+        late.is_none(),
+        "an answer after all were accounted for: {}",
+        late.map(|e| xml(&e)).unwrap_or_default()
+    );
+    let silent = silent();
     testkit::report(&format!(
-        "flood: {n} requests sent, {results} served, {limited} refused with resource-constraint"
+        "flood: {n} requests sent, {results} served, {limited} refused with resource-constraint, \
+         {silent} dropped silently once the error budget was spent, in {elapsed:.1} s"
     ));
-    assert_eq!(results + limited, n, "every flood request got an answer");
+    assert_eq!(
+        results + limited + silent,
+        n,
+        "every flood request was served, refused, or dropped for the error budget"
+    );
     assert!(limited > 0, "the rate limit engaged");
     assert!(results >= 20, "the burst was served");
+    if silent > 0 {
+        assert!(limited >= 20, "errors went silent only after their burst");
+    }
+    let bound = 20.0 + 5.0 * elapsed + 1.0;
+    assert!(
+        (results as f64) <= bound && (limited as f64) <= bound,
+        "within 20 + 5/s each"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ const NOW: u64 = 1_790_000_000;
 struct World {
     proxy: Proxy,
     rng: SeededRandom,
-    now: u64,
+    clock: Clock,
 }
 
 impl World {
@@ -24,6 +24,8 @@ impl World {
                 per_second: 10.0,
                 burst: 50.0,
                 max_senders: 100,
+                per_domain: 100.0,
+                domain_burst: 500.0,
             },
             policy: crate::policy::Policy {
                 allow: vec![],
@@ -34,7 +36,12 @@ impl World {
         let mut w = World {
             proxy: Proxy::new(settings, keys),
             rng: SeededRandom::new(42),
-            now: NOW * 1000,
+            // The monotonic clock's origin is arbitrary: far from the Unix time, so that a
+            // test mixing them up fails.
+            clock: Clock {
+                unix_ms: NOW * 1000,
+                mono_ms: 5_000_000,
+            },
         };
         w.proxy.connected();
         w
@@ -58,7 +65,13 @@ impl World {
 
     fn send_verdict(&mut self, xml: &str) -> (Option<Element>, Verdict) {
         let inbound = read_one(xml.as_bytes(), Limits::default()).expect("test XML");
-        self.proxy.handle(inbound, self.now, &mut self.rng)
+        self.proxy.handle(inbound, self.clock, &mut self.rng)
+    }
+
+    /// Time passes, on both clocks.
+    fn advance(&mut self, ms: u64) {
+        self.clock.unix_ms += ms;
+        self.clock.mono_ms += ms;
     }
 }
 
@@ -222,7 +235,7 @@ fn expired_token_is_dropped() {
     let fwd = w
         .send("<iq type='get' id='1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>")
         .unwrap();
-    w.now += 300_000;
+    w.advance(300_000);
     let xml = format!(
         "<iq type='result' id='1' to='{}' from='impl@example/a'/>",
         attr(&fwd, "from")
@@ -382,7 +395,7 @@ fn policy_and_rate_limit() {
     );
     let ok = w.send("<iq type='get' id='o' to='proxy.example' from='other@example/r'><q xmlns='urn:x'/></iq>").unwrap();
     assert_eq!(attr(&ok, "to"), "impl@example/a", "others still served");
-    w.now += 1000;
+    w.advance(1000);
     let again = w.send("<iq type='get' id='z' to='proxy.example' from='flood@example/r'><q xmlns='urn:x'/></iq>").unwrap();
     assert_eq!(attr(&again, "type"), "get", "refilled after a second");
 }
@@ -416,4 +429,261 @@ fn replies_teach_presence_an_instance_did_not_see() {
     assert_eq!(condition(&bounce), "service-unavailable");
     assert!(!w.proxy.resources().contains(&gone));
     assert_eq!(w.proxy.probe().attr("type"), Some("probe"));
+}
+
+fn get(id: &str, from: &str) -> String {
+    format!("<iq type='get' id='{id}' to='proxy.example' from='{from}'><q xmlns='urn:x'/></iq>")
+}
+
+/// Failed before the monotonic clock: the limiter refilled from the Unix time, so a step
+/// forward refilled every bucket and a step back froze them.
+#[test]
+fn a_wall_clock_step_does_not_touch_the_rate_limit() {
+    let mut w = World::new().online(&["a"]);
+    for i in 0..50 {
+        assert_eq!(
+            w.send_verdict(&get(&i.to_string(), "flood@example/r")).1,
+            Verdict::Forwarded
+        );
+    }
+    let limited = Verdict::Refused(Condition::ResourceConstraint);
+    assert_eq!(w.send_verdict(&get("x", "flood@example/r")).1, limited);
+    // The wall clock jumps an hour ahead; no time passed: nothing refilled.
+    w.clock.unix_ms += 3_600_000;
+    assert_eq!(w.send_verdict(&get("y", "flood@example/r")).1, limited);
+    // One second passes while the wall clock is stepped two hours back: 10 tokens at 10/s.
+    w.clock.unix_ms -= 7_200_000;
+    w.clock.mono_ms += 1000;
+    let served = (0..20)
+        .filter(|i| {
+            w.send_verdict(&get(&format!("z{i}"), "flood@example/r")).1 == Verdict::Forwarded
+        })
+        .count();
+    assert_eq!(served, 10);
+    // Tokens, on the other hand, live on Unix time: an hour on the monotonic clock alone
+    // does not expire one, 300 s of Unix time does.
+    let fwd = w.send(&get("t", "u@example/r")).unwrap();
+    let reply = format!(
+        "<iq type='result' id='t' to='{}' from='impl@example/a'/>",
+        attr(&fwd, "from")
+    );
+    w.clock.mono_ms += 3_600_000;
+    assert_eq!(w.send_verdict(&reply).1, Verdict::Reversed);
+    w.clock.unix_ms += 300_000;
+    assert_eq!(w.send_verdict(&reply).1, Verdict::Dropped("token rejected"));
+}
+
+/// Failed before the per-domain bucket: every one of the 1000 accounts was served.
+#[test]
+fn a_remote_domain_is_limited_as_a_group_and_local_accounts_are_not() {
+    let mut w = World::new().online(&["a"]);
+    let limited = Verdict::Refused(Condition::ResourceConstraint);
+    let tally = |w: &mut World, who: &dyn Fn(usize) -> String, n: usize| {
+        let (mut served, mut refused) = (0, 0);
+        for i in 0..n {
+            match w.send_verdict(&get(&i.to_string(), &who(i))) {
+                (Some(_), Verdict::Forwarded) => served += 1,
+                (Some(e), v) if v == limited => {
+                    assert_eq!(attr(&e, "to"), who(i));
+                    refused += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        (served, refused)
+    };
+    // 1000 accounts minted at one remote server, one request each: the domain's burst.
+    let remote = |i| format!("u{i}@remote.example/r");
+    assert_eq!(tally(&mut w, &remote, 1000), (500, 500));
+    // Another remote domain is unaffected.
+    let other = |i| format!("u{i}@other.example/r");
+    assert_eq!(tally(&mut w, &other, 10), (10, 0));
+    // 1000 accounts at the implementing client's own domain: not limited as a group.
+    let local = |i| format!("local{i}@example/r");
+    assert_eq!(tally(&mut w, &local, 1000), (1000, 0));
+    // A second later the remote domain has 100 more (100/s).
+    w.advance(1000);
+    let fresh = |i| format!("v{i}@remote.example/r");
+    assert_eq!(tally(&mut w, &fresh, 200), (100, 100));
+}
+
+/// Failed before the error budget: every bad request and every message was answered.
+#[test]
+fn generated_errors_stop_at_the_senders_error_budget() {
+    let mut w = World::new().online(&["a"]);
+    let bad = "<iq type='get' id='b' to='proxy.example' from='bot@example/r'/>";
+    let (mut errors, mut silent) = (0, 0);
+    for _ in 0..200 {
+        match w.send_verdict(bad) {
+            (Some(e), Verdict::Refused(Condition::BadRequest)) => {
+                assert_eq!(silent, 0, "errors stop only once the budget is spent");
+                assert_eq!(condition(&e), "bad-request");
+                errors += 1;
+            }
+            (None, Verdict::Dropped("over the sender's error budget")) => silent += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((errors, silent), (50, 150), "the burst, then nothing");
+    // Every error jat-proxy generates draws on the same budget: messages, oversized
+    // stanzas, the target's own requests...
+    let message = "<message from='bot@example/r' to='proxy.example'><body>auto</body></message>";
+    assert_eq!(w.send(message), None);
+    let deep = format!(
+        "<iq type='get' id='d' to='proxy.example' from='bot@example/other'>{}{}</iq>",
+        "<a xmlns='urn:x'>".repeat(100),
+        "</a>".repeat(100)
+    );
+    assert_eq!(
+        w.send_verdict(&deep),
+        (None, Verdict::Dropped("over the sender's error budget"))
+    );
+    // ...but its requests are a budget of their own.
+    assert_eq!(
+        w.send_verdict(&get("ok", "bot@example/r")).1,
+        Verdict::Forwarded
+    );
+    // Another sender is unaffected.
+    let e = w
+        .send("<iq type='get' id='b' to='proxy.example' from='human@example/r'/>")
+        .unwrap();
+    assert_eq!(condition(&e), "bad-request");
+    // The budget refills at the request rate: 10 more errors a second later.
+    w.advance(1000);
+    let errors = (0..20).filter(|_| w.send(bad).is_some()).count();
+    assert_eq!(errors, 10);
+
+    // An auto-responder that answers each error with a message, and jat-proxy that answers
+    // each message with an error: the loop ends after the budget.
+    let mut w = World::new();
+    let mut exchanges = 0;
+    while let Some(e) = w.send(
+        "<message id='auto' from='echo@example/bot' to='proxy.example'><body>?</body></message>",
+    ) {
+        assert_eq!(condition(&e), "feature-not-implemented");
+        exchanges += 1;
+        assert!(exchanges <= 50, "the loop does not end");
+    }
+    assert_eq!(exchanges, 50);
+    // The implementing client's own requests are charged to it alike.
+    let mut w = World::new().online(&["a"]);
+    let own = (0..60)
+        .filter(|i| w.send(&get(&i.to_string(), "impl@example/a")).is_some())
+        .count();
+    assert_eq!(own, 50);
+}
+
+/// Failed before the per-recipient limit: all 1000 replays were delivered.
+#[test]
+fn replaying_one_reply_is_limited_per_recipient() {
+    let mut w = World::new().online(&["a"]);
+    let fwd = w.send(&get("r", "u@example/r")).unwrap();
+    let reply = format!(
+        "<iq type='result' id='r' to='{}' from='impl@example/a'/>",
+        attr(&fwd, "from")
+    );
+    let start = w.clock.mono_ms;
+    let mut delivered = 0u64;
+    for i in 0..1000 {
+        if i > 0 {
+            w.advance(10);
+        }
+        match w.send_verdict(&reply) {
+            (Some(out), Verdict::Reversed) => {
+                assert_eq!(attr(&out, "to"), "u@example/r");
+                delivered += 1;
+            }
+            (None, Verdict::Dropped("over the recipient's reply rate limit")) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let elapsed_s = (w.clock.mono_ms - start) as f64 / 1000.0;
+    let bound = 50.0 + 10.0 * elapsed_s;
+    assert!(delivered as f64 <= bound, "{delivered} > {bound}");
+    assert!(
+        delivered as f64 >= bound - 1.0,
+        "{delivered} well under {bound}"
+    );
+    // Another recipient is unaffected, and so are the first one's requests.
+    let fwd = w.send(&get("s", "v@example/s")).unwrap();
+    let back = w.send(&format!(
+        "<iq type='result' id='s' to='{}' from='impl@example/a'/>",
+        attr(&fwd, "from")
+    ));
+    assert_eq!(attr(&back.unwrap(), "to"), "v@example/s");
+    assert!(w.send(&get("again", "u@example/r")).is_some());
+}
+
+/// Failed before the check: the decrypted address was used as `from` whatever it was.
+#[test]
+fn a_reply_comes_only_from_an_address_at_the_component() {
+    let mut w = World::new().online(&["a"]);
+    let reverse = |w: &mut World, original_to: &str, salt: u8| {
+        let t = token::seal(
+            w.proxy.keys(),
+            Binding {
+                component: "proxy.example",
+                iq_id: "1",
+            },
+            &Contents {
+                sender: "u@example/r",
+                original_to: Some(original_to),
+            },
+            NOW,
+            [salt; SALT_LEN],
+        )
+        .unwrap();
+        w.send_verdict(&format!(
+            "<iq type='result' id='1' to='proxy.example/{t}' from='impl@example/a'/>"
+        ))
+    };
+    for (i, bad) in [
+        "someone@elsewhere.example",
+        "elsewhere.example",
+        "proxy.example.elsewhere.example",
+        "svc@proxy.example.elsewhere.example/r",
+        "elsewhere.example/proxy.example",
+        "@@",
+        "",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(
+            reverse(&mut w, bad, i as u8),
+            (
+                None,
+                Verdict::Dropped("token's original address is not at the component")
+            ),
+            "{bad}"
+        );
+    }
+    for (i, good) in [
+        "proxy.example",
+        "svc@proxy.example",
+        "proxy.example/res",
+        "svc@proxy.example/res",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (out, v) = reverse(&mut w, good, 100 + i as u8);
+        assert_eq!(v, Verdict::Reversed, "{good}");
+        assert_eq!(attr(&out.unwrap(), "from"), good);
+    }
+}
+
+#[test]
+fn bare_is_a_slice_of_the_full_address() {
+    for (full, expected) in [
+        ("u@example/r", "u@example"),
+        ("u@example", "u@example"),
+        ("u@example/a/b@c", "u@example"),
+        ("example/r/x@y", "example"),
+        ("example", "example"),
+    ] {
+        let j = Jid::new(full).unwrap();
+        assert_eq!(bare(&j), expected);
+        assert_eq!(bare(&j), j.to_bare().as_str());
+    }
 }
