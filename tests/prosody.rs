@@ -5,7 +5,7 @@
 //! drives the exchange of mod_client_proxy's README through it.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use testkit::client::{reply_to, stanza, xml};
 use testkit::deployment::{
@@ -84,6 +84,7 @@ async fn both_resources_serve_and_never_learn_the_sender() {
         tokio::select! {
             Some(req) = a.recv_request(WAIT) => { a.send(reply_to(&req, "result", "")); per_resource[0] += 1; }
             Some(req) = b.recv_request(WAIT) => { b.send(reply_to(&req, "result", "")); per_resource[1] += 1; }
+            else => panic!("{answered} of {n} requests reached the implementing client"),
         }
         answered += 1;
     }
@@ -232,7 +233,23 @@ async fn idle_longer_than_a_minute_keeps_the_session() {
     let d = Deployment::start_configured(&binary(), "probe_interval_secs = 86400", "");
     let mut imp = d.implementing("a").await;
     let mut user = d.client("user", "abc").await;
-    tokio::time::sleep(Duration::from_secs(75)).await;
+    let idle = Instant::now();
+    // The first ping is due after 60 s of silence: wait for it (not for a fixed time), then
+    // stay idle until well past the soft timeout.
+    while !d.proxy.log().contains("sending keepalive ping") {
+        assert!(
+            idle.elapsed() < Duration::from_secs(180),
+            "no keepalive ping after {:?} idle:\n{}",
+            idle.elapsed(),
+            d.proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pinged_after = idle.elapsed();
+    tokio::time::sleep(Duration::from_secs(75).saturating_sub(idle.elapsed())).await;
+    testkit::report(&format!(
+        "idle session: first keepalive ping {pinged_after:.1?} after the clients logged in"
+    ));
     user.send_xml(&request("after-idle"));
     let req = imp
         .recv_request(WAIT)
@@ -242,11 +259,6 @@ async fn idle_longer_than_a_minute_keeps_the_session() {
     assert!(user.recv_iq("after-idle", WAIT).await.is_some());
     assert_eq!(d.prosody.component_logins(), 1, "{}", d.prosody.log());
     assert_eq!(d.proxy.sessions(), 1, "{}", d.proxy.log());
-    assert!(
-        d.proxy.log().contains("sending keepalive ping"),
-        "{}",
-        d.proxy.log()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,19 +102,24 @@ impl Deployment {
     }
 }
 
-/// Waits until `proxy` has seen `resource` of the implementing client come online.
+/// Waits until `proxy` has seen `resource` of the implementing client come online in its
+/// current session (what it learnt in an earlier session, before a reconnection, it has
+/// forgotten).
 pub fn wait_resource(proxy: &ProxyProcess, resource: &str) {
     let needle = format!("resource=\"{resource}\"");
     let seen = crate::wait_until(WAIT, || {
-        proxy
-            .log()
+        let log = proxy.log();
+        let current = log
+            .rfind("session established")
+            .map_or(log.as_str(), |i| &log[i..]);
+        current
             .lines()
             .any(|l| l.contains("resource available") && l.contains(&needle))
             .then_some(())
     });
     assert!(
         seen.is_some(),
-        "proxy never saw impl/{resource}:\n{}",
+        "proxy never saw impl/{resource} in its current session:\n{}",
         proxy.log()
     );
 }

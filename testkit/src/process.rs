@@ -11,6 +11,7 @@ pub struct Owned {
     child: Option<Child>,
     name: String,
     output: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Owned {
@@ -33,6 +34,7 @@ impl Owned {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({}): {e}", program.display()));
         let output = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
         for pipe in [
             child
                 .stdout
@@ -47,19 +49,20 @@ impl Owned {
         .flatten()
         {
             let out = output.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines() {
                     let Ok(line) = line else { break };
                     let mut o = out.lock().unwrap();
                     o.push_str(&line);
                     o.push('\n');
                 }
-            });
+            }));
         }
         Owned {
             child: Some(child),
             name: name.to_owned(),
             output,
+            readers,
         }
     }
 
@@ -84,19 +87,32 @@ impl Owned {
         }
     }
 
-    /// Waits up to `limit` for the process to exit.
+    /// Waits up to `limit` for the process to exit; once it has, [`Owned::output`] holds
+    /// everything it printed (its last lines are read from the pipes before this returns).
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
         let start = std::time::Instant::now();
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
+                self.drain_output();
                 return Some(status);
             }
             if start.elapsed() >= limit {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (a few seconds at most: a grandchild may hold the pipes open) until the output
+    /// of an exited process has been read to its end.
+    fn drain_output(&mut self) {
+        let start = std::time::Instant::now();
+        while self.readers.iter().any(|r| !r.is_finished())
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -146,3 +146,14 @@ pub fn run_to_end(binary: &Path, args: &[&str]) -> (ExitStatus, String) {
         ),
     )
 }
+
+/// The value of the field `name` in one line of jat-proxy's log (tracing's format:
+/// `message name="value" other=value`), quotes removed.
+pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {name}="))? + name.len() + 2;
+    let rest = &line[start..];
+    match rest.strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next(),
+        None => rest.split_whitespace().next(),
+    }
+}
