@@ -592,8 +592,10 @@ impl Wire {
     fn finish(self) {
         let mut header = Vec::new();
         Writer::new().header(&[("to", COMPONENT)], &mut header);
+        // Nothing written can be longer than all of it (and the parser's buffer is sized
+        // by this limit: no larger than needed).
         let mut r = Reader::new(Limits {
-            max_bytes: 1 << 26,
+            max_bytes: self.out.len().max(4096),
             max_depth: 1 << 16,
         });
         r.feed(&header).expect("our header is well-formed");

@@ -30,6 +30,9 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// Bytes read from the socket at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// At shutdown, what is read of what the server already sent, at most (in time and bytes).
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+const DRAIN_BYTES: usize = 4 * 1024 * 1024;
 /// How long the server may take to send its footer after ours.
 const FOOTER_WAIT: Duration = Duration::from_secs(2);
 
@@ -244,17 +247,17 @@ impl Conn {
         self.reader.feed(&self.buf[..n]).map_err(|e| e.to_string())
     }
 
-    /// Gives the reader what the socket already holds, without waiting. False when there
-    /// was nothing.
-    fn read_ready(&mut self) -> Result<bool, String> {
+    /// Gives the reader what the socket already holds, without waiting: how many bytes
+    /// (0 when there was nothing).
+    fn read_ready(&mut self) -> Result<usize, String> {
         match self.rd.try_read(&mut self.buf) {
             Ok(0) => Err("connection closed".into()),
             Ok(n) => self
                 .reader
                 .feed(&self.buf[..n])
-                .map(|()| true)
+                .map(|()| n)
                 .map_err(|e| e.to_string()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
             Err(e) => Err(format!("cannot read: {e}")),
         }
     }
@@ -448,19 +451,30 @@ fn handle_frames(
 /// stanzas are counted and logged. Every step is bounded in time.
 async fn close(mut conn: Conn, proxy: &mut Proxy, rng: &mut OsRandom) {
     let mut urgent_probe = Instant::now();
+    // What the socket already holds, handled as it is read; bounded, so that a server that
+    // keeps sending cannot hold the shutdown up.
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    let mut drained = 0usize;
     loop {
+        if let Err(e) = handle_frames(&mut conn, proxy, rng, &mut urgent_probe) {
+            debug!("closing the stream: {e}");
+            return;
+        }
+        if Instant::now() >= deadline || drained >= DRAIN_BYTES {
+            warn!(
+                drained,
+                "still receiving at shutdown: closing without reading further"
+            );
+            break;
+        }
         match conn.read_ready() {
-            Ok(true) => {}
-            Ok(false) => break,
+            Ok(0) => break,
+            Ok(n) => drained += n,
             Err(e) => {
                 debug!("closing the stream: {e}");
                 break;
             }
         }
-    }
-    if let Err(e) = handle_frames(&mut conn, proxy, rng, &mut urgent_probe) {
-        debug!("closing the stream: {e}");
-        return;
     }
     conn.writer.footer(&mut conn.out);
     if let Err(e) = conn.flush().await {

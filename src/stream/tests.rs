@@ -283,3 +283,18 @@ fn assert_same(a: &Element, b: &Element) {
         assert_same(x, y);
     }
 }
+
+#[test]
+fn a_flood_of_small_stanzas_in_every_chunking() {
+    let probe = "<presence type='probe' from='impl@localhost/a' to='proxy.localhost'/>";
+    let mut bytes = HEADER.as_bytes().to_vec();
+    bytes.extend_from_slice(b"<handshake/>");
+    for _ in 0..300 {
+        bytes.extend_from_slice(probe.as_bytes());
+    }
+    for chunk in 1..=150 {
+        let frames =
+            read_all(&bytes, chunk, limits()).unwrap_or_else(|e| panic!("chunk {chunk}: {e}"));
+        assert_eq!(stanzas(&frames).len(), 301, "chunk {chunk}");
+    }
+}
