@@ -396,6 +396,11 @@ impl Framer {
         if self.root_end.is_none() && self.exceeded.is_none() {
             self.root_end = Some(self.buf.len());
         }
+        // The element's level in the stanza (the stanza being level 1) is the stream depth
+        // of its parent, whether or not it is empty.
+        if self.depth > self.limits.max_depth {
+            self.exceed(Exceeded::Depth(self.limits.max_depth));
+        }
         if empty {
             if self.depth == 1 {
                 self.element_done();
@@ -403,9 +408,6 @@ impl Framer {
             return Ok(());
         }
         self.depth += 1;
-        if self.depth - 1 > self.limits.max_depth {
-            self.exceed(Exceeded::Depth(self.limits.max_depth));
-        }
         Ok(())
     }
 

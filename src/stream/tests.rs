@@ -298,3 +298,23 @@ fn a_flood_of_small_stanzas_in_every_chunking() {
         assert_eq!(stanzas(&frames).len(), 301, "chunk {chunk}");
     }
 }
+
+#[test]
+fn an_empty_element_past_the_depth_limit_counts() {
+    let small = Limits {
+        max_bytes: 4096,
+        max_depth: 3,
+    };
+    // Levels: iq 1, a 2, b 3, c 4 (empty).
+    let bytes = stream_of(&[
+        "<iq id='over'><a><b><c/></b></a></iq>".into(),
+        "<iq id='within'><a><b/></a></iq>".into(),
+    ]);
+    let frames = read_all(&bytes, 5, small).unwrap();
+    let s = stanzas(&frames);
+    let Inbound::Oversized(o) = s[0] else {
+        panic!("{:?}", s[0])
+    };
+    assert_eq!(o.exceeded, Exceeded::Depth(3));
+    assert_eq!(element(s[1]).attr("id"), Some("within"));
+}
