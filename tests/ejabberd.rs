@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use testkit::client::{Answer, Client, Element, reply_to};
-use testkit::deployment::{COMPONENT, SECRET, WAIT, error_condition, request};
+use testkit::deployment::{COMPONENT, WAIT, ejabberd_with_proxies, error_condition, request};
 use testkit::ejabberd::Ejabberd;
-use testkit::proxy::{ConfigSpec, ProxyProcess, write_config};
+use testkit::proxy::ProxyProcess;
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_jat-proxy"))
@@ -22,32 +22,13 @@ struct Cluster {
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
-        let ejabberd = Ejabberd::start(&[(COMPONENT, SECRET)]);
-        for u in ["impl", "user"] {
-            ejabberd.register(u, "pw");
-        }
-        let keys = ejabberd.dir().join("keys.toml");
-        let config = write_config(
-            ejabberd.dir(),
-            "jat-proxy.toml",
-            &ConfigSpec {
-                component: COMPONENT,
-                server: ejabberd.component,
-                secret: SECRET,
-                target: "impl@localhost",
-                key_file: &keys,
-                proxy_extra: "probe_interval_secs = 1",
-                // One user sends 50 requests/s here: no rate limit in the way.
-                extra: "\n[limits]\nrate_per_sender = 10000.0\nrate_burst = 10000\n",
-            },
+        let (ejabberd, proxies) = ejabberd_with_proxies(
+            &binary(),
+            n,
+            "probe_interval_secs = 1",
+            // One user sends 50 requests/s here: no rate limit in the way.
+            "\n[limits]\nrate_per_sender = 10000.0\nrate_burst = 10000\n",
         );
-        let proxies: Vec<ProxyProcess> = (0..n)
-            .map(|_| ProxyProcess::start(&binary(), &config))
-            .collect();
-        // Three logins at once to an Erlang server on a busy machine: a generous limit.
-        for p in &proxies {
-            p.wait_sessions(1, Duration::from_secs(30));
-        }
         Cluster { ejabberd, proxies }
     }
 

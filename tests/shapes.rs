@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 
 use testkit::client::{Answer, Client, Element, reply_to, stanza};
-use testkit::deployment::{COMPONENT, Deployment, SECRET, WAIT, error_condition, wait_resource};
-use testkit::ejabberd::Ejabberd;
-use testkit::proxy::{ConfigSpec, ProxyProcess, write_config};
+use testkit::deployment::{
+    COMPONENT, Deployment, WAIT, ejabberd_with_proxies, error_condition, wait_resource,
+};
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_jat-proxy"))
@@ -179,26 +179,9 @@ async fn every_shape_through_prosody_with_one_login() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_shape_through_ejabberd_with_one_login() {
-    let ejabberd = Ejabberd::start(&[(COMPONENT, SECRET)]);
-    for u in ["impl", "user"] {
-        ejabberd.register(u, "pw");
-    }
-    let keys = ejabberd.dir().join("keys.toml");
-    let config = write_config(
-        ejabberd.dir(),
-        "jat-proxy.toml",
-        &ConfigSpec {
-            component: COMPONENT,
-            server: ejabberd.component,
-            secret: SECRET,
-            target: "impl@localhost",
-            key_file: &keys,
-            proxy_extra: "probe_interval_secs = 1",
-            extra: LIMITS,
-        },
-    );
-    let proxy = ProxyProcess::start(&binary(), &config);
-    proxy.wait_sessions(1, WAIT);
+    let (ejabberd, mut proxies) =
+        ejabberd_with_proxies(&binary(), 1, "probe_interval_secs = 1", LIMITS);
+    let proxy = proxies.remove(0);
     let login = |user: &'static str, resource: &'static str, answer| {
         Client::login(ejabberd.c2s, "localhost", user, "pw", resource, answer)
     };

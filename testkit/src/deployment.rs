@@ -151,3 +151,41 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// ejabberd with the accounts `impl` and `user` (password `pw`), and `n` jat-proxy instances
+/// in front of `impl@localhost` sharing one configuration and key file (ejabberd spreads the
+/// component domain over their connections). `proxy_extra` goes into the `[proxy]` section,
+/// `extra` is appended.
+pub fn ejabberd_with_proxies(
+    binary: &Path,
+    n: usize,
+    proxy_extra: &str,
+    extra: &str,
+) -> (crate::ejabberd::Ejabberd, Vec<ProxyProcess>) {
+    let ejabberd = crate::ejabberd::Ejabberd::start(&[(COMPONENT, SECRET)]);
+    for u in ["impl", "user"] {
+        ejabberd.register(u, "pw");
+    }
+    let keys = ejabberd.dir().join("keys.toml");
+    let config = write_config(
+        ejabberd.dir(),
+        "jat-proxy.toml",
+        &ConfigSpec {
+            component: COMPONENT,
+            server: ejabberd.component,
+            secret: SECRET,
+            target: "impl@localhost",
+            key_file: &keys,
+            proxy_extra,
+            extra,
+        },
+    );
+    let proxies: Vec<ProxyProcess> = (0..n)
+        .map(|_| ProxyProcess::start(binary, &config))
+        .collect();
+    // Several logins at once to an Erlang server on a busy machine: a generous limit.
+    for p in &proxies {
+        p.wait_sessions(1, Duration::from_secs(30));
+    }
+    (ejabberd, proxies)
+}
