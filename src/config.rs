@@ -542,10 +542,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let key_file = key_file(&raw.keys, &err)?;
     let key_reload_interval = key_reload_interval(&raw.keys, &err)?;
     let l = &raw.limits;
-    if !(4096..=64 * 1024 * 1024).contains(&l.max_stanza_bytes) {
+    // At most 16 MiB: the parser sizes its buffers by this limit (and reallocates one at
+    // every entity reference), which must stay a heap allocation, not an mmap per reference.
+    if !(4096..=16 * 1024 * 1024).contains(&l.max_stanza_bytes) {
         return Err(err(
             "limits.max_stanza_bytes",
-            "out of range 4096..=67108864".into(),
+            "out of range 4096..=16777216".into(),
         ));
     }
     if !(4..=1024).contains(&l.max_depth) {

@@ -33,6 +33,8 @@ const READ_CHUNK: usize = 64 * 1024;
 /// At shutdown, what is read of what the server already sent, at most (in time and bytes).
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 const DRAIN_BYTES: usize = 4 * 1024 * 1024;
+/// At shutdown, the longest any one write may take.
+const CLOSE_WRITE_LIMIT: Duration = Duration::from_secs(5);
 /// How long the server may take to send its footer after ours.
 const FOOTER_WAIT: Duration = Duration::from_secs(2);
 
@@ -451,6 +453,9 @@ fn handle_frames(
 /// stanzas are counted and logged. Every step is bounded in time.
 async fn close(mut conn: Conn, proxy: &mut Proxy, rng: &mut OsRandom) {
     let mut urgent_probe = Instant::now();
+    // Each write of the shutdown gets at most a few seconds, whatever keepalive_timeout is:
+    // a server that stops reading cannot hold SIGTERM up for long.
+    conn.write_timeout = conn.write_timeout.min(CLOSE_WRITE_LIMIT);
     // What the socket already holds, handled as it is read; bounded, so that a server that
     // keeps sending cannot hold the shutdown up.
     let deadline = Instant::now() + DRAIN_LIMIT;

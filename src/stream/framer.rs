@@ -8,9 +8,8 @@
 //! never held whole and no token of it (an attribute value or a name of any length) ever
 //! reaches the parser, whose own token limit would otherwise end the stream.
 //!
-//! Comments and processing instructions inside an element are dropped here (they carry
-//! nothing XMPP cares about, and the parser rejects processing instructions); CDATA
-//! sections are kept. The framer does not check well-formedness beyond what finding
+//! Comments and CDATA sections inside an element are kept (the parser discards comments);
+//! a processing instruction, which the parser would reject, becomes a comment. The framer does not check well-formedness beyond what finding
 //! boundaries needs: the parser checks every element it is given.
 
 use std::collections::VecDeque;
@@ -25,8 +24,8 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub enum Piece {
     /// The stream header's start tag, as received.
     Header(Vec<u8>),
-    /// A complete top-level element within the limits (comments and processing instructions
-    /// removed).
+    /// A complete top-level element within the limits (processing instructions turned into
+    /// comments).
     Element(Vec<u8>),
     /// A top-level element over a limit. `head` is its start tag when that alone was within
     /// the byte limit.
@@ -268,10 +267,9 @@ impl Framer {
                     b'-' => Lex::Comment {
                         dashes: (dashes + 1).min(2),
                     },
-                    b'>' if dashes >= 2 => {
-                        self.drop_markup();
-                        Lex::Text
-                    }
+                    // Comments are kept: the parser discards them itself, and cutting them
+                    // out could join `]]` and `>` of the text around them.
+                    b'>' if dashes >= 2 => Lex::Text,
                     _ => Lex::Comment { dashes: 0 },
                 };
                 Ok(1)
@@ -281,7 +279,7 @@ impl Framer {
                 self.take(&input[..1])?;
                 self.lex = match b {
                     b'>' if question => {
-                        self.drop_markup();
+                        self.pi_to_comment();
                         Lex::Text
                     }
                     _ => Lex::Pi {
@@ -361,10 +359,26 @@ impl Framer {
         }
     }
 
-    /// A comment or PI ended: it is not kept.
-    fn drop_markup(&mut self) {
-        if self.keeping() {
-            self.buf.truncate(self.markup_start);
+    /// A processing instruction ended: the parser refuses them, so it becomes a comment of
+    /// the same length (dropping it could join `]]` and `>` of the text around it). The
+    /// shortest PIs (5 and 6 bytes) become the shortest comment, 7 bytes: the difference
+    /// counts against the byte limit, so what is held never exceeds it.
+    fn pi_to_comment(&mut self) {
+        if !self.keeping() || self.collecting != Collecting::Element {
+            return;
+        }
+        const SHORTEST: usize = b"<!---->".len();
+        let len = self.buf.len() - self.markup_start;
+        self.buf.truncate(self.markup_start);
+        self.buf.extend_from_slice(b"<!--");
+        self.buf
+            .extend(std::iter::repeat_n(b' ', len.saturating_sub(SHORTEST)));
+        self.buf.extend_from_slice(b"-->");
+        if len < SHORTEST {
+            self.count += SHORTEST - len;
+            if self.count > self.limits.max_bytes {
+                self.exceed(Exceeded::Bytes(self.limits.max_bytes));
+            }
         }
     }
 

@@ -236,7 +236,11 @@ impl Reader {
         let (Some(head), Some(header)) = (head, self.header.as_deref()) else {
             return Ok(o);
         };
-        let mut p = parser(self.framer.limits());
+        // Sized for the start tag only (it is within the limit), not for a whole stanza.
+        let mut p = parser(Limits {
+            max_bytes: head.len(),
+            max_depth: self.framer.limits().max_depth,
+        });
         for mut input in [header, &head[..]] {
             loop {
                 match p.parse(&mut input, false) {

@@ -318,3 +318,20 @@ fn an_empty_element_past_the_depth_limit_counts() {
     assert_eq!(o.exceeded, Exceeded::Depth(3));
     assert_eq!(element(s[1]).attr("id"), Some("within"));
 }
+
+#[test]
+fn a_comment_or_pi_between_brackets_and_gt_is_not_a_cdata_end() {
+    // Well-formed: `]]` and `>` are in two runs of text, separated by markup.
+    let bytes = stream_of(&[
+        "<message to='c.example'><body>]]<!-- x -->></body></message>".into(),
+        "<message to='c.example'><body>]]<?pi x?>></body></message>".into(),
+        "<message to='c.example'><body>]<?a?>]>x</body></message>".into(),
+    ]);
+    for chunk in [1, 4096] {
+        let frames = read_all(&bytes, chunk, limits()).unwrap();
+        let s = stanzas(&frames);
+        assert_eq!(element(s[0]).children().next().unwrap().text(), "]]>");
+        assert_eq!(element(s[1]).children().next().unwrap().text(), "]]>");
+        assert_eq!(element(s[2]).children().next().unwrap().text(), "]]>x");
+    }
+}
