@@ -484,6 +484,11 @@ impl Proxy {
             );
             (Some(el), Verdict::Refused(Condition::PolicyViolation))
         };
+        if o.name == "iq" && o.id.is_none() {
+            // An error without the request's id answers nothing (its id alone may have been
+            // what was too long).
+            return dropped("oversized iq without a readable id");
+        }
         match (o.name.as_str(), o.type_.as_deref()) {
             ("iq", Some("get" | "set")) => error_to_sender("iq"),
             ("iq", Some("result" | "error")) => {

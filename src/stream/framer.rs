@@ -16,6 +16,10 @@ use std::collections::VecDeque;
 
 use crate::inbound::{Exceeded, Limits};
 
+/// When a top-level start tag alone is over the byte limit, its attributes of at most this
+/// many bytes (addresses, id, type, namespace declarations) are kept to answer it.
+pub const SUMMARY_ATTR_BYTES: usize = 4096;
+
 /// The most bytes the stream header (`<stream:stream ...>`) may take.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
@@ -96,8 +100,16 @@ pub struct Framer {
     markup_start: usize,
     /// Length of the top-level element's start tag in `buf`, once complete.
     root_end: Option<usize>,
-    /// Set when the current element broke a limit: nothing more is kept.
+    /// Set when the current element broke a limit: nothing more is kept (but see `summary`).
     exceeded: Option<Exceeded>,
+    /// Where in `buf` the top-level start tag's current attribute begins (0: its name is not
+    /// complete yet).
+    attr_start: usize,
+    /// The top-level start tag broke the byte limit: its name and its attributes of at most
+    /// [`SUMMARY_ATTR_BYTES`] are still kept, so that the stanza can be answered.
+    summary: bool,
+    /// In `summary`, the current attribute is too long and is being dropped.
+    skip_attr: bool,
     closed: bool,
     out: VecDeque<Piece>,
 }
@@ -115,6 +127,9 @@ impl Framer {
             markup_start: 0,
             root_end: None,
             exceeded: None,
+            attr_start: 0,
+            summary: false,
+            skip_attr: false,
             closed: false,
             out: VecDeque::new(),
         }
@@ -181,6 +196,15 @@ impl Framer {
             Collecting::Element => {
                 self.count = self.count.saturating_add(bytes.len());
                 if self.exceeded.is_some() {
+                    if self.summary && !self.skip_attr {
+                        self.buf.extend_from_slice(bytes);
+                        if self.buf.len() - self.attr_start > SUMMARY_ATTR_BYTES
+                            || self.buf.len() > self.limits.max_bytes
+                        {
+                            self.buf.truncate(self.attr_start);
+                            self.skip_attr = true;
+                        }
+                    }
                     return Ok(());
                 }
                 if self.count > self.limits.max_bytes {
@@ -194,9 +218,33 @@ impl Framer {
     }
 
     fn exceed(&mut self, what: Exceeded) {
-        if self.exceeded.is_none() {
-            self.exceeded = Some(what);
-            self.buf.truncate(self.root_end.unwrap_or(0));
+        if self.exceeded.is_some() {
+            return;
+        }
+        self.exceeded = Some(what);
+        match self.root_end {
+            Some(end) => self.buf.truncate(end),
+            // Inside the top-level start tag, past its name: summarise it.
+            None if self.attr_start > 0 => {
+                self.buf.truncate(self.attr_start);
+                self.summary = true;
+                self.skip_attr = true;
+            }
+            None => self.buf.truncate(0),
+        }
+    }
+
+    /// Whether the lexer is in the top-level element's start tag.
+    fn in_root_tag(&self) -> bool {
+        self.collecting == Collecting::Element && self.root_end.is_none() && self.depth == 1
+    }
+
+    /// A quoted attribute value of the top-level start tag ended: the next attribute starts
+    /// here.
+    fn attribute_done(&mut self) {
+        if self.in_root_tag() && (self.exceeded.is_none() || self.summary) {
+            self.skip_attr = false;
+            self.attr_start = self.buf.len();
         }
     }
 
@@ -310,6 +358,7 @@ impl Framer {
                                 quote: 0,
                                 slash: false,
                             };
+                            self.attribute_done();
                             Ok(i + 1)
                         }
                         None => {
@@ -320,6 +369,14 @@ impl Framer {
                 }
                 let b = input[0];
                 self.take(&input[..1])?;
+                if b.is_ascii_whitespace()
+                    && self.attr_start == 0
+                    && self.exceeded.is_none()
+                    && self.in_root_tag()
+                {
+                    // The top-level element's name is complete.
+                    self.attr_start = self.buf.len() - 1;
+                }
                 match b {
                     b'\'' | b'"' => {
                         self.lex = Lex::StartTag {
@@ -387,6 +444,9 @@ impl Framer {
         self.count = 0;
         self.root_end = None;
         self.exceeded = None;
+        self.attr_start = 0;
+        self.summary = false;
+        self.skip_attr = false;
         self.collecting = match self.depth {
             0 => Collecting::Header,
             1 => Collecting::Element,
@@ -406,6 +466,18 @@ impl Framer {
             self.out
                 .push_back(Piece::Header(std::mem::take(&mut self.buf)));
             return Ok(());
+        }
+        if self.summary {
+            // The summary of a start tag over the limit: what was kept, closed.
+            if self.skip_attr {
+                self.buf.truncate(self.attr_start);
+            }
+            if self.buf.last() != Some(&b'>') {
+                self.buf.push(b'>');
+            }
+            self.root_end = Some(self.buf.len());
+            self.summary = false;
+            self.skip_attr = false;
         }
         if self.root_end.is_none() && self.exceeded.is_none() {
             self.root_end = Some(self.buf.len());

@@ -188,11 +188,15 @@ fn over_the_limits_is_skipped_with_its_header_and_the_stream_goes_on() {
             (o.id.as_deref(), o.exceeded),
             (Some("deep"), Exceeded::Depth(8))
         );
-        // A start tag over the limit by itself: nothing of it is kept.
+        // A start tag over the limit by itself: its short attributes are kept, not the id.
         let Inbound::Oversized(o) = s[2] else {
             panic!()
         };
-        assert_eq!((o.id.as_deref(), o.name.as_str()), (None, ""));
+        assert_eq!((o.id.as_deref(), o.name.as_str()), (None, "iq"));
+        assert_eq!(
+            (o.from.as_deref(), o.type_.as_deref()),
+            (Some("u@e/r"), Some("set"))
+        );
         let Inbound::Oversized(o) = s[3] else {
             panic!()
         };
@@ -333,5 +337,54 @@ fn a_comment_or_pi_between_brackets_and_gt_is_not_a_cdata_end() {
         assert_eq!(element(s[0]).children().next().unwrap().text(), "]]>");
         assert_eq!(element(s[1]).children().next().unwrap().text(), "]]>");
         assert_eq!(element(s[2]).children().next().unwrap().text(), "]]>x");
+    }
+}
+
+#[test]
+fn a_start_tag_over_the_limit_keeps_its_short_attributes() {
+    let small = Limits {
+        max_bytes: 4096,
+        max_depth: 8,
+    };
+    let big = "j".repeat(100_000);
+    let spaces = " ".repeat(100_000);
+    let bytes = stream_of(&[
+        // The long attribute last, first, in the middle; long whitespace; and an element
+        // name over the limit (nothing to keep).
+        format!("<iq type='get' id='a' from='u@e/r' to='proxy.example' junk='{big}'/>"),
+        format!(
+            "<iq junk=\"{big}\" type='get' id='b' from='u@e/r' to='proxy.example'><q xmlns='urn:x'/></iq>"
+        ),
+        format!("<iq type='get' junk='{big}' id='c' from='u@e/r' to='proxy.example'>t</iq>"),
+        format!("<iq type='get' id='d'{spaces}from='u@e/r' to='proxy.example'/>"),
+        format!("<n{big}/>"),
+        "<iq type='get' id='after' to='proxy.example'/>".into(),
+    ]);
+    for chunk in [1, 7, 4096] {
+        let frames = read_all(&bytes, chunk, small).unwrap();
+        let s = stanzas(&frames);
+        assert_eq!(s.len(), 6);
+        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+            let Inbound::Oversized(o) = s[i] else {
+                panic!("{i}")
+            };
+            assert_eq!(o.exceeded, Exceeded::Bytes(4096));
+            assert_eq!(o.ns, "jabber:component:accept");
+            assert_eq!(o.name, "iq");
+            assert_eq!(o.id.as_deref(), Some(id));
+            assert_eq!(o.type_.as_deref(), Some("get"));
+            assert_eq!(o.from.as_deref(), Some("u@e/r"));
+            assert_eq!(o.to.as_deref(), Some("proxy.example"));
+        }
+        // Long whitespace: what came before it is kept.
+        let Inbound::Oversized(o) = s[3] else {
+            panic!()
+        };
+        assert_eq!((o.name.as_str(), o.id.as_deref()), ("iq", Some("d")));
+        let Inbound::Oversized(o) = s[4] else {
+            panic!()
+        };
+        assert_eq!(o.name, "");
+        assert_eq!(element(s[5]).attr("id"), Some("after"));
     }
 }
