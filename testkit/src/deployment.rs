@@ -48,20 +48,8 @@ impl Deployment {
         for user in ["impl", "user", "mallory", "flood"] {
             prosody.register(user, "pw");
         }
-        let keys = prosody.dir().join("keys.toml");
-        let config = write_config(
-            prosody.dir(),
-            "jat-proxy.toml",
-            &ConfigSpec {
-                component: COMPONENT,
-                server: prosody.component,
-                secret: SECRET,
-                target: "impl@localhost",
-                key_file: &keys,
-                proxy_extra,
-                extra: extra_config,
-            },
-        );
+        let (config, keys) =
+            standard_config(prosody.dir(), prosody.component, proxy_extra, extra_config);
         let proxy = ProxyProcess::start(binary, &config);
         proxy.wait_sessions(1, WAIT);
         Deployment {
@@ -166,20 +154,7 @@ pub fn ejabberd_with_proxies(
     for u in ["impl", "user"] {
         ejabberd.register(u, "pw");
     }
-    let keys = ejabberd.dir().join("keys.toml");
-    let config = write_config(
-        ejabberd.dir(),
-        "jat-proxy.toml",
-        &ConfigSpec {
-            component: COMPONENT,
-            server: ejabberd.component,
-            secret: SECRET,
-            target: "impl@localhost",
-            key_file: &keys,
-            proxy_extra,
-            extra,
-        },
-    );
+    let (config, _) = standard_config(ejabberd.dir(), ejabberd.component, proxy_extra, extra);
     let proxies: Vec<ProxyProcess> = (0..n)
         .map(|_| ProxyProcess::start(binary, &config))
         .collect();
@@ -188,4 +163,29 @@ pub fn ejabberd_with_proxies(
         p.wait_sessions(1, Duration::from_secs(30));
     }
     (ejabberd, proxies)
+}
+
+/// The configuration of a test deployment, written into `dir`: the component at `server`
+/// in front of `impl@localhost`, key file `dir/keys.toml`. Returns (config, key file).
+fn standard_config(
+    dir: &Path,
+    server: std::net::SocketAddr,
+    proxy_extra: &str,
+    extra: &str,
+) -> (PathBuf, PathBuf) {
+    let keys = dir.join("keys.toml");
+    let config = write_config(
+        dir,
+        "jat-proxy.toml",
+        &ConfigSpec {
+            component: COMPONENT,
+            server,
+            secret: SECRET,
+            target: "impl@localhost",
+            key_file: &keys,
+            proxy_extra,
+            extra,
+        },
+    );
+    (config, keys)
 }
