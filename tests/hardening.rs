@@ -293,6 +293,10 @@ async fn a_flood_is_rate_limited_and_others_are_still_served() {
     // budget of errors (the same 5/s, 20 at once) is spent — nothing, which jat-proxy logs.
     let budget_spent = "the sender's error budget is spent";
     let silent = || d.proxy.log().matches(budget_spent).count();
+    // The flooder's own replies are limited per recipient with the same rate and burst; a
+    // reply that comes back sooner than its request's token did is dropped, and logged.
+    let over_replies = "reply dropped: over the recipient's rate limit";
+    let replies_dropped = || d.proxy.log().matches(over_replies).count();
     let asked = tokio::time::Instant::now();
     let (mut results, mut limited) = (0, 0);
     let mut innocent = None;
@@ -300,7 +304,7 @@ async fn a_flood_is_rate_limited_and_others_are_still_served() {
     // implementing client after the flood, maybe after the last refusal of the flood
     // reached the flooder, and the loop is what answers it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while (results + limited + silent() < n || innocent.is_none())
+    while (results + limited + silent() + replies_dropped() < n || innocent.is_none())
         && tokio::time::Instant::now() < deadline
     {
         tokio::select! {
@@ -332,15 +336,24 @@ async fn a_flood_is_rate_limited_and_others_are_still_served() {
         late.map(|e| xml(&e)).unwrap_or_default()
     );
     let silent = silent();
+    let replies_dropped = replies_dropped();
     testkit::report(&format!(
         "flood: {n} requests sent, {results} served, {limited} refused with resource-constraint, \
-         {silent} dropped silently once the error budget was spent, in {elapsed:.1} s; \
-         the other user's request answered after {waited:.0?}"
+         {silent} dropped silently once the error budget was spent, {replies_dropped} replies \
+         dropped over the recipient's reply limit, in {elapsed:.1} s; the other user's request \
+         answered after {waited:.0?}"
     ));
     assert_eq!(
-        results + limited + silent,
+        results + limited + silent + replies_dropped,
         n,
-        "every flood request was served, refused, or dropped for the error budget"
+        "every flood request was served, refused, dropped for the error budget, or its reply \
+         dropped for the recipient's limit:\n{}",
+        d.proxy
+            .log()
+            .lines()
+            .filter(|l| l.contains("reply dropped") || l.contains("request forwarded"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(limited > 0, "the rate limit engaged");
     assert!(results >= 20, "the burst was served");
