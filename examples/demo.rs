@@ -41,7 +41,8 @@ async fn main() {
     let (keys, _) =
         jat_proxy::keys::load_or_create(&config.key_file, &mut rng, jat_proxy::session::unix_now())
             .expect("key file");
-    tokio::spawn(jat_proxy::session::run(config, keys));
+    let start = jat_proxy::session::Start::fresh("demo.toml".into()).expect("the running binary");
+    tokio::spawn(jat_proxy::session::run(config, keys, start));
 
     // The implementing client: two resources, accepting the proxy's subscription.
     let mut a = login(&prosody, "impl", "a", Answer::Subscriptions).await;

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use jat_proxy::{config, keys, random::OsRandom, session};
-use tracing::{error, info};
+use jat_proxy::{config, keys, random::OsRandom, session, upgrade};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -18,6 +18,9 @@ struct Cli {
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
+    /// Set by the process itself when it execs a new binary for an in-place upgrade.
+    #[arg(long, hide = true, value_name = "PID:SOCKET:RECORD")]
+    handover: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -43,6 +46,8 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // First, before anything opens a descriptor: what an in-place upgrade handed over.
+    let handover = cli.handover.as_deref().map(upgrade::adopt);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -81,6 +86,33 @@ fn main() -> ExitCode {
             Err(e) => config_error(e),
         };
     }
+    let handover = match handover {
+        Some(Ok(h)) => Some(h),
+        Some(Err(e)) => {
+            warn!("{e}: starting afresh");
+            None
+        }
+        None => None,
+    };
+    let program = match upgrade::Program::current() {
+        Ok(p) => p,
+        Err(e) => {
+            error!("cannot tell which binary is running: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let build = upgrade::build_id().unwrap_or_else(|e| {
+        warn!("cannot read the running binary to compute its build id: {e}");
+        "unknown".into()
+    });
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        build = %build,
+        pid = std::process::id(),
+        binary = %program.path().display(),
+        resuming = handover.is_some(),
+        "jat-proxy starting"
+    );
     let keys = match keys::load_or_create(&config.key_file, &mut rng, now) {
         Ok((set, created)) => {
             if created {
@@ -100,7 +132,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(session::run(config, keys)) {
+    let start = session::Start {
+        program,
+        config_path: path,
+        build,
+        handover,
+    };
+    match runtime.block_on(session::run(config, keys, start)) {
         Ok(session::Exit::Signal) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");

@@ -146,6 +146,17 @@ impl Proxy {
         stanza::presence(Some("probe"), &self.settings.component, &self.target)
     }
 
+    /// The stream was handed over by an in-place upgrade: the resources the previous process
+    /// knew are still online as far as the server is concerned (nothing was sent or lost in
+    /// between), so they are served at once instead of relearnt; the periodic probe goes on
+    /// refreshing them. Nothing is sent.
+    pub fn resumed(&mut self, resources: &[String]) {
+        self.resources.clear();
+        for r in resources {
+            self.resources.available(r);
+        }
+    }
+
     /// The session lost its stream: nothing is known about presence any more.
     pub fn disconnected(&mut self) {
         self.resources.clear();

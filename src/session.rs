@@ -2,8 +2,10 @@
 //! signals. Everything the proxy decides is in [`crate::proxy`]; this module only moves
 //! stanzas between the socket and it.
 
+use std::future::Future;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,10 +21,12 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::inbound::{Inbound, Limits};
 use crate::keys::{self, KeySet};
+use crate::notify::Notifier;
 use crate::proxy::{Clock, Proxy, Verdict};
 use crate::random::OsRandom;
 use crate::stanza::{Condition, NS, STREAM_NS};
 use crate::stream::{Frame, Reader, Writer};
+use crate::upgrade::{Handover, Program, Record};
 /// Time allowed for TCP connect, stream header and handshake together.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// A session shorter than this does not reset the backoff: a server that accepts and then
@@ -37,6 +41,36 @@ const DRAIN_BYTES: usize = 4 * 1024 * 1024;
 const CLOSE_WRITE_LIMIT: Duration = Duration::from_secs(5);
 /// How long the server may take to send its footer after ours.
 const FOOTER_WAIT: Duration = Duration::from_secs(2);
+/// How long the new binary may take to check the configuration before an upgrade.
+const CHECK_LIMIT: Duration = Duration::from_secs(20);
+/// How long an upgrade waits for the stream to reach a point it can be handed over at (only
+/// an element over the byte limit being dropped as it streams in holds it up).
+const HANDOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// How the process was started: what an upgrade `exec`s and checks, and what the previous
+/// process handed over, if this one is the result of an upgrade.
+pub struct Start {
+    /// The command to `exec` for an upgrade.
+    pub program: Program,
+    /// The configuration file, checked by the new binary before an upgrade.
+    pub config_path: PathBuf,
+    /// This build's id (for the log and the handover record).
+    pub build: String,
+    /// What the process before the `exec` handed over.
+    pub handover: Option<Handover>,
+}
+
+impl Start {
+    /// A process started afresh (not by an upgrade) with the configuration at `config_path`.
+    pub fn fresh(config_path: PathBuf) -> io::Result<Start> {
+        Ok(Start {
+            program: Program::current()?,
+            config_path,
+            build: crate::upgrade::build_id().unwrap_or_else(|_| "unknown".into()),
+            handover: None,
+        })
+    }
+}
 
 /// Why `run` returned.
 #[derive(Debug)]
@@ -77,6 +111,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -85,11 +120,8 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
-    }
-
-    async fn shutdown(&mut self) {
-        shutdown(&mut self.term, &mut self.int).await
     }
 }
 
@@ -133,51 +165,256 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// Runs the component until SIGTERM/SIGINT: connects, serves, and reconnects whenever the
-/// session is lost.
-pub async fn run(config: Config, keys: KeySet) -> io::Result<Exit> {
+/// Runs the component until SIGTERM/SIGINT: connects (or goes on with the stream an
+/// upgrade handed over), serves, and reconnects whenever the session is lost.
+pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit> {
     let mut signals = Signals::new()?;
+    let notifier = Notifier::from_env();
     let mut rng = OsRandom::new();
     let mut proxy = Proxy::new(config.settings(), keys);
     let mut watch = KeyWatch::new(&config.key_file);
     let mut backoff = Backoff::new(Duration::from_millis(500), config.reconnect_max);
+    let mut resumed = start
+        .handover
+        .and_then(|h| resume(h, &config, &start.build));
+    let upgrader = Upgrader {
+        program: start.program,
+        config_path: start.config_path,
+        build: start.build,
+    };
     loop {
         // Also while disconnected: an instance that takes over must know every key in use.
         watch.reload_if_changed(&config.key_file, &mut proxy, false);
-        let login = tokio::select! {
-            r = login(&config) => r,
-            _ = signals.shutdown() => return Ok(Exit::Signal),
-        };
-        match login {
-            Ok(conn) => {
-                info!(component = %config.jid, server = %config.server, "session established");
-                let started = Instant::now();
-                let end = serve(
-                    conn,
-                    &config,
-                    &mut proxy,
-                    &mut rng,
-                    &mut signals,
-                    &mut watch,
-                )
-                .await;
-                proxy.disconnected();
-                if started.elapsed() >= STABLE_SESSION {
-                    backoff.reset();
-                }
-                match end {
-                    End::Shutdown => return Ok(Exit::Signal),
-                    End::Lost(why) => warn!("session lost: {why}"),
+        let session = match resumed.take() {
+            Some((conn, record)) => {
+                proxy.resumed(&record.resources);
+                Some((conn, record.established_unix_ms, record.upgrades))
+            }
+            None => {
+                notifier.status(&format!("connecting to {}", config.server));
+                let login = tokio::select! {
+                    r = kept_alive(login(&config), &notifier) => r,
+                    _ = shutdown(&mut signals.term, &mut signals.int) => return Ok(stopped(&notifier)),
+                    _ = signals.usr2.recv() => {
+                        upgrader.upgrade_disconnected(&notifier).await;
+                        continue;
+                    }
+                };
+                match login {
+                    Ok(mut conn) => {
+                        info!(component = %config.jid, server = %config.server, "session established");
+                        for el in proxy.connected() {
+                            conn.queue(&el);
+                        }
+                        Some((conn, unix_now_ms(), 0))
+                    }
+                    Err(e) => {
+                        warn!(server = %config.server, "cannot log in: {e}");
+                        None
+                    }
                 }
             }
-            Err(e) => warn!(server = %config.server, "cannot log in: {e}"),
+        };
+        if let Some((conn, established_ms, upgrades)) = session {
+            let stream = Stream {
+                established_ms,
+                upgrades,
+            };
+            let end = serve(
+                conn,
+                &config,
+                &mut proxy,
+                &mut rng,
+                &mut signals,
+                &mut watch,
+                &notifier,
+                &upgrader,
+                stream,
+            )
+            .await;
+            proxy.disconnected();
+            if unix_now_ms().saturating_sub(established_ms) >= STABLE_SESSION.as_millis() as u64 {
+                backoff.reset();
+            }
+            match end {
+                End::Shutdown => return Ok(Exit::Signal),
+                End::Lost(why) => warn!("session lost: {why}"),
+            }
         }
         let delay = backoff.next_delay(&mut rng);
         info!("reconnecting in {} ms", delay.as_millis());
+        notifier.status(&format!(
+            "reconnecting to {} in {} ms",
+            config.server,
+            delay.as_millis()
+        ));
         tokio::select! {
-            _ = sleep(delay) => {}
-            _ = signals.shutdown() => return Ok(Exit::Signal),
+            _ = kept_alive(sleep(delay), &notifier) => {}
+            _ = shutdown(&mut signals.term, &mut signals.int) => return Ok(stopped(&notifier)),
+            _ = signals.usr2.recv() => upgrader.upgrade_disconnected(&notifier).await,
         }
+    }
+}
+
+fn stopped(notifier: &Notifier) -> Exit {
+    notifier.stopping("stopped while not connected");
+    Exit::Signal
+}
+
+/// Runs `f`, sending `WATCHDOG=1` meanwhile if the service manager asked for it: waiting to
+/// log in again is the serving loop's work too.
+async fn kept_alive<F: Future>(f: F, notifier: &Notifier) -> F::Output {
+    let Some(every) = notifier.watchdog_every() else {
+        return f.await;
+    };
+    tokio::pin!(f);
+    loop {
+        tokio::select! {
+            r = &mut f => return r,
+            _ = sleep(every) => notifier.watchdog(),
+        }
+    }
+}
+
+/// The stream an upgrade handed over, ready to be served — or `None` (logged) when it cannot
+/// be used: the record is of another format, or the configuration now names another
+/// component or server. The stream is then closed with a footer and an ordinary login
+/// follows.
+fn resume(h: Handover, config: &Config, build: &str) -> Option<(Conn, Record)> {
+    let unusable = |socket: std::net::TcpStream, why: String| {
+        warn!("cannot go on with the stream handed over: {why}; closing it and logging in again");
+        close_handed_over(socket);
+        None
+    };
+    let record = match h.record {
+        Ok(r) => r,
+        Err(e) => return unusable(h.socket, e.to_string()),
+    };
+    if record.component != config.jid || record.server != config.server {
+        return unusable(
+            h.socket,
+            format!(
+                "it is for {} at {}, the configuration now says {} at {}",
+                record.component, record.server, config.jid, config.server
+            ),
+        );
+    }
+    let conn = h
+        .socket
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(h.socket))
+        .map_err(|e| e.to_string())
+        .and_then(|tcp| {
+            Conn::resumed(
+                tcp,
+                config.limits,
+                config.keepalive_timeout,
+                &record.header,
+                &record.pending,
+            )
+            .map_err(|e| e.to_string())
+        });
+    match conn {
+        Ok(conn) => {
+            info!(
+                component = %config.jid,
+                server = %config.server,
+                build,
+                from_build = %record.build,
+                resources = record.resources.len(),
+                pending_bytes = record.pending.len(),
+                upgrades = record.upgrades,
+                "upgraded in place: going on with the same stream"
+            );
+            Some((conn, record))
+        }
+        Err(e) => {
+            warn!("cannot go on with the stream handed over: {e}; logging in again");
+            None
+        }
+    }
+}
+
+/// Ends a handed-over stream this build cannot go on with: our footer, bounded in time.
+fn close_handed_over(socket: std::net::TcpStream) {
+    use std::io::Write;
+    let _ = socket.set_nonblocking(false);
+    let _ = socket.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = (&socket).write_all(b"</stream:stream>");
+    let _ = socket.shutdown(std::net::Shutdown::Both);
+}
+
+/// What an upgrade needs: the command to `exec`, the configuration the new binary checks.
+struct Upgrader {
+    program: Program,
+    config_path: PathBuf,
+    build: String,
+}
+
+/// The running stream's history, carried through upgrades.
+#[derive(Clone, Copy)]
+struct Stream {
+    established_ms: u64,
+    upgrades: u64,
+}
+
+type Check = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+impl Upgrader {
+    /// Has the binary now installed at the program's path check the configuration and the
+    /// key file it will run with: the new code judges them, and a binary that does not run
+    /// at all is found out here, while this process still serves.
+    fn check(&self) -> Check {
+        let mut cmd = tokio::process::Command::new(self.program.path());
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .arg("check")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let path = self.program.path().to_owned();
+        Box::pin(async move {
+            let out = match timeout(CHECK_LIMIT, cmd.output()).await {
+                Ok(Ok(out)) => out,
+                Ok(Err(e)) => return Err(format!("cannot run {}: {e}", path.display())),
+                Err(_) => {
+                    return Err(format!(
+                        "{} check did not finish within {} s",
+                        path.display(),
+                        CHECK_LIMIT.as_secs()
+                    ));
+                }
+            };
+            if out.status.success() {
+                return Ok(());
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let why = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no message");
+            Err(format!(
+                "{} check failed ({}): {why}",
+                path.display(),
+                out.status
+            ))
+        })
+    }
+
+    /// SIGUSR2 while there is no stream: check, then `exec` without a handover.
+    async fn upgrade_disconnected(&self, notifier: &Notifier) {
+        info!(binary = %self.program.path().display(), "SIGUSR2: upgrading (not connected)");
+        notifier.reloading("upgrading: checking the new binary");
+        match kept_alive(self.check(), notifier).await {
+            Ok(()) => {
+                let e = self.program.exec(None);
+                warn!(binary = %self.program.path().display(), "upgrade failed: cannot exec: {e}");
+            }
+            Err(why) => warn!("upgrade refused: {why}"),
+        }
+        notifier.ready("not connected");
     }
 }
 
@@ -206,6 +443,22 @@ impl Conn {
             buf: vec![0; READ_CHUNK],
             write_timeout,
         }
+    }
+
+    /// A connection whose stream an upgrade handed over: the reader primed with the stream
+    /// header and fed the bytes received after the last complete element.
+    fn resumed(
+        tcp: TcpStream,
+        limits: Limits,
+        write_timeout: Duration,
+        header: &[u8],
+        pending: &[u8],
+    ) -> Result<Conn, crate::stream::ReadError> {
+        let mut conn = Conn::new(tcp, limits, write_timeout);
+        conn.reader = Reader::resume(limits, header)?;
+        conn.reader.feed(pending)?;
+        conn.writer = Writer::resumed();
+        Ok(conn)
     }
 
     /// Serialises `el` into the output buffer.
@@ -336,6 +589,7 @@ fn stream_error(el: &Element) -> String {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     mut conn: Conn,
     config: &Config,
@@ -343,16 +597,24 @@ async fn serve(
     rng: &mut OsRandom,
     signals: &mut Signals,
     watch: &mut KeyWatch,
+    notifier: &Notifier,
+    upgrader: &Upgrader,
+    stream: Stream,
 ) -> End {
-    for el in proxy.connected() {
-        conn.queue(&el);
-    }
     let mut reload = tokio::time::interval(config.key_reload_interval);
     reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_probe = Instant::now() + jittered(config.probe_interval, rng);
     let mut urgent_probe = Instant::now();
     let mut last_read = Instant::now();
     let mut ping_sent: Option<Instant> = None;
+    let watchdog_every = notifier.watchdog_every();
+    let mut next_watchdog = Instant::now();
+    // The upgrade under way: the new binary checking the configuration, then the wait for a
+    // point where the stream can be handed over.
+    let mut checking: Option<Check> = None;
+    let mut handover_since: Option<Instant> = None;
+    let mut status = String::new();
+    let mut ready_sent = false;
     loop {
         // Everything complete that was read is handled before anything is sent.
         if let Err(why) = handle_frames(&mut conn, proxy, rng, &mut urgent_probe) {
@@ -360,6 +622,41 @@ async fn serve(
         }
         if let Err(why) = conn.flush().await {
             return End::Lost(why);
+        }
+        if let Some(since) = handover_since {
+            // Every complete stanza read is handled and its answer sent: hand over here,
+            // unless the stream is in the middle of something that cannot be handed over.
+            if let Some(pending) = conn.reader.pending() {
+                handover_since = None;
+                hand_over(&conn, pending, config, proxy, upgrader, stream);
+                // Still here: exec failed, and this process goes on serving.
+                ready_sent = false;
+            } else if since.elapsed() >= HANDOVER_WAIT {
+                warn!(
+                    "upgrade abandoned: the stream was never at a point it could be handed over at within {} s; still serving",
+                    HANDOVER_WAIT.as_secs()
+                );
+                handover_since = None;
+                ready_sent = false;
+            }
+        }
+        if checking.is_none() && handover_since.is_none() {
+            let now = format!(
+                "connected to {} as {}; {} resource(s) of {} online; key {}",
+                config.server,
+                config.jid,
+                proxy.resources().len(),
+                config.target,
+                proxy.keys().current().id()
+            );
+            if !ready_sent {
+                notifier.ready(&now);
+                ready_sent = true;
+                status = now;
+            } else if now != status {
+                notifier.status(&now);
+                status = now;
+            }
         }
         // Idle for keepalive_interval: ping; no byte for keepalive_timeout after that: dead.
         let wake = match ping_sent {
@@ -389,7 +686,12 @@ async fn serve(
                 next_probe = Instant::now() + jittered(config.probe_interval, rng);
                 conn.queue(&proxy.probe());
             }
+            _ = sleep_until(next_watchdog.into()), if watchdog_every.is_some() => {
+                notifier.watchdog();
+                next_watchdog = Instant::now() + watchdog_every.unwrap_or_default();
+            }
             _ = shutdown(&mut signals.term, &mut signals.int) => {
+                notifier.stopping("closing the stream");
                 close(conn, proxy, rng).await;
                 return End::Shutdown;
             }
@@ -397,11 +699,68 @@ async fn serve(
                 info!("SIGHUP: reloading the key file");
                 watch.reload_if_changed(&config.key_file, proxy, true);
             }
+            _ = signals.usr2.recv() => {
+                if checking.is_some() || handover_since.is_some() {
+                    info!("SIGUSR2: an upgrade is already under way");
+                } else {
+                    info!(binary = %upgrader.program.path().display(), "SIGUSR2: upgrading in place");
+                    notifier.reloading("upgrading: checking the new binary");
+                    checking = Some(upgrader.check());
+                }
+            }
+            r = async { checking.as_mut().expect("guarded").await }, if checking.is_some() => {
+                checking = None;
+                match r {
+                    Ok(()) => handover_since = Some(Instant::now()),
+                    Err(why) => {
+                        warn!("upgrade refused: {why}; still serving");
+                        ready_sent = false;
+                    }
+                }
+            }
             _ = reload.tick() => {
                 watch.reload_if_changed(&config.key_file, proxy, false);
             }
         }
     }
+}
+
+/// `exec`s the new binary with the stream: returns only if that failed (logged).
+fn hand_over(
+    conn: &Conn,
+    pending: Vec<u8>,
+    config: &Config,
+    proxy: &Proxy,
+    upgrader: &Upgrader,
+    stream: Stream,
+) {
+    let Some(header) = conn.reader.header_bytes() else {
+        return;
+    };
+    let record = Record {
+        component: config.jid.clone(),
+        server: config.server.clone(),
+        header: header.to_vec(),
+        pending,
+        resources: proxy.resources().to_vec(),
+        established_unix_ms: stream.established_ms,
+        build: upgrader.build.clone(),
+        upgrades: stream.upgrades + 1,
+    };
+    info!(
+        binary = %upgrader.program.path().display(),
+        pending_bytes = record.pending.len(),
+        resources = record.resources.len(),
+        "handing the stream over to the new binary"
+    );
+    let socket: &tokio::net::TcpStream = conn.rd.as_ref();
+    let e = upgrader
+        .program
+        .exec(Some((crate::upgrade::fd_of(socket), &record)));
+    warn!(
+        binary = %upgrader.program.path().display(),
+        "upgrade failed: cannot exec: {e}; still serving"
+    );
 }
 
 /// `d` ± 20%, so that instances started together do not probe in lockstep.

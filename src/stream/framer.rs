@@ -152,6 +152,24 @@ impl Framer {
         self.collecting == Collecting::Nothing && self.lex == Lex::Text
     }
 
+    /// What a [`Framer::resumed`] framer must be fed to go on exactly where this one is —
+    /// the bytes of the element not yet complete, from its `<` (empty at a boundary) — or
+    /// `None` where no such bytes exist: pieces not yet taken, an element over a limit being
+    /// dropped, the header not yet complete, or markup between elements (a comment, the
+    /// footer) only begun. The caller then reads on and asks again.
+    pub fn pending(&self) -> Option<Vec<u8>> {
+        if !self.out.is_empty() || self.closed || self.depth == 0 || self.exceeded.is_some() {
+            return None;
+        }
+        match (self.collecting, self.lex) {
+            (Collecting::Element, _) => Some(self.buf.clone()),
+            (Collecting::Nothing, Lex::Text) => Some(Vec::new()),
+            // A `<` between elements is not kept until the next byte says what it opens.
+            (Collecting::Nothing, Lex::Lt) => Some(b"<".to_vec()),
+            _ => None,
+        }
+    }
+
     /// Bytes held for the element being collected (bounded by the byte limit).
     pub fn held(&self) -> usize {
         self.buf.len()

@@ -113,6 +113,15 @@ impl Reader {
         self.framer.at_boundary()
     }
 
+    /// What a reader made with [`Reader::resume`] from [`Reader::header_bytes`] must be fed
+    /// to go on exactly where this one is: the bytes of the element not yet complete (empty
+    /// at a boundary). `None` until every complete frame was taken, or while no such bytes
+    /// exist (an element over a limit is being dropped): read on and ask again.
+    pub fn pending(&self) -> Option<Vec<u8>> {
+        self.header.as_ref()?;
+        self.framer.pending()
+    }
+
     /// Bytes held for an element not yet complete (never more than the byte limit).
     pub fn held(&self) -> usize {
         self.framer.held()

@@ -388,3 +388,64 @@ fn a_start_tag_over_the_limit_keeps_its_short_attributes() {
         assert_eq!(element(s[5]).attr("id"), Some("after"));
     }
 }
+
+fn render(f: &Frame) -> String {
+    match f {
+        Frame::Header(h) => format!("header {h:?}"),
+        Frame::Stanza(Inbound::Element(e)) => String::from(e),
+        Frame::Stanza(Inbound::Oversized(o)) => format!("oversized {o:?}"),
+        Frame::Footer => "footer".into(),
+    }
+}
+
+/// The in-place upgrade's seam: at every byte where a reader says what is pending, a reader
+/// resumed from its header and fed that, then the rest, reads exactly what the first one
+/// would have read — whatever was cut (a name, a quoted value, a comment, a CDATA section,
+/// an attribute of a prefixed namespace, the `<` of the next element).
+#[test]
+fn a_reader_hands_over_at_any_byte_it_says_it_can() {
+    let small = Limits {
+        max_bytes: 600,
+        max_depth: 16,
+    };
+    let big = "x".repeat(900);
+    let bytes = stream_of(&[
+        "<iq type='get' id='1' to='proxy.example' from='u@example/r'><q xmlns='urn:x' a=\"'>\"><!-- c --><![CDATA[<]]>t&amp;</q></iq>".into(),
+        "<message to='proxy.example'><?pi x?><body>\u{1F980}</body></message>".into(),
+        format!("<iq type='set' id='big' to='proxy.example'><q xmlns='urn:x'>{big}</q></iq>"),
+        "<p:presence xmlns:p='jabber:component:accept' from='impl@example/a' to='proxy.example'/>".into(),
+        "<iq type='result' id='2' to='proxy.example/T' from='impl@example/a'/>".into(),
+    ]);
+    let whole: Vec<String> = read_all(&bytes, bytes.len(), small)
+        .unwrap()
+        .iter()
+        .map(render)
+        .collect();
+    assert_eq!(whole.len(), 7, "{whole:#?}");
+    let mut handed = 0;
+    for cut in 0..=bytes.len() {
+        let mut first = Reader::new(small);
+        first.feed(&bytes[..cut]).unwrap();
+        let mut seen: Vec<String> = Vec::new();
+        while let Some(f) = first.next_frame().unwrap() {
+            seen.push(render(&f));
+        }
+        let Some(pending) = first.pending() else {
+            continue;
+        };
+        handed += 1;
+        let mut second = Reader::resume(small, first.header_bytes().unwrap()).unwrap();
+        second.feed(&pending).unwrap();
+        second.feed(&bytes[cut..]).unwrap();
+        while let Some(f) = second.next_frame().unwrap() {
+            seen.push(render(&f));
+        }
+        assert_eq!(seen, whole, "handed over at byte {cut}");
+    }
+    // Only inside the header and inside the element over the limit is there nothing to hand.
+    assert!(
+        handed >= bytes.len() - HEADER.len() - big.len() - 100,
+        "handed over at {handed} of {} bytes",
+        bytes.len()
+    );
+}

@@ -51,6 +51,7 @@ pub struct ProxyProcess {
     binary: PathBuf,
     config: PathBuf,
     filter: String,
+    env: Vec<(String, String)>,
 }
 
 impl ProxyProcess {
@@ -63,13 +64,34 @@ impl ProxyProcess {
 
     /// Starts it with this `RUST_LOG` filter (benchmarks run it at `info`).
     pub fn start_with_log(binary: &Path, config: &Path, filter: &str) -> ProxyProcess {
-        let process = spawn(binary, config, filter);
+        Self::start_with_env(binary, config, filter, &[])
+    }
+
+    /// Starts it with this `RUST_LOG` filter and more environment variables (e.g. the
+    /// service manager's `NOTIFY_SOCKET`).
+    pub fn start_with_env(
+        binary: &Path,
+        config: &Path,
+        filter: &str,
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let process = spawn(binary, config, filter, &env);
         ProxyProcess {
             process,
             binary: binary.to_owned(),
             config: config.to_owned(),
             filter: filter.to_owned(),
+            env,
         }
+    }
+
+    /// Whether it has exited (and how), without waiting.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.process.exited()
     }
 
     /// Waits until the proxy has logged in `n` times in total (since its start).
@@ -117,16 +139,18 @@ impl ProxyProcess {
     /// Starts the same binary with the same config again (after it was stopped).
     pub fn restart(&mut self) {
         self.process.kill();
-        self.process = spawn(&self.binary, &self.config, &self.filter);
+        self.process = spawn(&self.binary, &self.config, &self.filter, &self.env);
     }
 }
 
-fn spawn(binary: &Path, config: &Path, filter: &str) -> Owned {
+fn spawn(binary: &Path, config: &Path, filter: &str, env: &[(String, String)]) -> Owned {
+    let mut envs: Vec<(&str, &str)> = vec![("RUST_LOG", filter), ("NO_COLOR", "1")];
+    envs.extend(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     Owned::spawn(
         "jat-proxy",
         binary,
         &["--config", config.to_str().unwrap()],
-        &[("RUST_LOG", filter), ("NO_COLOR", "1")],
+        &envs,
     )
 }
 

@@ -1,0 +1,606 @@
+//! In-place upgrades over the live stream (SIGUSR2), on real Prosody and ejabberd: the
+//! process `exec`s the binary installed at its path and goes on with the same TCP stream
+//! and the same PID. And the systemd notification protocol, heard on a socket of the test's.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use testkit::client::{Answer, Client, Element, reply_to};
+use testkit::deployment::{
+    COMPONENT, Deployment, WAIT, ejabberd_with_proxies, error_condition, request,
+};
+use testkit::proxy::ProxyProcess;
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_jat-proxy"))
+}
+
+/// No rate limit in the way of one user sending 200 requests/s.
+const UNLIMITED: &str = "\n[limits]\nrate_per_sender = 100000.0\nrate_burst = 100000\n";
+
+/// A directory of the test's holding the binary jat-proxy is started from, as a package
+/// manager's `/usr/bin` would.
+fn bin_dir(tag: &str) -> PathBuf {
+    let dir = testkit::work_dir(tag);
+    install_build(&dir.join("jat-proxy"), 0);
+    dir
+}
+
+/// Installs build number `n` at `path` the way a package manager does — written beside it,
+/// then renamed over it — and returns its build id. Each number is a different file (the
+/// binary with a line of its own appended, which the ELF loader ignores), so the build id
+/// that jat-proxy logs at start (a hash of the executable it runs) proves which one runs.
+fn install_build(path: &Path, n: usize) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bytes = std::fs::read(binary()).unwrap();
+    bytes.extend_from_slice(format!("\njat-proxy test build {n}\n").as_bytes());
+    let id = build_id(&bytes);
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    id
+}
+
+/// What jat-proxy logs as its build id: the first 12 hex digits of the SHA-256 of the file.
+fn build_id(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Installs, at `path`, a build that passes the configuration check and exits at once when
+/// run for real.
+fn install_broken_build(path: &Path, real: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    std::fs::write(
+        &tmp,
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *\" check \"*) exec '{}' \"$@\";; esac\n\
+             echo 'broken build: exiting at once' >&2\nexit 1\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Lines of the log with `what`, in order.
+fn lines_with(log: &str, what: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(what))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Seconds since midnight of a log line's timestamp (`2026-12-01T18:34:11.623917Z ...`).
+fn at(line: &str) -> f64 {
+    let time = line.split('T').nth(1).unwrap_or_default();
+    let mut parts = time
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .split(':');
+    let mut secs = 0.0;
+    for unit in [3600.0, 60.0, 1.0] {
+        let v: f64 = parts
+            .next()
+            .and_then(|p| p.trim_end_matches('Z').split_whitespace().next())
+            .and_then(|p| p.trim_end_matches('Z').parse().ok())
+            .unwrap_or(0.0);
+        secs += v * unit;
+    }
+    secs
+}
+
+/// For each upgrade in `log`: (ms from SIGUSR2 to the handover — the new binary's check —,
+/// ms from the handover to the new process going on with the stream).
+fn upgrade_times(log: &str) -> Vec<(u64, u64)> {
+    let signals = lines_with(log, "SIGUSR2: upgrading in place");
+    let handovers = lines_with(log, "handing the stream over");
+    let resumed = lines_with(log, "upgraded in place");
+    signals
+        .iter()
+        .zip(&handovers)
+        .zip(&resumed)
+        .map(|((s, h), r)| {
+            (
+                ((at(h) - at(s)) * 1000.0) as u64,
+                ((at(r) - at(h)) * 1000.0) as u64,
+            )
+        })
+        .collect()
+}
+
+/// Answers every request the implementing client receives, until aborted.
+fn answer_everything(mut c: Client) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Some(req) = c.recv_request(Duration::from_secs(1)).await {
+                c.send(reply_to(
+                    &req,
+                    "result",
+                    "<query xmlns='urn:example:echo'/>",
+                ));
+            }
+        }
+    })
+}
+
+/// What came back for the requests of a run.
+#[derive(Default)]
+struct Tally {
+    sent: Vec<(String, Duration)>,
+    answers: HashMap<String, Element>,
+}
+
+impl Tally {
+    fn take(&mut self, r: Element) {
+        let id = r.attr("id").unwrap_or_default().to_owned();
+        if let Some(first) = self.answers.insert(id.clone(), r.clone()) {
+            panic!(
+                "{id} answered twice:\n{}\n{}",
+                testkit::client::xml(&first),
+                testkit::client::xml(&r)
+            );
+        }
+    }
+
+    /// (results, errors by condition, unanswered ids) of the requests sent within `window`.
+    fn count(
+        &self,
+        window: std::ops::Range<Duration>,
+    ) -> (usize, HashMap<String, usize>, Vec<String>) {
+        let mut results = 0;
+        let mut errors: HashMap<String, usize> = HashMap::new();
+        let mut lost = Vec::new();
+        for (id, at) in &self.sent {
+            if !window.contains(at) {
+                continue;
+            }
+            match self.answers.get(id) {
+                Some(a) if a.attr("type") == Some("result") => results += 1,
+                Some(a) => {
+                    *errors
+                        .entry(error_condition(a).unwrap_or_else(|| "?".into()))
+                        .or_default() += 1
+                }
+                None => lost.push(id.clone()),
+            }
+        }
+        (results, errors, lost)
+    }
+}
+
+/// Sends `rate` requests/s for `duration`, open loop (on schedule, whatever comes back),
+/// calling `at_tick` with the time since the start between sends; then waits for the last
+/// answers (all, or nothing new for 5 s).
+async fn open_loop(
+    user: &mut Client,
+    rate: u32,
+    duration: Duration,
+    mut at_tick: impl FnMut(Duration),
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let start = tokio::time::Instant::now();
+    let total = (rate as u64 * duration.as_secs()) as usize;
+    while tally.sent.len() < total {
+        tokio::select! {
+            _ = tick.tick() => {
+                let id = format!("U{}", tally.sent.len());
+                user.send_xml(&request(&id));
+                tally.sent.push((id, start.elapsed()));
+            }
+            Some(r) = user.recv_where(Duration::from_millis(2), |e| e.name() == "iq") => tally.take(r),
+        }
+        at_tick(start.elapsed());
+    }
+    let mut last_news = Instant::now();
+    while tally.answers.len() < tally.sent.len() && last_news.elapsed() < Duration::from_secs(5) {
+        if let Some(r) = user
+            .recv_where(Duration::from_millis(200), |e| e.name() == "iq")
+            .await
+        {
+            tally.take(r);
+            last_news = Instant::now();
+        }
+    }
+    tally
+}
+
+/// 200 requests/s for 15 s with an in-place upgrade to a new build every 2.5 s; returns the
+/// build ids installed.
+async fn upgrades_under_load(
+    server: &str,
+    proxy: &ProxyProcess,
+    bin: &Path,
+    user: &mut Client,
+) -> (Tally, Vec<String>) {
+    let mut builds: Vec<String> = Vec::new();
+    let pid = proxy.pid();
+    let mut next = Duration::from_millis(2500);
+    let tally = open_loop(user, 200, Duration::from_secs(15), |t| {
+        // The next upgrade once the previous one is through (a SIGUSR2 while the new
+        // binary is still starting would meet the default action, as for any daemon).
+        if t >= next
+            && builds.len() < 5
+            && lines_with(&proxy.log(), "upgraded in place").len() == builds.len()
+        {
+            builds.push(install_build(&bin.join("jat-proxy"), builds.len() + 1));
+            proxy.signal("USR2");
+            next += Duration::from_millis(2500);
+        }
+    })
+    .await;
+    let upgraded = testkit::wait_until(WAIT, || {
+        (lines_with(&proxy.log(), "upgraded in place").len() >= builds.len()).then_some(())
+    });
+    assert!(upgraded.is_some(), "{server}: {}", proxy.log());
+    assert_eq!(proxy.pid(), pid);
+    let _ = server;
+    (tally, builds)
+}
+
+/// What every run under load must show: each upgrade ran the build installed for it, on the
+/// same stream, and every request was answered with a result.
+fn assert_lossless(
+    server: &str,
+    proxy: &ProxyProcess,
+    tally: &Tally,
+    builds: &[String],
+    logins: usize,
+) {
+    let log = proxy.log();
+    let resumed = lines_with(&log, "upgraded in place");
+    let ran: Vec<String> = resumed
+        .iter()
+        .map(|l| {
+            testkit::proxy::log_field(l, "build")
+                .unwrap_or("?")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        ran, builds,
+        "{server}: each upgrade runs the build installed for it:\n{log}"
+    );
+    let starts = lines_with(&log, "jat-proxy starting");
+    assert_eq!(starts.len(), 1 + builds.len(), "{server}:\n{log}");
+    let (results, errors, lost) = tally.count(Duration::ZERO..Duration::MAX);
+    testkit::report(&format!(
+        "{server}: {} requests at 200/s over 15 s with {} in-place upgrades: {results} results, \
+         errors {errors:?}, {} lost; component logins in the server's log: {logins}",
+        tally.sent.len(),
+        builds.len(),
+        lost.len()
+    ));
+    let handed: Vec<String> = lines_with(&log, "handing the stream over")
+        .iter()
+        .map(|l| {
+            testkit::proxy::log_field(l, "pending_bytes")
+                .unwrap_or("?")
+                .to_owned()
+        })
+        .collect();
+    testkit::report(&format!(
+        "{server}: bytes of a stanza in mid-flight handed over at each upgrade: {handed:?}"
+    ));
+    testkit::report(&format!(
+        "{server}: each upgrade's (check by the new binary, exec to resumed stream) in ms: {:?}",
+        upgrade_times(&log)
+    ));
+    assert_eq!(logins, 1, "{server}: one component login for the whole run");
+    assert_eq!(
+        proxy.sessions(),
+        1,
+        "{server}: one session for the whole run"
+    );
+    assert!(errors.is_empty(), "{server}: errors {errors:?}");
+    assert!(
+        lost.is_empty(),
+        "{server}: {} lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
+    );
+    assert_eq!(results, tally.sent.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prosody_five_upgrades_under_load_lose_nothing() {
+    testkit::prosody::require();
+    let bin = bin_dir("upgrade-prosody");
+    let d = Deployment::start_with(&bin.join("jat-proxy"), UNLIMITED);
+    let answering = answer_everything(d.implementing("a").await);
+    let mut user = d.client("user", "u").await;
+    let (tally, builds) = upgrades_under_load("Prosody", &d.proxy, &bin, &mut user).await;
+    answering.abort();
+    let logins = d.prosody.component_logins();
+    assert_lossless("Prosody", &d.proxy, &tally, &builds, logins);
+    testkit::discard_work_dir(&bin, "binaries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejabberd_five_upgrades_under_load_lose_nothing() {
+    testkit::ejabberd::require();
+    let bin = bin_dir("upgrade-ejabberd");
+    let (ejabberd, proxies) = ejabberd_with_proxies(&bin.join("jat-proxy"), 1, "", UNLIMITED);
+    let proxy = &proxies[0];
+    let implementing = Client::login(
+        ejabberd.c2s,
+        "localhost",
+        "impl",
+        "pw",
+        "a",
+        Answer::Subscriptions,
+    )
+    .await;
+    testkit::deployment::wait_resource(proxy, "a");
+    let answering = answer_everything(implementing);
+    let mut user = Client::login(
+        ejabberd.c2s,
+        "localhost",
+        "user",
+        "pw",
+        "u",
+        Answer::Nothing,
+    )
+    .await;
+    let (tally, builds) = upgrades_under_load("ejabberd", proxy, &bin, &mut user).await;
+    answering.abort();
+    // ejabberd writes its log with a delay: a second login would show within a few seconds.
+    std::thread::sleep(Duration::from_secs(2));
+    let logins = ejabberd.component_logins(COMPONENT);
+    assert_lossless("ejabberd", proxy, &tally, &builds, logins);
+    testkit::discard_work_dir(&bin, "binaries");
+}
+
+/// An upgrade whose configuration is broken is refused and costs nothing; one whose new
+/// binary exits at once costs what a restart costs (measured), and the service comes back
+/// when it is started again, as systemd's `Restart=on-failure` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_failed_upgrades() {
+    testkit::prosody::require();
+    let bin = bin_dir("upgrade-refused");
+    let path = bin.join("jat-proxy");
+    let real = bin.join("jat-proxy.real");
+    std::fs::copy(binary(), &real).unwrap();
+    let mut d = Deployment::start_with(&path, UNLIMITED);
+    let answering = answer_everything(d.implementing("a").await);
+    let mut user = d.client("user", "u").await;
+    let config = std::fs::read_to_string(&d.config).unwrap();
+
+    let mut phase = 0;
+    let mut refusals: Vec<String> = Vec::new();
+    let mut first_log = String::new();
+    let mut broken_at = Duration::ZERO;
+    let mut back_at = Duration::MAX;
+    let tally = {
+        let proxy = &mut d.proxy;
+        let config_path = d.config.clone();
+        open_loop(&mut user, 50, Duration::from_secs(10), |t| match phase {
+            0 if t >= Duration::from_secs(1) => {
+                std::fs::write(&config_path, format!("{config}\n[limits]\nbogus = 1\n")).unwrap();
+                install_build(&path, 1);
+                proxy.signal("USR2");
+                phase = 1;
+            }
+            1 => {
+                refusals = lines_with(&proxy.log(), "upgrade refused");
+                if !refusals.is_empty() {
+                    std::fs::write(&config_path, &config).unwrap();
+                    phase = 2;
+                }
+            }
+            2 if t >= Duration::from_secs(3) => {
+                install_broken_build(&path, &real);
+                broken_at = t;
+                proxy.signal("USR2");
+                phase = 3;
+            }
+            3 => {
+                if let Some(status) = proxy.exited() {
+                    first_log = proxy.log();
+                    assert_eq!(status.code(), Some(1), "{first_log}");
+                    // The service manager starts the unit again; the package's binary is
+                    // back in place by then.
+                    install_build(&path, 2);
+                    proxy.restart();
+                    phase = 4;
+                }
+            }
+            4 if proxy.log().contains("resource available") => {
+                back_at = t + Duration::from_secs(1);
+                phase = 5;
+            }
+            _ => {}
+        })
+        .await
+    };
+    answering.abort();
+    assert_eq!(
+        phase,
+        5,
+        "every step happened:\n{first_log}\n{}",
+        d.proxy.log()
+    );
+    let refused = lines_with(&first_log, "upgrade refused");
+    assert_eq!(refused, refusals, "one refusal:\n{first_log}");
+    assert_eq!(refused.len(), 1, "one refusal:\n{first_log}");
+    assert!(
+        first_log.contains("broken build: exiting at once"),
+        "the broken build ran:\n{first_log}"
+    );
+    assert!(
+        refused[0].contains("jat-proxy.toml:") && refused[0].contains("`limits`"),
+        "the refusal names the file, line and key: {}",
+        refused[0]
+    );
+    let (results, errors, lost) = tally.count(Duration::ZERO..broken_at);
+    testkit::report(&format!(
+        "refused upgrade (broken config): {results} results, errors {errors:?}, {} lost",
+        lost.len()
+    ));
+    assert!(errors.is_empty() && lost.is_empty(), "{errors:?} {lost:?}");
+    let (results, errors, lost) = tally.count(broken_at..back_at);
+    testkit::report(&format!(
+        "upgrade to a binary that exits at once, then a restart: {} requests in the {} ms \
+         until served again: {results} results, errors {errors:?}, {} lost",
+        results + errors.values().sum::<usize>() + lost.len(),
+        (back_at - broken_at).as_millis(),
+        lost.len()
+    ));
+    let (results, errors, lost) = tally.count(back_at..Duration::MAX);
+    assert!(
+        results > 0 && errors.is_empty() && lost.is_empty(),
+        "after recovery: {errors:?} {lost:?}"
+    );
+    testkit::discard_work_dir(&bin, "binaries");
+}
+
+/// The service manager's side of the notification protocol: a datagram socket of the test's,
+/// named by `NOTIFY_SOCKET`, and what arrives on it, with when.
+struct Manager {
+    socket: UnixDatagram,
+    path: PathBuf,
+    heard: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Manager {
+    fn listen(dir: &Path) -> Manager {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let rx = socket.try_clone().unwrap();
+        let h = heard.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = rx.recv(&mut buf) {
+                h.lock().unwrap().push((
+                    Instant::now(),
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                ));
+            }
+        });
+        Manager {
+            socket,
+            path,
+            heard,
+        }
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.heard
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    /// Waits for a message with `line` after the first `after` messages; returns its index.
+    fn wait_for(&self, line: &str, after: usize) -> usize {
+        testkit::wait_until(WAIT, || {
+            self.messages()
+                .iter()
+                .enumerate()
+                .skip(after)
+                .find(|(_, m)| m.lines().any(|l| l == line))
+                .map(|(i, _)| i)
+        })
+        .unwrap_or_else(|| panic!("no {line} after message {after}: {:#?}", self.messages()))
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notifications() {
+    testkit::prosody::require();
+    let bin = bin_dir("upgrade-notify");
+    let path = bin.join("jat-proxy");
+    let mut d = Deployment::start_with(&path, "");
+    let manager = Manager::listen(&bin);
+    // The deployment's instance is replaced by one the test's service manager watches.
+    d.proxy.kill9();
+    let watchdog = Duration::from_millis(600);
+    d.proxy = ProxyProcess::start_with_env(
+        &path,
+        &d.config,
+        "info,jat_proxy=debug",
+        &[
+            ("NOTIFY_SOCKET", manager.path.to_str().unwrap()),
+            ("WATCHDOG_USEC", &watchdog.as_micros().to_string()),
+        ],
+    );
+    let ready = manager.wait_for("READY=1", 0);
+    let m = &manager.messages()[ready];
+    assert!(
+        m.contains("STATUS=connected to") && m.contains(COMPONENT),
+        "READY=1 comes once the handshake is done, with a status: {m}"
+    );
+    let _a = d.implementing("a").await;
+    let status = testkit::wait_until(WAIT, || {
+        manager
+            .messages()
+            .into_iter()
+            .find(|m| m.contains("STATUS=") && m.contains("1 resource(s)"))
+    });
+    assert!(status.is_some(), "{:#?}", manager.messages());
+
+    install_build(&path, 1);
+    let before = manager.messages().len();
+    d.proxy.signal("USR2");
+    let reloading = manager.wait_for("RELOADING=1", before);
+    assert!(
+        manager.messages()[reloading].contains("MONOTONIC_USEC="),
+        "{:#?}",
+        manager.messages()
+    );
+    let ready_again = manager.wait_for("READY=1", reloading);
+    assert!(ready_again > reloading);
+    let upgraded = testkit::wait_until(WAIT, || {
+        (!lines_with(&d.proxy.log(), "upgraded in place").is_empty()).then_some(())
+    });
+    assert!(upgraded.is_some(), "{}", d.proxy.log());
+
+    // The watchdog, heard over a few of its intervals (through the upgrade, too).
+    std::thread::sleep(watchdog * 4);
+    let pings: Vec<Instant> = manager
+        .heard
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, m)| m == "WATCHDOG=1")
+        .map(|(t, _)| *t)
+        .collect();
+    let gaps: Vec<u128> = pings
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    testkit::report(&format!(
+        "WATCHDOG=1 with WATCHDOG_USEC={} ms: {} pings, gaps (ms) {gaps:?}",
+        watchdog.as_millis(),
+        pings.len()
+    ));
+    assert!(pings.len() >= 4, "{:#?}", manager.messages());
+
+    let before = manager.messages().len();
+    d.proxy.signal("TERM");
+    let status = d.proxy.wait_exit(WAIT);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", d.proxy.log());
+    manager.wait_for("STOPPING=1", before);
+    testkit::discard_work_dir(&bin, "binaries");
+}
