@@ -101,13 +101,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let build = upgrade::build_id().unwrap_or_else(|e| {
-        warn!("cannot read the running binary to compute its build id: {e}");
-        "unknown".into()
-    });
+    let build = upgrade::BuildId::compute();
     info!(
         version = env!("CARGO_PKG_VERSION"),
-        build = %build,
         pid = std::process::id(),
         binary = %program.path().display(),
         resuming = handover.is_some(),

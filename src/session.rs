@@ -55,7 +55,7 @@ pub struct Start {
     /// The configuration file, checked by the new binary before an upgrade.
     pub config_path: PathBuf,
     /// This build's id (for the log and the handover record).
-    pub build: String,
+    pub build: crate::upgrade::BuildId,
     /// What the process before the `exec` handed over.
     pub handover: Option<Handover>,
 }
@@ -66,7 +66,7 @@ impl Start {
         Ok(Start {
             program: Program::current()?,
             config_path,
-            build: crate::upgrade::build_id().unwrap_or_else(|_| "unknown".into()),
+            build: crate::upgrade::BuildId::compute(),
             handover: None,
         })
     }
@@ -174,9 +174,7 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
     let mut proxy = Proxy::new(config.settings(), keys);
     let mut watch = KeyWatch::new(&config.key_file);
     let mut backoff = Backoff::new(Duration::from_millis(500), config.reconnect_max);
-    let mut resumed = start
-        .handover
-        .and_then(|h| resume(h, &config, &start.build));
+    let mut resumed = start.handover.and_then(|h| resume(h, &config));
     let upgrader = Upgrader {
         program: start.program,
         config_path: start.config_path,
@@ -280,7 +278,7 @@ async fn kept_alive<F: Future>(f: F, notifier: &Notifier) -> F::Output {
 /// be used: the record is of another format, or the configuration now names another
 /// component or server. The stream is then closed with a footer and an ordinary login
 /// follows.
-fn resume(h: Handover, config: &Config, build: &str) -> Option<(Conn, Record)> {
+fn resume(h: Handover, config: &Config) -> Option<(Conn, Record)> {
     let unusable = |socket: std::net::TcpStream, why: String| {
         warn!("cannot go on with the stream handed over: {why}; closing it and logging in again");
         close_handed_over(socket);
@@ -319,7 +317,6 @@ fn resume(h: Handover, config: &Config, build: &str) -> Option<(Conn, Record)> {
             info!(
                 component = %config.jid,
                 server = %config.server,
-                build,
                 from_build = %record.build,
                 resources = record.resources.len(),
                 pending_bytes = record.pending.len(),
@@ -348,7 +345,7 @@ fn close_handed_over(socket: std::net::TcpStream) {
 struct Upgrader {
     program: Program,
     config_path: PathBuf,
-    build: String,
+    build: crate::upgrade::BuildId,
 }
 
 /// The running stream's history, carried through upgrades.
@@ -744,7 +741,7 @@ fn hand_over(
         pending,
         resources: proxy.resources().to_vec(),
         established_unix_ms: stream.established_ms,
-        build: upgrader.build.clone(),
+        build: upgrader.build.get().to_owned(),
         upgrades: stream.upgrades + 1,
     };
     info!(

@@ -374,6 +374,11 @@ async fn live_rotation_across_two_instances_sharing_a_key_file() {
     // A second instance with the same configuration and key file: Prosody keeps the first
     // connection and refuses this one, which retries — a hot standby.
     let mut standby = ProxyProcess::start(&binary(), &d.config);
+    // Running (its keys loaded), so that what follows tests a reload, not a first load.
+    let refused = testkit::wait_until(WAIT, || {
+        standby.log().contains("cannot log in").then_some(())
+    });
+    assert!(refused.is_some(), "{}", standby.log());
     let mut imp = d.implementing("a").await;
     let mut user = d.client("user", "abc").await;
 

@@ -241,7 +241,10 @@ async fn upgrades_under_load(
     })
     .await;
     let upgraded = testkit::wait_until(WAIT, || {
-        (lines_with(&proxy.log(), "upgraded in place").len() >= builds.len()).then_some(())
+        let log = proxy.log();
+        (lines_with(&log, "upgraded in place").len() >= builds.len()
+            && lines_with(&log, "running build").len() > builds.len())
+        .then_some(())
     });
     assert!(upgraded.is_some(), "{server}: {}", proxy.log());
     assert_eq!(proxy.pid(), pid);
@@ -259,9 +262,14 @@ fn assert_lossless(
     logins: usize,
 ) {
     let log = proxy.log();
-    let resumed = lines_with(&log, "upgraded in place");
-    let ran: Vec<String> = resumed
+    assert_eq!(
+        lines_with(&log, "upgraded in place").len(),
+        builds.len(),
+        "{server}:\n{log}"
+    );
+    let ran: Vec<String> = lines_with(&log, "running build")
         .iter()
+        .skip(1)
         .map(|l| {
             testkit::proxy::log_field(l, "build")
                 .unwrap_or("?")
@@ -603,4 +611,76 @@ async fn systemd_notifications() {
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", d.proxy.log());
     manager.wait_for("STOPPING=1", before);
     testkit::discard_work_dir(&bin, "binaries");
+}
+
+/// What a handover the new binary cannot use costs: the stream it was handed is closed with
+/// a footer, and an ordinary login follows. Played on a loopback socket of the test's (no
+/// server can be made to hand jat-proxy a stream), with the handover done by a shell that
+/// `exec`s jat-proxy as the old process would: the socket on descriptor 3, a record of a
+/// format no build writes on descriptor 4, and the shell's own PID (which `exec` keeps).
+#[test]
+fn a_record_of_another_format_means_a_footer_and_a_new_login() {
+    use std::io::Read;
+    use std::net::TcpListener;
+    let dir = testkit::work_dir("upgrade-format");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = testkit::proxy::write_config(
+        &dir,
+        "jat-proxy.toml",
+        &testkit::proxy::ConfigSpec {
+            component: COMPONENT,
+            server: listener.local_addr().unwrap(),
+            secret: "s",
+            target: "impl@localhost",
+            key_file: &dir.join("keys.toml"),
+            proxy_extra: "",
+            extra: "",
+        },
+    );
+    let record = dir.join("record");
+    let mut bytes = b"jat-proxy handover".to_vec();
+    bytes.extend_from_slice(&99u16.to_be_bytes());
+    bytes.extend_from_slice(b"a future build's fields");
+    std::fs::write(&record, bytes).unwrap();
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port} 4<'{}'; exec '{}' --config '{}' --handover $$:3:4",
+        record.display(),
+        binary().display(),
+        config.display()
+    );
+    let mut proxy = testkit::process::Owned::spawn(
+        "jat-proxy",
+        Path::new("/bin/bash"),
+        &["-c", &script],
+        &[("RUST_LOG", "info"), ("NO_COLOR", "1")],
+    );
+    let read_all = |s: &mut std::net::TcpStream, until: &[u8]| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !seen.windows(until.len()).any(|w| w == until) {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    };
+    let (mut handed, _) = listener.accept().unwrap();
+    let got = read_all(&mut handed, b"</stream:stream>");
+    assert_eq!(got, "</stream:stream>", "{}", proxy.output());
+    let (mut fresh, _) = listener.accept().unwrap();
+    let header = read_all(&mut fresh, format!("to='{COMPONENT}'>").as_bytes());
+    assert!(header.contains("<stream:stream"), "{header}");
+    // The log line was written before the footer; the test reads the pipe on a thread.
+    let logged = testkit::wait_until(WAIT, || {
+        let log = proxy.output();
+        (log.contains("cannot go on with the stream handed over")
+            && log.contains("handover record of format 99"))
+        .then_some(())
+    });
+    assert!(logged.is_some(), "{}", proxy.output());
+    proxy.kill();
+    testkit::discard_work_dir(&dir, "upgrade");
 }

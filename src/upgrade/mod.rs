@@ -210,6 +210,44 @@ fn claim(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// This process's build id ([`build_id`]), computed on a thread of its own from the start:
+/// hashing the executable takes a while (about 100 ms for a 92 MB debug build), and neither
+/// a start nor the stream an upgrade hands over waits for it. Logged (`running build`) when
+/// known.
+#[derive(Debug, Clone)]
+pub struct BuildId(std::sync::Arc<std::sync::OnceLock<String>>);
+
+impl BuildId {
+    /// Starts computing it.
+    pub fn compute() -> BuildId {
+        let cell = std::sync::Arc::new(std::sync::OnceLock::new());
+        let id = BuildId(cell.clone());
+        let spawned = std::thread::Builder::new()
+            .name("build-id".into())
+            .spawn(move || {
+                let id = build_id().unwrap_or_else(|e| {
+                    tracing::warn!("cannot read the running binary to compute its build id: {e}");
+                    "unknown".into()
+                });
+                tracing::info!(
+                    version = env!("CARGO_PKG_VERSION"),
+                    build = %id,
+                    "running build"
+                );
+                let _ = cell.set(id);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot compute the build id: {e}");
+        }
+        id
+    }
+
+    /// The id, or `unknown` while it is being computed.
+    pub fn get(&self) -> &str {
+        self.0.get().map_or("unknown", String::as_str)
+    }
+}
+
 /// A short identity of the executable this process runs: the first 12 hex digits of the
 /// SHA-256 of `/proc/self/exe` (the file the kernel ran, even if replaced on disk since).
 pub fn build_id() -> io::Result<String> {
