@@ -46,6 +46,10 @@ pub struct Config {
     pub token_lifetime: u64,
     /// Most target resources tracked.
     pub max_resources: usize,
+    /// How long a request waits for a resource when none is known (0: refused at once).
+    pub hold: Duration,
+    /// How many requests may wait at once.
+    pub max_held: usize,
     /// The key file.
     pub key_file: PathBuf,
     /// How often the key file is checked for a rotation.
@@ -110,6 +114,8 @@ impl Config {
             keepalive_to: self.keepalive_to.clone(),
             rate: self.rate,
             policy: self.policy.clone(),
+            hold_ms: self.hold.as_millis() as u64,
+            max_held: self.max_held,
         }
     }
 }
@@ -231,6 +237,10 @@ struct RawProxy {
     max_resources: usize,
     #[serde(default = "d_probe")]
     probe_interval_secs: u64,
+    #[serde(default = "d_hold_ms")]
+    hold_ms: u64,
+    #[serde(default = "d_max_held")]
+    max_held: usize,
 }
 
 #[derive(Deserialize)]
@@ -307,6 +317,14 @@ fn d_lifetime() -> u64 {
 }
 fn d_max_resources() -> usize {
     64
+}
+/// Long enough for a few probes and their answers on a busy server (each answer reaches one
+/// of the instances behind ejabberd), short against any client's IQ timeout.
+fn d_hold_ms() -> u64 {
+    2000
+}
+fn d_max_held() -> usize {
+    256
 }
 /// Often enough that each of several instances behind ejabberd learns every resource within
 /// about a minute; a probe costs the server one presence per resource.
@@ -539,6 +557,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     if !(1..=4096).contains(&raw.proxy.max_resources) {
         return Err(err("proxy.max_resources", "out of range 1..=4096".into()));
     }
+    if raw.proxy.hold_ms > 30_000 {
+        return Err(err("proxy.hold_ms", "out of range 0..=30000".into()));
+    }
+    if raw.proxy.max_held > 65_536 {
+        return Err(err("proxy.max_held", "out of range 0..=65536".into()));
+    }
     let key_file = key_file(&raw.keys, &err)?;
     let key_reload_interval = key_reload_interval(&raw.keys, &err)?;
     let l = &raw.limits;
@@ -616,6 +640,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         target,
         token_lifetime,
         max_resources: raw.proxy.max_resources,
+        hold: Duration::from_millis(raw.proxy.hold_ms),
+        max_held: raw.proxy.max_held,
         key_file,
         key_reload_interval,
         limits: Limits {

@@ -136,6 +136,8 @@ pub fn settings() -> Settings {
             allow: vec![],
             deny: vec![Entry::parse("spam.example").unwrap()],
         },
+        hold_ms: 2000,
+        max_held: 4,
     }
 }
 
@@ -204,6 +206,8 @@ pub fn proxy(data: &[u8]) {
         assert_eq!(out.attr("to"), Some(TARGET));
     }
     let mut last_token: Vec<u8> = b"none".to_vec();
+    let hold_ms = proxy.settings().hold_ms;
+    let mut held = HeldRequests::default();
     for chunk in data.split(|&b| b == SEPARATOR) {
         let chunk = match chunk {
             [0xFE, n, rest @ ..] => {
@@ -221,13 +225,27 @@ pub fn proxy(data: &[u8]) {
         let Some(inbound) = read_one(&chunk, LIMITS) else {
             continue;
         };
+        // The shell's timer: the core is given the time when it asked for it.
+        if proxy.poll_timeout().is_some_and(|t| t <= clock.mono_ms) {
+            proxy.handle_timeout(clock, &mut rng);
+            drain(&mut proxy, &mut held, &mut budgets, &target, clock);
+        }
+        held.settled(proxy.held(), hold_ms, clock.mono_ms);
         let h = header(&inbound);
         let resources_before = proxy.resources().to_vec();
         let (out, verdict) = proxy.handle(inbound, clock, &mut rng);
         assert!(proxy.resources().len() <= 4);
         assert!(proxy.tracked_senders() <= 8);
         assert!(proxy.limiter().domains() <= 8);
+        assert!(proxy.held() <= 4);
         budgets.evictions(proxy.limiter());
+        if verdict == Verdict::Held {
+            held.held(&h, clock.mono_ms);
+            budgets.request(&h, &target, clock.mono_ms);
+        }
+        if let Some(t) = drain(&mut proxy, &mut held, &mut budgets, &target, clock) {
+            last_token = t.into_bytes();
+        }
         let Some(out) = out else {
             continue;
         };
@@ -243,6 +261,27 @@ pub fn proxy(data: &[u8]) {
         }
         budgets.charge(&h, &out, verdict, &target, clock.mono_ms);
     }
+}
+
+/// Takes and checks what the core sends besides its answers; returns the last token of a
+/// released request.
+fn drain(
+    proxy: &mut Proxy,
+    held: &mut HeldRequests,
+    budgets: &mut Budgets,
+    target: &BareJid,
+    clock: Clock,
+) -> Option<String> {
+    let mut token = None;
+    while let Some(out) = proxy.poll_transmit() {
+        let t = held.transmitted(&out, proxy.resources(), target, clock.unix_ms / 1000);
+        if out.attr("type") == Some("error") {
+            let to = jid(out.attr("to")).map(|j| j.to_bare().to_string());
+            budgets.count("errors", to, budgets.account, clock.mono_ms);
+        }
+        token = t.or(token);
+    }
+    token
 }
 
 /// Checks one output against its input; returns the token if a request was forwarded.
@@ -360,7 +399,120 @@ fn check_output(
             assert_eq!(out.attr("to"), Some(TARGET));
             None
         }
+        Verdict::Held => {
+            assert_probe(out);
+            None
+        }
         Verdict::Reversed | Verdict::Dropped(_) => panic!("unexpected output {verdict:?}: {xml}"),
+    }
+}
+
+fn assert_probe(out: &Element) {
+    let xml = String::from(out);
+    assert_eq!(out.name(), "presence", "{xml}");
+    assert_eq!(out.attr("type"), Some("probe"), "{xml}");
+    assert_eq!(out.attr("to"), Some(TARGET), "{xml}");
+    assert_eq!(out.attr("from"), Some(COMPONENT), "{xml}");
+}
+
+/// The requests the core holds while no resource is known, seen from the outside: each
+/// leaves exactly once — forwarded to an available resource with a token that opens to its
+/// sender, or refused with `service-unavailable` (or dropped, once the sender's error budget
+/// is spent) — and none waits past the hold time once the core was given the time.
+#[derive(Default)]
+struct HeldRequests {
+    /// (id, sender, held since in monotonic ms).
+    waiting: Vec<(String, Jid, u64)>,
+}
+
+impl HeldRequests {
+    fn held(&mut self, h: &Header, mono_ms: u64) {
+        let from = jid(h.from.as_deref()).expect("a held request has a valid sender");
+        let id = h.id.clone().expect("a held request has an id");
+        self.waiting.push((id, from, mono_ms));
+    }
+
+    /// Checks one stanza the core sent besides an answer; returns the token of a released
+    /// request.
+    fn transmitted(
+        &mut self,
+        out: &Element,
+        resources: &[String],
+        target: &BareJid,
+        now: u64,
+    ) -> Option<String> {
+        let xml = String::from(out);
+        if out.name() == "presence" {
+            assert_probe(out);
+            return None;
+        }
+        assert_eq!(out.name(), "iq", "{xml}");
+        let id = out.attr("id").expect("held requests have ids").to_owned();
+        let out_to = jid(out.attr("to")).expect("valid to");
+        match out.attr("type") {
+            Some("get") | Some("set") => {
+                assert_eq!(out_to.to_bare(), *target, "{xml}");
+                let res = out_to.resource().expect("to a resource").as_str();
+                assert!(
+                    resources.iter().any(|r| r == res),
+                    "to an available resource"
+                );
+                let out_from = jid(out.attr("from")).expect("valid from");
+                assert_eq!(out_from.domain().as_str(), COMPONENT, "{xml}");
+                let t = out_from
+                    .resource()
+                    .expect("from a token")
+                    .as_str()
+                    .to_owned();
+                let binding = Binding {
+                    component: COMPONENT,
+                    iq_id: &id,
+                };
+                let opened = token::open(&keys(), binding, &t, now, 300).expect("a fresh token");
+                let sender = jid(Some(&opened.sender)).expect("a valid sender");
+                self.leave(&id, &sender, &xml);
+                Some(t)
+            }
+            Some("error") => {
+                assert_eq!(
+                    out.attr("from").map(|f| f.starts_with(COMPONENT)),
+                    Some(true)
+                );
+                assert_eq!(
+                    crate::stanza::error_condition(out).as_deref(),
+                    Some("service-unavailable"),
+                    "{xml}"
+                );
+                self.leave(&id, &out_to, &xml);
+                None
+            }
+            _ => panic!("unexpected stanza sent: {xml}"),
+        }
+    }
+
+    fn leave(&mut self, id: &str, sender: &Jid, xml: &str) {
+        let at = self
+            .waiting
+            .iter()
+            .position(|(i, f, _)| i == id && f == sender)
+            .unwrap_or_else(|| panic!("sent, but never held (or sent twice): {xml}"));
+        self.waiting.remove(at);
+    }
+
+    /// After the core was given the time `mono_ms`: held requests either wait within the
+    /// hold time, or were dropped with the sender's error budget spent (checked by the
+    /// caller through `held()`), never more than the core says it holds.
+    fn settled(&mut self, held_by_core: usize, hold_ms: u64, mono_ms: u64) {
+        // Refusals dropped for the error budget leave no trace: forget the oldest.
+        while self.waiting.len() > held_by_core {
+            self.waiting.remove(0);
+        }
+        for (id, _, since) in &self.waiting {
+            assert!(
+                mono_ms < since + hold_ms,
+                "request {id} held since {since} ms, still held at {mono_ms} ms"
+            );
+        }
     }
 }
 
@@ -410,20 +562,23 @@ impl Budgets {
         match verdict {
             _ if reply => self.count("replies", bare(out.attr("to")), self.account, now_ms),
             Verdict::Refused(_) => self.count("errors", bare(out.attr("to")), self.account, now_ms),
-            Verdict::Forwarded => {
-                let from = jid(h.from.as_deref()).expect("forwarded from a valid sender");
-                self.count(
-                    "requests",
-                    Some(from.to_bare().to_string()),
-                    self.account,
-                    now_ms,
-                );
-                if from.domain() != target.domain() {
-                    let d = from.domain().to_string();
-                    self.count("domain", Some(d), self.domain, now_ms);
-                }
-            }
+            Verdict::Forwarded => self.request(h, target, now_ms),
             _ => {}
+        }
+    }
+
+    /// A request let through the rate limits (forwarded, or held: charged on arrival).
+    fn request(&mut self, h: &Header, target: &BareJid, now_ms: u64) {
+        let from = jid(h.from.as_deref()).expect("forwarded from a valid sender");
+        self.count(
+            "requests",
+            Some(from.to_bare().to_string()),
+            self.account,
+            now_ms,
+        );
+        if from.domain() != target.domain() {
+            let d = from.domain().to_string();
+            self.count("domain", Some(d), self.domain, now_ms);
         }
     }
 
@@ -536,6 +691,7 @@ struct Wire {
     target: BareJid,
     /// Per stanza read: whether it was over a limit.
     oversized: Vec<bool>,
+    held: HeldRequests,
 }
 
 impl Wire {
@@ -551,6 +707,7 @@ impl Wire {
             rng: SeededRandom::new(7),
             target: BareJid::new(TARGET).unwrap(),
             oversized: Vec::new(),
+            held: HeldRequests::default(),
         }
     }
 
@@ -577,8 +734,19 @@ impl Wire {
             assert!(self.proxy.resources().len() <= 4);
             assert!(self.proxy.tracked_senders() <= 8);
             assert!(self.proxy.limiter().domains() <= 8);
+            if verdict == Verdict::Held {
+                self.held.held(&h, 0);
+            }
             if let Some(out) = out {
                 check_output(&h, &out, verdict, &resources_before, &self.target, NOW);
+                self.writer
+                    .element(&out, &mut self.out)
+                    .expect("everything the core emits serialises");
+                self.written += 1;
+            }
+            while let Some(out) = self.proxy.poll_transmit() {
+                self.held
+                    .transmitted(&out, self.proxy.resources(), &self.target, NOW);
                 self.writer
                     .element(&out, &mut self.out)
                     .expect("everything the core emits serialises");

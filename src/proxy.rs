@@ -47,6 +47,34 @@ pub struct Settings {
     pub rate: RateLimit,
     /// Who may send requests.
     pub policy: Policy,
+    /// How long a request may wait for a resource when none is known (0: refused at once
+    /// with `service-unavailable`), in milliseconds.
+    pub hold_ms: u64,
+    /// How many requests may wait at once, and their bytes at most (as serialised).
+    pub max_held: usize,
+}
+
+/// Bytes of held requests at most, whatever `max_held` says.
+pub const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
+
+/// While requests are held, the target is probed at most this often: each probe's answer
+/// reaches one instance of those serving the domain (ejabberd spreads them), so a held
+/// request's instance learns the resources within a few probes — its own or another
+/// instance's.
+pub const HOLD_PROBE_GAP_MS: u64 = 250;
+
+/// Without held requests (holding disabled or full), a request refused for want of a
+/// resource probes the target at most this often.
+pub const REFUSE_PROBE_GAP_MS: u64 = 1000;
+
+/// A request waiting for a resource of the target to become known.
+#[derive(Debug)]
+struct Held {
+    el: Element,
+    from: Jid,
+    to: To,
+    until_ms: u64,
+    bytes: usize,
 }
 
 /// The time of one stanza, from two clocks read by the session.
@@ -60,7 +88,8 @@ pub struct Clock {
     pub mono_ms: u64,
 }
 
-/// The proxy state machine: the settings, the token keys, and the target's presence.
+/// The proxy state machine: the settings, the token keys, the target's presence, and the
+/// requests that wait (briefly, bounded) for a resource to become known.
 pub struct Proxy {
     settings: Settings,
     target: String,
@@ -68,6 +97,12 @@ pub struct Proxy {
     resources: Resources,
     limiter: Limiter,
     pings: u64,
+    held: std::collections::VecDeque<Held>,
+    held_bytes: usize,
+    /// Stanzas to send besides each input's own answer: held requests released or refused,
+    /// probes (see [`Proxy::poll_transmit`]).
+    transmit: std::collections::VecDeque<Element>,
+    last_probe_ms: Option<u64>,
 }
 
 /// What one stanza was, from the proxy's point of view; kept only for logs and tests.
@@ -81,6 +116,9 @@ pub enum Verdict {
     Refused(Condition),
     /// A presence change or subscription handled (maybe with an answer).
     Presence,
+    /// A request held until a resource of the target is known (it leaves through
+    /// [`Proxy::poll_transmit`], forwarded or refused); the output, if any, is a probe.
+    Held,
     /// Nothing sent.
     Dropped(&'static str),
 }
@@ -98,7 +136,108 @@ impl Proxy {
             resources,
             limiter,
             pings: 0,
+            held: std::collections::VecDeque::new(),
+            held_bytes: 0,
+            transmit: std::collections::VecDeque::new(),
+            last_probe_ms: None,
         }
+    }
+
+    /// The next stanza to send that is not the direct answer to an input: a held request
+    /// forwarded (a resource became known) or refused (its time ran out), or a probe. Take
+    /// them all after every [`Proxy::handle`] and [`Proxy::handle_timeout`].
+    pub fn poll_transmit(&mut self) -> Option<Element> {
+        self.transmit.pop_front()
+    }
+
+    /// When [`Proxy::handle_timeout`] is next due (monotonic milliseconds), if ever.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let first = self.held.front()?;
+        let probe = self.last_probe_ms.map_or(0, |t| t + HOLD_PROBE_GAP_MS);
+        Some(first.until_ms.min(probe))
+    }
+
+    /// Time passed: held requests whose time ran out are refused, and the target is probed
+    /// again while requests wait.
+    pub fn handle_timeout(&mut self, clock: Clock, rng: &mut dyn Random) {
+        self.settle_held(clock, rng);
+        if !self.held.is_empty()
+            && let Some(p) = self.probe_due(clock.mono_ms, HOLD_PROBE_GAP_MS)
+        {
+            self.transmit.push_back(p);
+        }
+    }
+
+    /// How many requests wait for a resource.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The stream is about to close: every held request is refused now (queued for
+    /// [`Proxy::poll_transmit`]) rather than lost with the stream.
+    pub fn refuse_held(&mut self, clock: Clock) {
+        while let Some(h) = self.pop_held() {
+            self.refuse_one_held(h, clock);
+        }
+    }
+
+    fn pop_held(&mut self) -> Option<Held> {
+        let h = self.held.pop_front()?;
+        self.held_bytes -= h.bytes;
+        Some(h)
+    }
+
+    fn refuse_one_held(&mut self, h: Held, clock: Clock) {
+        debug!(
+            id = h.el.attr("id"),
+            "held request refused: no resource became known"
+        );
+        if let (Some(out), _) = self.refuse(
+            &h.el,
+            &h.from,
+            Condition::ServiceUnavailable,
+            "the service is not available",
+            clock,
+        ) {
+            self.transmit.push_back(out);
+        }
+    }
+
+    /// Forwards every held request if a resource is known; otherwise refuses those whose
+    /// time ran out.
+    fn settle_held(&mut self, clock: Clock, rng: &mut dyn Random) {
+        if self.held.is_empty() {
+            return;
+        }
+        if !self.resources.list().is_empty() {
+            while let Some(h) = self.pop_held() {
+                let Some(resource) = self.resources.pick(rng).map(str::to_owned) else {
+                    break;
+                };
+                debug!(id = h.el.attr("id"), "held request released");
+                if let (Some(out), _) = self.forward(h.el, &h.from, &h.to, &resource, clock, rng) {
+                    self.transmit.push_back(out);
+                }
+            }
+            return;
+        }
+        while self
+            .held
+            .front()
+            .is_some_and(|h| h.until_ms <= clock.mono_ms)
+        {
+            let h = self.pop_held().expect("checked");
+            self.refuse_one_held(h, clock);
+        }
+    }
+
+    /// A probe of the target if none was sent in the last `gap_ms`.
+    fn probe_due(&mut self, now_ms: u64, gap_ms: u64) -> Option<Element> {
+        if self.last_probe_ms.is_some_and(|t| now_ms < t + gap_ms) {
+            return None;
+        }
+        self.last_probe_ms = Some(now_ms);
+        Some(self.probe())
     }
 
     /// The settings it runs with.
@@ -157,9 +296,14 @@ impl Proxy {
         }
     }
 
-    /// The session lost its stream: nothing is known about presence any more.
+    /// The session lost its stream: nothing is known about presence any more, and nothing
+    /// queued can be sent (what was held is lost with the stream, as what was in it).
     pub fn disconnected(&mut self) {
         self.resources.clear();
+        self.held.clear();
+        self.held_bytes = 0;
+        self.transmit.clear();
+        self.last_probe_ms = None;
     }
 
     /// A keepalive ping for an idle stream.
@@ -189,7 +333,7 @@ impl Proxy {
         clock: Clock,
         rng: &mut dyn Random,
     ) -> (Option<Element>, Verdict) {
-        match inbound {
+        let out = match inbound {
             Inbound::Oversized(o) => self.oversized(o, clock),
             Inbound::Element(el) => {
                 if !el.has_ns(NS) {
@@ -202,7 +346,12 @@ impl Proxy {
                     _ => dropped("unknown top-level element"),
                 }
             }
+        };
+        // A presence or a result may have made a resource known to held requests.
+        if !self.held.is_empty() {
+            self.settle_held(clock, rng);
         }
+        out
     }
 
     fn iq(
@@ -224,13 +373,12 @@ impl Proxy {
 
     fn request(
         &mut self,
-        mut el: Element,
+        el: Element,
         from: Jid,
         to: To,
         clock: Clock,
         rng: &mut dyn Random,
     ) -> (Option<Element>, Verdict) {
-        let now = clock.unix_ms / 1000;
         if self.is_target(&from) {
             return self.refuse(
                 &el,
@@ -277,14 +425,69 @@ impl Proxy {
                 return self.refuse(&el, &from, Condition::ResourceConstraint, text, clock);
             }
         }
-        let Some(resource) = self.resources.pick(rng) else {
-            return self.refuse(
-                &el,
-                &from,
-                Condition::ServiceUnavailable,
-                "the service is not available",
-                clock,
-            );
+        let Some(resource) = self.resources.pick(rng).map(str::to_owned) else {
+            return self.no_resource(el, from, to, clock);
+        };
+        self.forward(el, &from, &to, &resource, clock, rng)
+    }
+
+    /// A request (checked and charged to its limits) arrived while no resource of the
+    /// target is known: held for a while, with a probe, or refused.
+    fn no_resource(
+        &mut self,
+        el: Element,
+        from: Jid,
+        to: To,
+        clock: Clock,
+    ) -> (Option<Element>, Verdict) {
+        if self.settings.hold_ms > 0 && self.held.len() < self.settings.max_held {
+            let bytes = String::from(&el).len();
+            if self.held_bytes + bytes <= MAX_HELD_BYTES {
+                debug!(
+                    id = el.attr("id"),
+                    "no resource known: request held while the target is probed"
+                );
+                self.held_bytes += bytes;
+                self.held.push_back(Held {
+                    el,
+                    from,
+                    to,
+                    until_ms: clock.mono_ms + self.settings.hold_ms,
+                    bytes,
+                });
+                return (
+                    self.probe_due(clock.mono_ms, HOLD_PROBE_GAP_MS),
+                    Verdict::Held,
+                );
+            }
+        }
+        // No resource known: maybe this instance just (re)connected and the target's
+        // presence went to another one. Ask now rather than at the next periodic probe.
+        if let Some(p) = self.probe_due(clock.mono_ms, REFUSE_PROBE_GAP_MS) {
+            self.transmit.push_back(p);
+        }
+        self.refuse(
+            &el,
+            &from,
+            Condition::ServiceUnavailable,
+            "the service is not available",
+            clock,
+        )
+    }
+
+    /// Seals the sender into a token and sends the request to `resource`.
+    fn forward(
+        &mut self,
+        mut el: Element,
+        from: &Jid,
+        to: &To,
+        resource: &str,
+        clock: Clock,
+        rng: &mut dyn Random,
+    ) -> (Option<Element>, Verdict) {
+        let now = clock.unix_ms / 1000;
+        let Some(id) = el.attr("id") else {
+            return self.refuse(&el, from, Condition::BadRequest, "IQ without id", clock);
         };
         let sender = from.to_string();
         let original_to = match to {
@@ -309,7 +512,7 @@ impl Proxy {
                     e.len,
                     token::MAX_PLAINTEXT_LEN
                 );
-                return self.refuse(&el, &from, Condition::NotAcceptable, &text, clock);
+                return self.refuse(&el, from, Condition::NotAcceptable, &text, clock);
             }
         };
         let dest = join(&self.target, resource);
@@ -591,6 +794,7 @@ impl Proxy {
 }
 
 /// Where a stanza was sent, at the component's domain.
+#[derive(Debug)]
 enum To {
     /// The bare domain.
     Bare,

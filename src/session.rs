@@ -22,9 +22,9 @@ use crate::config::Config;
 use crate::inbound::{Inbound, Limits};
 use crate::keys::{self, KeySet};
 use crate::notify::Notifier;
-use crate::proxy::{Clock, Proxy, Verdict};
+use crate::proxy::{Clock, Proxy};
 use crate::random::OsRandom;
-use crate::stanza::{Condition, NS, STREAM_NS};
+use crate::stanza::{NS, STREAM_NS};
 use crate::stream::{Frame, Reader, Writer};
 use crate::upgrade::{Handover, Program, Record};
 /// Time allowed for TCP connect, stream header and handshake together.
@@ -601,7 +601,6 @@ async fn serve(
     let mut reload = tokio::time::interval(config.key_reload_interval);
     reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_probe = Instant::now() + jittered(config.probe_interval, rng);
-    let mut urgent_probe = Instant::now();
     let mut last_read = Instant::now();
     let mut ping_sent: Option<Instant> = None;
     let watchdog_every = notifier.watchdog_every();
@@ -614,24 +613,28 @@ async fn serve(
     let mut ready_sent = false;
     loop {
         // Everything complete that was read is handled before anything is sent.
-        if let Err(why) = handle_frames(&mut conn, proxy, rng, &mut urgent_probe) {
+        if let Err(why) = handle_frames(&mut conn, proxy, rng) {
             return End::Lost(why);
         }
-        if let Err(why) = conn.flush().await {
+        // The watchdog is fed while a slow server takes what we send (bounded by the
+        // write timeout, which may exceed the watchdog's).
+        if let Err(why) = kept_alive(conn.flush(), notifier).await {
             return End::Lost(why);
         }
         if let Some(since) = handover_since {
             // Every complete stanza read is handled and its answer sent: hand over here,
             // unless the stream is in the middle of something that cannot be handed over.
-            if let Some(pending) = conn.reader.pending() {
+            // Held requests are not handed over: they are settled (forwarded or refused)
+            // within the hold time, and the handover waits for that.
+            if let Some(pending) = conn.reader.pending().filter(|_| proxy.held() == 0) {
                 handover_since = None;
                 hand_over(&conn, pending, config, proxy, upgrader, stream);
                 // Still here: exec failed, and this process goes on serving.
                 ready_sent = false;
-            } else if since.elapsed() >= HANDOVER_WAIT {
+            } else if since.elapsed() >= HANDOVER_WAIT + config.hold {
                 warn!(
-                    "upgrade abandoned: the stream was never at a point it could be handed over at within {} s; still serving",
-                    HANDOVER_WAIT.as_secs()
+                    "upgrade abandoned: the stream was never at a point it could be handed over at (a stanza over the limit streaming in, or requests held for a resource) within {} ms; still serving",
+                    (HANDOVER_WAIT + config.hold).as_millis()
                 );
                 handover_since = None;
                 ready_sent = false;
@@ -682,6 +685,10 @@ async fn serve(
             _ = sleep_until(next_probe.into()) => {
                 next_probe = Instant::now() + jittered(config.probe_interval, rng);
                 conn.queue(&proxy.probe());
+            }
+            _ = sleep_until(core_due(proxy)), if proxy.poll_timeout().is_some() => {
+                proxy.handle_timeout(clock(), rng);
+                transmit(&mut conn, proxy);
             }
             _ = sleep_until(next_watchdog.into()), if watchdog_every.is_some() => {
                 notifier.watchdog();
@@ -760,6 +767,13 @@ fn hand_over(
     );
 }
 
+/// When the core asked to be given the time (see [`Proxy::poll_timeout`]), as an instant.
+fn core_due(proxy: &Proxy) -> tokio::time::Instant {
+    let now = clock().mono_ms;
+    let due = proxy.poll_timeout().unwrap_or(now);
+    tokio::time::Instant::now() + Duration::from_millis(due.saturating_sub(now))
+}
+
 /// `d` ± 20%, so that instances started together do not probe in lockstep.
 fn jittered(d: Duration, rng: &mut OsRandom) -> Duration {
     use crate::random::Random;
@@ -768,12 +782,7 @@ fn jittered(d: Duration, rng: &mut OsRandom) -> Duration {
 }
 
 /// Hands every complete frame the reader holds to the proxy and queues what it answers.
-fn handle_frames(
-    conn: &mut Conn,
-    proxy: &mut Proxy,
-    rng: &mut OsRandom,
-    urgent_probe: &mut Instant,
-) -> Result<(), String> {
+fn handle_frames(conn: &mut Conn, proxy: &mut Proxy, rng: &mut OsRandom) -> Result<(), String> {
     while let Some(frame) = conn.reader.next_frame().map_err(|e| e.to_string())? {
         let inbound = match frame {
             Frame::Footer => return Err("server closed the stream".into()),
@@ -786,20 +795,21 @@ fn handle_frames(
         if let Inbound::Element(el) = &inbound {
             trace!(xml = %String::from(el), "in");
         }
-        let (out, verdict) = proxy.handle(inbound, clock(), rng);
-        if verdict == Verdict::Refused(Condition::ServiceUnavailable)
-            && urgent_probe.elapsed() >= Duration::from_secs(1)
-        {
-            // No resource known: maybe this instance just (re)connected and the target's
-            // presence went to another one. Ask now rather than at the next probe.
-            *urgent_probe = Instant::now();
-            conn.queue(&proxy.probe());
-        }
+        let (out, _verdict) = proxy.handle(inbound, clock(), rng);
         if let Some(out) = out {
             conn.queue(&out);
         }
+        transmit(conn, proxy);
     }
     Ok(())
+}
+
+/// Queues what the core sends besides its answers (held requests released or refused,
+/// probes).
+fn transmit(conn: &mut Conn, proxy: &mut Proxy) {
+    while let Some(el) = proxy.poll_transmit() {
+        conn.queue(&el);
+    }
 }
 
 /// Closes the stream cleanly: first handles every stanza already received (so that nothing
@@ -808,7 +818,6 @@ fn handle_frames(
 /// routes to us between our footer and its reading of it can no longer be answered; such
 /// stanzas are counted and logged. Every step is bounded in time.
 async fn close(mut conn: Conn, proxy: &mut Proxy, rng: &mut OsRandom) {
-    let mut urgent_probe = Instant::now();
     // Each write of the shutdown gets at most a few seconds, whatever keepalive_timeout is:
     // a server that stops reading cannot hold SIGTERM up for long.
     conn.write_timeout = conn.write_timeout.min(CLOSE_WRITE_LIMIT);
@@ -817,7 +826,7 @@ async fn close(mut conn: Conn, proxy: &mut Proxy, rng: &mut OsRandom) {
     let deadline = Instant::now() + DRAIN_LIMIT;
     let mut drained = 0usize;
     loop {
-        if let Err(e) = handle_frames(&mut conn, proxy, rng, &mut urgent_probe) {
+        if let Err(e) = handle_frames(&mut conn, proxy, rng) {
             debug!("closing the stream: {e}");
             return;
         }
@@ -837,6 +846,9 @@ async fn close(mut conn: Conn, proxy: &mut Proxy, rng: &mut OsRandom) {
             }
         }
     }
+    // Requests still waiting for a resource are answered rather than lost with the stream.
+    proxy.refuse_held(clock());
+    transmit(&mut conn, proxy);
     conn.writer.footer(&mut conn.out);
     if let Err(e) = conn.flush().await {
         debug!("closing the stream: {e}");

@@ -14,6 +14,12 @@ struct World {
 
 impl World {
     fn new() -> World {
+        World::holding(0, 0)
+    }
+
+    /// A world whose proxy holds up to `max_held` requests for `hold_ms` when no resource
+    /// is known.
+    fn holding(hold_ms: u64, max_held: usize) -> World {
         let settings = Settings {
             component: "proxy.example".into(),
             target: BareJid::new("impl@example").unwrap(),
@@ -31,6 +37,8 @@ impl World {
                 allow: vec![],
                 deny: vec![crate::policy::Entry::parse("spam.example").unwrap()],
             },
+            hold_ms,
+            max_held,
         };
         let keys = KeySet::from_secrets(&[(1, 0, [7; 32])]).unwrap();
         let mut w = World {
@@ -686,4 +694,139 @@ fn bare_is_a_slice_of_the_full_address() {
         assert_eq!(bare(&j), expected);
         assert_eq!(bare(&j), j.to_bare().as_str());
     }
+}
+
+fn transmitted(w: &mut World) -> Vec<Element> {
+    std::iter::from_fn(|| w.proxy.poll_transmit()).collect()
+}
+
+const HELD_REQUEST: &str =
+    "<iq type='get' id='h1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>";
+
+#[test]
+fn a_request_without_a_resource_is_held_then_forwarded_when_one_appears() {
+    let mut w = World::holding(2000, 8);
+    let (out, verdict) = w.send_verdict(HELD_REQUEST);
+    assert_eq!(verdict, Verdict::Held);
+    let probe = out.expect("a probe goes out at once");
+    assert_eq!(attr(&probe, "type"), "probe");
+    assert_eq!(attr(&probe, "to"), "impl@example");
+    assert!(transmitted(&mut w).is_empty());
+    assert_eq!(w.proxy.held(), 1);
+    assert_eq!(
+        w.proxy.poll_timeout(),
+        Some(w.clock.mono_ms + HOLD_PROBE_GAP_MS)
+    );
+
+    w.advance(100);
+    assert_eq!(
+        w.send("<presence from='impl@example/a' to='proxy.example'/>"),
+        None
+    );
+    let out = transmitted(&mut w);
+    assert_eq!(out.len(), 1, "released exactly once");
+    assert_eq!(attr(&out[0], "to"), "impl@example/a");
+    assert_eq!(attr(&out[0], "id"), "h1");
+    let token = jid::Jid::new(attr(&out[0], "from")).unwrap();
+    let reply = format!(
+        "<iq type='result' id='h1' to='{token}' from='impl@example/a'><q xmlns='urn:x'/></iq>"
+    );
+    let back = w
+        .send(&reply)
+        .expect("the reply is reversed to the held request's sender");
+    assert_eq!(attr(&back, "to"), "u@example/r");
+    assert_eq!(w.proxy.held(), 0);
+    assert_eq!(w.proxy.poll_timeout(), None);
+}
+
+#[test]
+fn a_held_request_is_refused_when_its_time_runs_out_and_probes_repeat_meanwhile() {
+    let mut w = World::holding(2000, 8);
+    let (_, verdict) = w.send_verdict(HELD_REQUEST);
+    assert_eq!(verdict, Verdict::Held);
+    let start = w.clock.mono_ms;
+    let mut probes = 1;
+    while let Some(due) = w.proxy.poll_timeout() {
+        assert!(due > w.clock.mono_ms - 1, "never due in the past");
+        w.advance(due - w.clock.mono_ms);
+        let clock = w.clock;
+        w.proxy.handle_timeout(clock, &mut w.rng);
+        for out in transmitted(&mut w) {
+            match out.name() {
+                "presence" => probes += 1,
+                _ => {
+                    assert_eq!(
+                        w.clock.mono_ms - start,
+                        2000,
+                        "refused when its time ran out"
+                    );
+                    assert_eq!(condition(&out), "service-unavailable");
+                    assert_eq!(attr(&out, "to"), "u@example/r");
+                    assert_eq!(attr(&out, "id"), "h1");
+                }
+            }
+        }
+    }
+    assert_eq!(w.proxy.held(), 0);
+    assert_eq!(probes, 8, "one probe per {HOLD_PROBE_GAP_MS} ms while held");
+}
+
+#[test]
+fn holding_is_bounded_and_ends_with_the_stream() {
+    let mut w = World::holding(2000, 2);
+    for id in ["1", "2"] {
+        let (_, v) = w.send_verdict(&HELD_REQUEST.replace("h1", id));
+        assert_eq!(v, Verdict::Held);
+    }
+    let (out, v) = w.send_verdict(&HELD_REQUEST.replace("h1", "3"));
+    assert_eq!(
+        v,
+        Verdict::Refused(Condition::ServiceUnavailable),
+        "full: refused at once"
+    );
+    assert_eq!(attr(&out.unwrap(), "id"), "3");
+    // Closing: the held requests are answered, not lost with the stream.
+    let clock = w.clock;
+    w.proxy.refuse_held(clock);
+    let out = transmitted(&mut w);
+    let ids: Vec<&str> = out
+        .iter()
+        .filter(|e| e.name() == "iq")
+        .map(|e| attr(e, "id"))
+        .collect();
+    assert_eq!(ids, ["1", "2"]);
+    assert!(
+        out.iter()
+            .filter(|e| e.name() == "iq")
+            .all(|e| condition(e) == "service-unavailable")
+    );
+    // A lost stream: nothing to send any more, nothing held.
+    let (_, v) = w.send_verdict(&HELD_REQUEST.replace("h1", "4"));
+    assert_eq!(v, Verdict::Held);
+    w.proxy.disconnected();
+    assert_eq!(w.proxy.held(), 0);
+    assert!(transmitted(&mut w).is_empty());
+}
+
+#[test]
+fn a_result_from_an_unknown_resource_releases_held_requests() {
+    let mut w = World::holding(2000, 8);
+    // A first request goes out while a resource is known; the resource is then forgotten
+    // (its unavailable presence), and a second request is held.
+    w = w.online(&["a"]);
+    let first = w
+        .send("<iq type='get' id='f' to='proxy.example' from='v@example/r'><q xmlns='urn:x'/></iq>")
+        .unwrap();
+    w.send("<presence type='unavailable' from='impl@example/a' to='proxy.example'/>");
+    assert_eq!(w.send_verdict(HELD_REQUEST).1, Verdict::Held);
+    // The result proves "a" is online after all: the held request goes to it.
+    let reply = format!(
+        "<iq type='result' id='f' to='{}' from='impl@example/a'/>",
+        attr(&first, "from")
+    );
+    assert!(w.send(&reply).is_some());
+    let out = transmitted(&mut w);
+    assert_eq!(out.len(), 1);
+    assert_eq!(attr(&out[0], "id"), "h1");
+    assert_eq!(attr(&out[0], "to"), "impl@example/a");
 }
