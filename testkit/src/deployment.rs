@@ -165,6 +165,66 @@ pub fn ejabberd_with_proxies(
     (ejabberd, proxies)
 }
 
+/// An ejabberd cluster of `per_node.len()` nodes (`server_extra` appended to each node's
+/// `ejabberd.yml`) with the accounts `impl` and `user` (password `pw`), and `per_node[i]`
+/// jat-proxy instances connected to node `i + 1`: one configuration file per node (its
+/// `server` is that node's component listener), all naming one key file (in node 1's
+/// directory). `proxy_extra` goes into the `[proxy]` section, `extra` is appended. Returns
+/// the cluster, the instances of each node, and each node's configuration file.
+pub fn ejabberd_cluster_with_proxies(
+    binary: &Path,
+    per_node: &[usize],
+    server_extra: &str,
+    proxy_extra: &str,
+    extra: &str,
+) -> (
+    crate::cluster::EjabberdCluster,
+    Vec<Vec<ProxyProcess>>,
+    Vec<PathBuf>,
+) {
+    let cluster = crate::cluster::EjabberdCluster::start(
+        per_node.len(),
+        &[(COMPONENT, SECRET)],
+        server_extra,
+    );
+    for u in ["impl", "user"] {
+        cluster.register(u, "pw");
+    }
+    let keys = cluster.nodes[0].dir().join("keys.toml");
+    let configs: Vec<PathBuf> = cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            write_config(
+                node.dir(),
+                "jat-proxy.toml",
+                &ConfigSpec {
+                    component: COMPONENT,
+                    server: node.component,
+                    secret: SECRET,
+                    target: "impl@localhost",
+                    key_file: &keys,
+                    proxy_extra,
+                    extra,
+                },
+            )
+        })
+        .collect();
+    let proxies: Vec<Vec<ProxyProcess>> = per_node
+        .iter()
+        .zip(&configs)
+        .map(|(&n, config)| {
+            (0..n)
+                .map(|_| ProxyProcess::start(binary, config))
+                .collect()
+        })
+        .collect();
+    for p in proxies.iter().flatten() {
+        p.wait_sessions(1, Duration::from_secs(30));
+    }
+    (cluster, proxies, configs)
+}
+
 /// The configuration of a test deployment, written into `dir`: the component at `server`
 /// in front of `impl@localhost`, key file `dir/keys.toml`. Returns (config, key file).
 fn standard_config(

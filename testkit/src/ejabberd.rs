@@ -36,6 +36,18 @@ pub struct Ejabberd {
 impl Ejabberd {
     /// Starts ejabberd with these `(component domain, secret)` pairs on one service listener.
     pub fn start(components: &[(&str, &str)]) -> Ejabberd {
+        Self::start_node(components, None, "")
+    }
+
+    /// Starts a node that registers with the epmd listening on `epmd_port` (one of the
+    /// test's, see [`crate::cluster::Epmd`]) instead of the system's, with its Erlang
+    /// distribution listener on loopback; `extra_config` is appended to its `ejabberd.yml`
+    /// (top-level options).
+    pub fn start_node(
+        components: &[(&str, &str)],
+        epmd_port: Option<u16>,
+        extra_config: &str,
+    ) -> Ejabberd {
         require();
         let dir = crate::work_dir("ejabberd");
         let c2s_port = free_port();
@@ -96,10 +108,21 @@ modules:
   mod_roster: {{}}
   mod_ping: {{}}
   mod_disco: {{}}
-"#
+{extra_config}"#
         );
         std::fs::write(dir.join("ejabberd.yml"), config).unwrap();
-        std::fs::write(dir.join("ejabberdctl.cfg"), format!("ERLANG_NODE={node}\n")).unwrap();
+        let mut ctl_config = format!("ERLANG_NODE={node}\n");
+        if let Some(port) = epmd_port {
+            // Sourced by ejabberdctl (as root, then `su` to the ejabberd user keeps the
+            // environment): the node, and every ejabberdctl client node, asks the test's
+            // epmd; none starts an epmd daemon of its own; the distribution listens on
+            // loopback only (ERL_OPTIONS goes unquoted into erl's arguments).
+            ctl_config.push_str(&format!(
+                "export ERL_EPMD_PORT={port}\n\
+                 ERL_OPTIONS=\"-start_epmd false -kernel inet_dist_use_interface {{127,0,0,1}}\"\n"
+            ));
+        }
+        std::fs::write(dir.join("ejabberdctl.cfg"), ctl_config).unwrap();
         let mut e = Ejabberd {
             dir,
             node,
@@ -190,6 +213,26 @@ modules:
     /// The work directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The Erlang node name (`name@localhost`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the node is running (started and not stopped).
+    pub fn running(&self) -> bool {
+        self.process.is_some()
+    }
+
+    /// Waits until the node's listeners accept connections again (after a cluster join,
+    /// which restarts ejabberd inside the running node).
+    pub fn wait_listening(&mut self, limit: Duration) {
+        let addrs = [self.c2s, self.component];
+        let log = self.log();
+        if let Some(p) = &mut self.process {
+            p.wait_listening(&addrs, limit, || log.clone());
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod cluster;
 pub mod deployment;
 pub mod ejabberd;
 pub mod ports;
