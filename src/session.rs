@@ -760,7 +760,7 @@ fn hand_over(
     let socket: &tokio::net::TcpStream = conn.rd.as_ref();
     let e = upgrader
         .program
-        .exec(Some((crate::upgrade::fd_of(socket), &record)));
+        .exec(Some((std::os::fd::AsFd::as_fd(socket), &record)));
     warn!(
         binary = %upgrader.program.path().display(),
         "upgrade failed: cannot exec: {e}; still serving"

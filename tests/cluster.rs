@@ -17,16 +17,15 @@
 //! routing is printed as `[measured]` lines.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use testkit::client::{Answer, Client, Element, reply_to};
-use testkit::deployment::{
-    COMPONENT, WAIT, ejabberd_cluster_with_proxies, error_condition, request, wait_resource,
-};
-use testkit::proxy::{ProxyProcess, log_field};
+use testkit::deployment::{COMPONENT, WAIT, ejabberd_cluster_with_proxies, request, wait_resource};
+use testkit::load::Tally;
+use testkit::proxy::{ProxyProcess, install_build, lines_with, log_field};
 use tokio::time::Instant;
 
 fn binary() -> PathBuf {
@@ -65,13 +64,6 @@ fn ids_in(log: &str, what: &str) -> Vec<String> {
     log.lines()
         .filter(|l| l.contains(what))
         .filter_map(|l| log_field(l, "id").map(str::to_owned))
-        .collect()
-}
-
-fn lines_with(log: &str, what: &str) -> Vec<String> {
-    log.lines()
-        .filter(|l| l.contains(what))
-        .map(str::to_owned)
         .collect()
 }
 
@@ -147,54 +139,6 @@ async fn login(node: &testkit::ejabberd::Ejabberd, user: &str, resource: &str) -
         Answer::Nothing
     };
     Client::login(node.c2s, "localhost", user, "pw", resource, answer).await
-}
-
-/// What came back for the requests of a load.
-#[derive(Default)]
-struct Tally {
-    /// (id, when it was sent since the phase's start).
-    sent: Vec<(String, Duration)>,
-    answers: HashMap<String, Element>,
-}
-
-impl Tally {
-    fn take(&mut self, r: Element) {
-        let id = r.attr("id").unwrap_or_default().to_owned();
-        if let Some(first) = self.answers.insert(id.clone(), r.clone()) {
-            panic!(
-                "{id} answered twice:\n{}\n{}",
-                testkit::client::xml(&first),
-                testkit::client::xml(&r)
-            );
-        }
-    }
-
-    /// (results, errors by condition, unanswered ids) of the requests sent when `within`
-    /// says so.
-    fn count(
-        &self,
-        within: impl Fn(Duration) -> bool,
-    ) -> (usize, HashMap<String, usize>, Vec<String>) {
-        let mut results = 0;
-        let mut errors: HashMap<String, usize> = HashMap::new();
-        let mut lost = Vec::new();
-        for (id, _) in self.sent.iter().filter(|(_, at)| within(*at)) {
-            match self.answers.get(id) {
-                Some(a) if a.attr("type") == Some("result") => results += 1,
-                Some(a) => {
-                    *errors
-                        .entry(error_condition(a).unwrap_or_else(|| "?".into()))
-                        .or_default() += 1
-                }
-                None => lost.push(id.clone()),
-            }
-        }
-        (results, errors, lost)
-    }
-
-    fn all(&self) -> (usize, HashMap<String, usize>, Vec<String>) {
-        self.count(|_| true)
-    }
 }
 
 /// Sends `n` requests `PREFIX0..` from `user`, one every `every` (open loop: on schedule,
@@ -273,26 +217,6 @@ fn component_logins(e: &testkit::ejabberd::Ejabberd, n: usize) -> usize {
     e.component_logins(COMPONENT)
 }
 
-/// Installs build number `n` at `path` as a package manager does (written beside it, then
-/// renamed over it) and returns its build id: the binary with a line of its own appended,
-/// so that the build id jat-proxy logs proves which file runs (as in `tests/upgrade.rs`).
-fn install_build(path: &Path, n: usize) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let mut bytes = std::fs::read(binary()).unwrap();
-    bytes.extend_from_slice(format!("\njat-proxy cluster test build {n}\n").as_bytes());
-    let id: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
-        .as_ref()
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, &bytes).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-    id
-}
-
 /// Runs a blocking call (a stop or start that waits) without holding up the load tasks.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
@@ -304,7 +228,7 @@ async fn two_node_ejabberd_cluster() {
     // The instances run from a copy of the binary, so that phase 3c can install new builds.
     let bin = testkit::work_dir("cluster-bin");
     let exe = bin.join("jat-proxy");
-    install_build(&exe, 0);
+    install_build(&binary(), &exe, 0);
     let (mut cluster, per_node, _configs) =
         ejabberd_cluster_with_proxies(&exe, &[2, 2], "", "probe_interval_secs = 1", UNLIMITED);
     let mut inst: Vec<Instance> = per_node
@@ -640,7 +564,7 @@ async fn two_node_ejabberd_cluster() {
     for (k, i) in inst.iter().enumerate() {
         tokio::time::sleep_until(t0 + Duration::from_millis(1500 + 2000 * k as u64)).await;
         let before = lines_with(&i.proxy.log(), "upgraded in place").len();
-        builds.push(blocking(|| install_build(&exe, k + 1)));
+        builds.push(blocking(|| install_build(&binary(), &exe, k + 1)));
         i.proxy.signal("USR2");
         // The next instance once this one is through.
         let through = async {

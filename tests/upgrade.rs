@@ -2,17 +2,15 @@
 //! process `exec`s the binary installed at its path and goes on with the same TCP stream
 //! and the same PID. And the systemd notification protocol, heard on a socket of the test's.
 
-use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use testkit::client::{Answer, Client, Element, reply_to};
-use testkit::deployment::{
-    COMPONENT, Deployment, WAIT, ejabberd_with_proxies, error_condition, request,
-};
-use testkit::proxy::ProxyProcess;
+use testkit::client::{Answer, Client, reply_to};
+use testkit::deployment::{COMPONENT, Deployment, WAIT, ejabberd_with_proxies, request};
+use testkit::load::Tally;
+use testkit::proxy::{ProxyProcess, install_build, lines_with};
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_jat-proxy"))
@@ -25,34 +23,8 @@ const UNLIMITED: &str = "\n[limits]\nrate_per_sender = 100000.0\nrate_burst = 10
 /// manager's `/usr/bin` would.
 fn bin_dir(tag: &str) -> PathBuf {
     let dir = testkit::work_dir(tag);
-    install_build(&dir.join("jat-proxy"), 0);
+    install_build(&binary(), &dir.join("jat-proxy"), 0);
     dir
-}
-
-/// Installs build number `n` at `path` the way a package manager does — written beside it,
-/// then renamed over it — and returns its build id. Each number is a different file (the
-/// binary with a line of its own appended, which the ELF loader ignores), so the build id
-/// that jat-proxy logs at start (a hash of the executable it runs) proves which one runs.
-fn install_build(path: &Path, n: usize) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let mut bytes = std::fs::read(binary()).unwrap();
-    bytes.extend_from_slice(format!("\njat-proxy test build {n}\n").as_bytes());
-    let id = build_id(&bytes);
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, &bytes).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-    id
-}
-
-/// What jat-proxy logs as its build id: the first 12 hex digits of the SHA-256 of the file.
-fn build_id(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Installs, at `path`, a build that passes the configuration check and exits at once when
@@ -71,14 +43,6 @@ fn install_broken_build(path: &Path, real: &Path) {
     .unwrap();
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-/// Lines of the log with `what`, in order.
-fn lines_with(log: &str, what: &str) -> Vec<String> {
-    log.lines()
-        .filter(|l| l.contains(what))
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Seconds since midnight of a log line's timestamp (`2026-12-01T18:34:11.623917Z ...`).
@@ -131,51 +95,6 @@ fn answer_everything(mut c: Client) -> tokio::task::JoinHandle<()> {
             }
         }
     })
-}
-
-/// What came back for the requests of a run.
-#[derive(Default)]
-struct Tally {
-    sent: Vec<(String, Duration)>,
-    answers: HashMap<String, Element>,
-}
-
-impl Tally {
-    fn take(&mut self, r: Element) {
-        let id = r.attr("id").unwrap_or_default().to_owned();
-        if let Some(first) = self.answers.insert(id.clone(), r.clone()) {
-            panic!(
-                "{id} answered twice:\n{}\n{}",
-                testkit::client::xml(&first),
-                testkit::client::xml(&r)
-            );
-        }
-    }
-
-    /// (results, errors by condition, unanswered ids) of the requests sent within `window`.
-    fn count(
-        &self,
-        window: std::ops::Range<Duration>,
-    ) -> (usize, HashMap<String, usize>, Vec<String>) {
-        let mut results = 0;
-        let mut errors: HashMap<String, usize> = HashMap::new();
-        let mut lost = Vec::new();
-        for (id, at) in &self.sent {
-            if !window.contains(at) {
-                continue;
-            }
-            match self.answers.get(id) {
-                Some(a) if a.attr("type") == Some("result") => results += 1,
-                Some(a) => {
-                    *errors
-                        .entry(error_condition(a).unwrap_or_else(|| "?".into()))
-                        .or_default() += 1
-                }
-                None => lost.push(id.clone()),
-            }
-        }
-        (results, errors, lost)
-    }
 }
 
 /// Sends `rate` requests/s for `duration`, open loop (on schedule, whatever comes back),
@@ -234,7 +153,11 @@ async fn upgrades_under_load(
             && builds.len() < 5
             && lines_with(&proxy.log(), "upgraded in place").len() == builds.len()
         {
-            builds.push(install_build(&bin.join("jat-proxy"), builds.len() + 1));
+            builds.push(install_build(
+                &binary(),
+                &bin.join("jat-proxy"),
+                builds.len() + 1,
+            ));
             proxy.signal("USR2");
             next += Duration::from_millis(2500);
         }
@@ -282,7 +205,7 @@ fn assert_lossless(
     );
     let starts = lines_with(&log, "jat-proxy starting");
     assert_eq!(starts.len(), 1 + builds.len(), "{server}:\n{log}");
-    let (results, errors, lost) = tally.count(Duration::ZERO..Duration::MAX);
+    let (results, errors, lost) = tally.all();
     testkit::report(&format!(
         "{server}: {} requests at 200/s over 15 s with {} in-place upgrades: {results} results, \
          errors {errors:?}, {} lost; component logins in the server's log: {logins}",
@@ -398,7 +321,7 @@ async fn refused_and_failed_upgrades() {
                 // An unknown key in the last section (`[limits]`): the new binary's check says
                 // which, and where.
                 std::fs::write(&config_path, format!("{config}\nbogus = 1\n")).unwrap();
-                install_build(&path, 1);
+                install_build(&binary(), &path, 1);
                 proxy.signal("USR2");
                 phase = 1;
             }
@@ -421,7 +344,7 @@ async fn refused_and_failed_upgrades() {
                     assert_eq!(status.code(), Some(1), "{first_log}");
                     // The service manager starts the unit again; the package's binary is
                     // back in place by then.
-                    install_build(&path, 2);
+                    install_build(&binary(), &path, 2);
                     proxy.restart();
                     phase = 4;
                 }
@@ -453,13 +376,13 @@ async fn refused_and_failed_upgrades() {
         "the refusal names the file, line and key: {}",
         refused[0]
     );
-    let (results, errors, lost) = tally.count(Duration::ZERO..broken_at);
+    let (results, errors, lost) = tally.count(|t| t < broken_at);
     testkit::report(&format!(
         "refused upgrade (broken config): {results} results, errors {errors:?}, {} lost",
         lost.len()
     ));
     assert!(errors.is_empty() && lost.is_empty(), "{errors:?} {lost:?}");
-    let (results, errors, lost) = tally.count(broken_at..back_at);
+    let (results, errors, lost) = tally.count(|t| (broken_at..back_at).contains(&t));
     testkit::report(&format!(
         "upgrade to a binary that exits at once, then a restart: {} requests in the {} ms \
          until served again: {results} results, errors {errors:?}, {} lost",
@@ -467,7 +390,7 @@ async fn refused_and_failed_upgrades() {
         (back_at - broken_at).as_millis(),
         lost.len()
     ));
-    let (results, errors, lost) = tally.count(back_at..Duration::MAX);
+    let (results, errors, lost) = tally.count(|t| t >= back_at);
     assert!(
         results > 0 && errors.is_empty() && lost.is_empty(),
         "after recovery: {errors:?} {lost:?}"
@@ -570,7 +493,7 @@ async fn systemd_notifications() {
     });
     assert!(status.is_some(), "{:#?}", manager.messages());
 
-    install_build(&path, 1);
+    install_build(&binary(), &path, 1);
     let before = manager.messages().len();
     d.proxy.signal("USR2");
     let reloading = manager.wait_for("RELOADING=1", before);

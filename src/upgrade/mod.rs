@@ -12,7 +12,7 @@ mod record;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
@@ -268,9 +268,4 @@ pub fn build_id() -> io::Result<String> {
         .take(6)
         .map(|b| format!("{b:02x}"))
         .collect())
-}
-
-/// Borrowed descriptor of a socket, for [`Program::exec`].
-pub fn fd_of(socket: &impl AsFd) -> BorrowedFd<'_> {
-    socket.as_fd()
 }

@@ -10,6 +10,7 @@ pub mod client;
 pub mod cluster;
 pub mod deployment;
 pub mod ejabberd;
+pub mod load;
 pub mod ports;
 pub mod process;
 pub mod prosody;

@@ -181,3 +181,33 @@ pub fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
         None => rest.split_whitespace().next(),
     }
 }
+
+/// The lines of a log that contain `what`, in order.
+pub fn lines_with(log: &str, what: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(what))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Installs build number `n` of `binary` at `path` the way a package manager does — written
+/// beside it, then renamed over it — and returns its build id. Each number is a different
+/// file (the binary with a line of its own appended, which the ELF loader ignores), so the
+/// build id that jat-proxy logs (`running build`: the first 12 hex digits of the SHA-256 of
+/// the executable it runs) proves which one runs.
+pub fn install_build(binary: &Path, path: &Path, n: usize) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bytes = std::fs::read(binary).unwrap();
+    bytes.extend_from_slice(format!("\njat-proxy test build {n}\n").as_bytes());
+    let id: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
+        .as_ref()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    id
+}
