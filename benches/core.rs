@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use jat_proxy::inbound::{Limits, TEST_HEADER, read_one};
 use jat_proxy::invariants::{COMPONENT, NOW, keys, settings};
-use jat_proxy::proxy::{Clock, Proxy};
+use jat_proxy::proxy::{Balance, Clock, Proxy, Selection};
 use jat_proxy::random::SeededRandom;
 use jat_proxy::rate::{Limiter, RateLimit};
 use jat_proxy::stream::{Frame, Reader, Writer};
@@ -81,11 +81,10 @@ fn core(c: &mut Criterion) {
         Limits::default(),
     )
     .unwrap();
-    proxy.handle(online, CLOCK, &mut rng);
+    let _ = proxy.handle(online, CLOCK, &mut rng);
     let request = b"<iq type='get' id='purple-7a2b' to='proxy.example' from='user@example.org/phone-4f3a'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>";
     let inbound = read_one(request, Limits::default()).unwrap();
-    let (fwd, _) = proxy.handle(inbound, CLOCK, &mut rng);
-    let fwd = fwd.unwrap();
+    let fwd = proxy.handle(inbound, CLOCK, &mut rng).transmit.unwrap();
     let reply = format!(
         "<iq type='result' id='purple-7a2b' to='{}' from='impl@example/a'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='client' type='bot' name='x'/><feature var='urn:xmpp:ping'/></query></iq>",
         fwd.attr("from").unwrap()
@@ -106,7 +105,7 @@ fn core(c: &mut Criterion) {
     g.bench_function("request_in_forwarded_out", |b| {
         b.iter(|| {
             let el = read(black_box(request));
-            let (o, _) = proxy.handle(el, CLOCK, &mut rng);
+            let o = proxy.handle(el, CLOCK, &mut rng).transmit;
             out.clear();
             writer.element(&o.unwrap(), &mut out).unwrap();
             out.len()
@@ -115,13 +114,46 @@ fn core(c: &mut Criterion) {
     g.bench_function("reply_in_reversed_out", |b| {
         b.iter(|| {
             let el = read(black_box(reply.as_bytes()));
-            let (o, _) = proxy.handle(el, CLOCK, &mut rng);
+            let o = proxy.handle(el, CLOCK, &mut rng).transmit;
             out.clear();
             writer.element(&o.unwrap(), &mut out).unwrap();
             out.len()
         })
     });
     g.bench_function("parse_only", |b| b.iter(|| read(black_box(request))));
+    g.finish();
+
+    // The request path with four resources online, per selection policy (the resources'
+    // priorities differ, so `priority` has one winner).
+    let mut g = c.benchmark_group("select");
+    g.throughput(Throughput::Elements(1));
+    for balance in [Balance::Random, Balance::Sticky, Balance::Priority] {
+        let mut settings = settings_unlimited();
+        settings.selection = Selection {
+            balance,
+            patterns: vec![],
+        };
+        let mut proxy = Proxy::new(settings, keys());
+        for (i, r) in ["desktop", "laptop", "worker-1", "worker-2"]
+            .iter()
+            .enumerate()
+        {
+            let p = format!(
+                "<presence from='impl@example/{r}' to='proxy.example'><priority>{i}</priority></presence>"
+            );
+            let _ = proxy.handle(
+                read_one(p.as_bytes(), Limits::default()).unwrap(),
+                CLOCK,
+                &mut rng,
+            );
+        }
+        g.bench_function(format!("request_4_resources_{}", balance.name()), |b| {
+            b.iter(|| {
+                let el = read_one(black_box(request), Limits::default()).unwrap();
+                proxy.handle(el, CLOCK, &mut rng).transmit
+            })
+        });
+    }
     g.finish();
 }
 

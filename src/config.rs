@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use crate::inbound::Limits;
 use crate::policy::{Entry, Policy};
-use crate::proxy::Settings;
+use crate::proxy::{Balance, Pattern, Selection, Settings};
 use crate::rate::RateLimit;
 use crate::tomldiag;
 
@@ -50,6 +50,8 @@ pub struct Config {
     pub hold: Duration,
     /// How many requests may wait at once.
     pub max_held: usize,
+    /// Which resources of the target may be chosen, and how.
+    pub selection: Selection,
     /// The key file.
     pub key_file: PathBuf,
     /// How often the key file is checked for a rotation.
@@ -116,6 +118,7 @@ impl Config {
             policy: self.policy.clone(),
             hold_ms: self.hold.as_millis() as u64,
             max_held: self.max_held,
+            selection: self.selection.clone(),
         }
     }
 }
@@ -241,6 +244,10 @@ struct RawProxy {
     hold_ms: u64,
     #[serde(default = "d_max_held")]
     max_held: usize,
+    #[serde(default)]
+    balance: Balance,
+    #[serde(default)]
+    resources: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -563,6 +570,22 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     if raw.proxy.max_held > 65_536 {
         return Err(err("proxy.max_held", "out of range 0..=65536".into()));
     }
+    if raw.proxy.resources.len() > 256 {
+        return Err(err("proxy.resources", "more than 256 patterns".into()));
+    }
+    let patterns = raw
+        .proxy
+        .resources
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Pattern::new(p).map_err(|e| err(&format!("proxy.resources[{i}]"), e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let selection = Selection {
+        balance: raw.proxy.balance,
+        patterns,
+    };
     let key_file = key_file(&raw.keys, &err)?;
     let key_reload_interval = key_reload_interval(&raw.keys, &err)?;
     let l = &raw.limits;
@@ -642,6 +665,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         max_resources: raw.proxy.max_resources,
         hold: Duration::from_millis(raw.proxy.hold_ms),
         max_held: raw.proxy.max_held,
+        selection,
         key_file,
         key_reload_interval,
         limits: Limits {
@@ -791,6 +815,27 @@ file = "/var/lib/jat-proxy/keys.toml"
         ))
         .unwrap_err();
         assert_eq!(e.key.as_deref(), Some("policy.deny[1]"));
+        let proxy = |extra: &str| GOOD.replace("[proxy]", &format!("[proxy]\n{extra}"));
+        let e = parse_str(&proxy("resources = [\"focus\", \"a*b\"]")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("proxy.resources[1]"), "{e}");
+        assert_eq!(e.line, Some(8), "{e}");
+        let e = parse_str(&proxy("balance = \"roundrobin\"")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("proxy.balance"), "{e}");
+        assert!(e.message.contains("`sticky`"), "{e}");
+    }
+
+    #[test]
+    fn selection() {
+        let c = parse_str(GOOD).unwrap();
+        assert_eq!(c.selection, Selection::default());
+        let text = GOOD.replace(
+            "[proxy]",
+            "[proxy]\nbalance = \"sticky\"\nresources = [\"focus\", \"worker-*\"]",
+        );
+        let c = parse_str(&text).unwrap();
+        assert_eq!(c.selection.balance, Balance::Sticky);
+        assert!(c.selection.admits("focus") && c.selection.admits("worker-7"));
+        assert!(!c.selection.admits("phone") && !c.selection.admits("focus2"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use xmpp_parsers::minidom::Element;
 use crate::inbound::{Inbound, Limits, read_one};
 use crate::keys::KeySet;
 use crate::policy::{Entry, Policy};
-use crate::proxy::{Clock, Proxy, Settings, Verdict};
+use crate::proxy::{Clock, Outcome, Proxy, Selection, Settings, Verdict};
 use crate::random::SeededRandom;
 use crate::rate::{Limiter, RateLimit};
 use crate::stream::{Frame, ReadError, Reader, Writer};
@@ -138,6 +138,7 @@ pub fn settings() -> Settings {
         },
         hold_ms: 2000,
         max_held: 4,
+        selection: Selection::default(),
     }
 }
 
@@ -232,8 +233,11 @@ pub fn proxy(data: &[u8]) {
         }
         held.settled(proxy.held(), hold_ms, clock.mono_ms);
         let h = header(&inbound);
-        let resources_before = proxy.resources().to_vec();
-        let (out, verdict) = proxy.handle(inbound, clock, &mut rng);
+        let resources_before = eligible(&proxy);
+        let Outcome {
+            transmit: out,
+            verdict,
+        } = proxy.handle(inbound, clock, &mut rng);
         assert!(proxy.resources().len() <= 4);
         assert!(proxy.tracked_senders() <= 8);
         assert!(proxy.limiter().domains() <= 8);
@@ -274,7 +278,7 @@ fn drain(
 ) -> Option<String> {
     let mut token = None;
     while let Some(out) = proxy.poll_transmit() {
-        let t = held.transmitted(&out, proxy.resources(), target, clock.unix_ms / 1000);
+        let t = held.transmitted(&out, &eligible(proxy), target, clock.unix_ms / 1000);
         if out.attr("type") == Some("error") {
             let to = jid(out.attr("to")).map(|j| j.to_bare().to_string());
             budgets.count("errors", to, budgets.account, clock.mono_ms);
@@ -725,12 +729,15 @@ impl Wire {
             self.oversized
                 .push(matches!(inbound, Inbound::Oversized(_)));
             let h = header(&inbound);
-            let resources_before = self.proxy.resources().to_vec();
+            let resources_before = eligible(&self.proxy);
             let clock = Clock {
                 unix_ms: NOW * 1000,
                 mono_ms: 0,
             };
-            let (out, verdict) = self.proxy.handle(inbound, clock, &mut self.rng);
+            let Outcome {
+                transmit: out,
+                verdict,
+            } = self.proxy.handle(inbound, clock, &mut self.rng);
             assert!(self.proxy.resources().len() <= 4);
             assert!(self.proxy.tracked_senders() <= 8);
             assert!(self.proxy.limiter().domains() <= 8);
@@ -746,7 +753,7 @@ impl Wire {
             }
             while let Some(out) = self.proxy.poll_transmit() {
                 self.held
-                    .transmitted(&out, self.proxy.resources(), &self.target, NOW);
+                    .transmitted(&out, &eligible(&self.proxy), &self.target, NOW);
                 self.writer
                     .element(&out, &mut self.out)
                     .expect("everything the core emits serialises");
@@ -1045,6 +1052,15 @@ mod generate {
         }
         Ok(())
     }
+}
+
+/// The resources the proxy may choose now: every stanza it forwards must go to one of them.
+fn eligible(proxy: &Proxy) -> Vec<String> {
+    proxy
+        .resources()
+        .eligible_names()
+        .map(str::to_owned)
+        .collect()
 }
 
 #[cfg(test)]

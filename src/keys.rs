@@ -34,6 +34,9 @@ pub const SECRET_LEN: usize = 32;
 pub const MAX_KEY_FILE_LEN: u64 = 1024 * 1024;
 /// Largest component secret file read.
 pub const MAX_SECRET_FILE_LEN: u64 = 64 * 1024;
+/// Seconds the clocks of instances sharing a key file may disagree: a token may be issued
+/// this far in the future, and a superseded key is kept this much longer.
+pub const MAX_CLOCK_SKEW: u64 = 60;
 /// How long `keys rotate` waits for another rotation to finish.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// The HMAC message whose tag, under a key's secret, gives the key's id.
@@ -187,7 +190,7 @@ impl KeySet {
         let mut removed = Vec::new();
         let horizon = token_lifetime
             .saturating_add(reload_grace)
-            .saturating_add(crate::token::MAX_CLOCK_SKEW);
+            .saturating_add(MAX_CLOCK_SKEW);
         // Key i is superseded at keys[i+1].created.
         let mut i = 0;
         while i + 1 < self.keys.len() {
@@ -831,7 +834,6 @@ mod tests {
 
     #[test]
     fn independent_rotations_of_copies_never_share_an_id() {
-        use crate::token::{self, Binding, Contents, Rejected};
         let dir = tmpdir();
         let (a, b) = (dir.join("a.toml"), dir.join("b.toml"));
         load_or_create(&a, &mut SeededRandom::new(5), 1000).unwrap();
@@ -840,22 +842,10 @@ mod tests {
         let rb = rotate(&b, &mut SeededRandom::new(7), 2000, 300, 10).unwrap();
         assert_ne!(ra.id, rb.id, "two hosts rotating copies of one file");
         assert_eq!(ra.ids[0], rb.ids[0]);
-        // A token of host A's new key is an unknown key on host B, not a forgery.
+        // So a token of host A's new key is an unknown key on host B (the token module's
+        // tests check that), not a forgery.
         let (ka, kb) = (load(&a).unwrap(), load(&b).unwrap());
-        let binding = Binding {
-            component: "proxy.example",
-            iq_id: "1",
-        };
-        let contents = Contents {
-            sender: "u@example/r",
-            original_to: None,
-        };
-        let t = token::seal(&ka, binding, &contents, 2000, [9; 16]).unwrap();
-        assert_eq!(
-            token::open(&kb, binding, &t, 2001, 300).unwrap_err(),
-            Rejected::UnknownKey(ra.id)
-        );
-        assert!(token::open(&ka, binding, &t, 2001, 300).is_ok());
+        assert!(ka.get(ra.id).is_some() && kb.get(ra.id).is_none());
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -870,7 +860,7 @@ mod tests {
         // The first key may have sealed tokens until 5000 (+ reload grace); they live 300 s.
         assert!(set.prune(5000 + 300, 300, 10).is_empty());
         assert_eq!(
-            set.prune(5000 + 300 + 10 + crate::token::MAX_CLOCK_SKEW + 1, 300, 10),
+            set.prune(5000 + 300 + 10 + MAX_CLOCK_SKEW + 1, 300, 10),
             vec![first]
         );
         assert_eq!(set.ids(), vec![second]);

@@ -19,7 +19,6 @@ pub mod invariants;
 pub mod keys;
 pub mod notify;
 pub mod policy;
-pub mod presence;
 pub mod proxy;
 pub mod random;
 pub mod rate;

@@ -185,7 +185,10 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
         watch.reload_if_changed(&config.key_file, &mut proxy, false);
         let session = match resumed.take() {
             Some((conn, record)) => {
-                proxy.resumed(&record.resources);
+                let mut conn = conn;
+                for el in proxy.resumed(&record.resources) {
+                    conn.queue(&el);
+                }
                 Some((conn, record.established_unix_ms, record.upgrades))
             }
             None => {
@@ -746,7 +749,11 @@ fn hand_over(
         server: config.server.clone(),
         header: header.to_vec(),
         pending,
-        resources: proxy.resources().to_vec(),
+        resources: proxy
+            .resources()
+            .eligible_names()
+            .map(str::to_owned)
+            .collect(),
         established_unix_ms: stream.established_ms,
         build: upgrader.build.get().to_owned(),
         upgrades: stream.upgrades + 1,
@@ -795,8 +802,7 @@ fn handle_frames(conn: &mut Conn, proxy: &mut Proxy, rng: &mut OsRandom) -> Resu
         if let Inbound::Element(el) = &inbound {
             trace!(xml = %String::from(el), "in");
         }
-        let (out, _verdict) = proxy.handle(inbound, clock(), rng);
-        if let Some(out) = out {
+        if let Some(out) = proxy.handle(inbound, clock(), rng).transmit {
             conn.queue(&out);
         }
         transmit(conn, proxy);

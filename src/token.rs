@@ -58,8 +58,9 @@ pub const MAX_TOKEN_LEN: usize = 1023;
 pub const MAX_RAW_LEN: usize = MAX_TOKEN_LEN * 3 / 4;
 /// The longest plaintext (sender, and original `to` when present) a token can carry.
 pub const MAX_PLAINTEXT_LEN: usize = MAX_RAW_LEN - HEADER_LEN - TAG_LEN;
-/// How far in the future a token's issue time may be (clock skew between instances).
-pub const MAX_CLOCK_SKEW: u64 = 60;
+/// How far in the future a token's issue time may be (clock skew between instances; the key
+/// file's pruning allows for the same).
+pub use crate::keys::MAX_CLOCK_SKEW;
 /// The documented per-key bound on tokens (see the module docs).
 pub const TOKENS_PER_KEY_BOUND: u64 = 1 << 48;
 

@@ -3,6 +3,7 @@
 use super::*;
 use crate::inbound::{Limits, read_one};
 use crate::random::SeededRandom;
+use crate::token::{Binding, Contents, SALT_LEN};
 
 const NOW: u64 = 1_790_000_000;
 
@@ -20,6 +21,16 @@ impl World {
     /// A world whose proxy holds up to `max_held` requests for `hold_ms` when no resource
     /// is known.
     fn holding(hold_ms: u64, max_held: usize) -> World {
+        World::with(hold_ms, max_held, Selection::default())
+    }
+
+    /// A world whose proxy chooses resources as `selection` says.
+    fn selecting(balance: Balance, patterns: &[&str]) -> World {
+        let patterns = patterns.iter().map(|p| Pattern::new(p).unwrap()).collect();
+        World::with(0, 0, Selection { balance, patterns })
+    }
+
+    fn with(hold_ms: u64, max_held: usize, selection: Selection) -> World {
         let settings = Settings {
             component: "proxy.example".into(),
             target: BareJid::new("impl@example").unwrap(),
@@ -39,6 +50,7 @@ impl World {
             },
             hold_ms,
             max_held,
+            selection,
         };
         let keys = KeySet::from_secrets(&[(1, 0, [7; 32])]).unwrap();
         let mut w = World {
@@ -73,7 +85,13 @@ impl World {
 
     fn send_verdict(&mut self, xml: &str) -> (Option<Element>, Verdict) {
         let inbound = read_one(xml.as_bytes(), Limits::default()).expect("test XML");
-        self.proxy.handle(inbound, self.clock, &mut self.rng)
+        let out = self.proxy.handle(inbound, self.clock, &mut self.rng);
+        (out.transmit, out.verdict)
+    }
+
+    /// The resources the proxy tracks.
+    fn resources(&self) -> Vec<&str> {
+        self.proxy.resources().names().collect()
     }
 
     /// Time passes, on both clocks.
@@ -165,13 +183,13 @@ fn both_resources_are_used_and_presence_is_tracked() {
     }
     assert_eq!(seen.len(), 2);
     w.send("<presence type='unavailable' from='impl@example/a' to='proxy.example'/>");
-    assert_eq!(w.proxy.resources(), ["b"]);
+    assert_eq!(w.resources(), ["b"]);
     // Presence from anyone else does not touch the set.
     w.send("<presence from='mallory@example/a' to='proxy.example'/>");
     w.send("<presence type='unavailable' from='mallory@example/b' to='proxy.example'/>");
-    assert_eq!(w.proxy.resources(), ["b"]);
+    assert_eq!(w.resources(), ["b"]);
     w.send("<presence type='error' from='impl@example/b' to='proxy.example'/>");
-    assert!(w.proxy.resources().is_empty());
+    assert!(w.resources().is_empty());
 }
 
 #[test]
@@ -420,7 +438,7 @@ fn replies_teach_presence_an_instance_did_not_see() {
         attr(&fwd, "from")
     ));
     assert!(back.is_some());
-    assert_eq!(w.proxy.resources(), ["a", "b"]);
+    assert_eq!(w.resources(), ["a", "b"]);
     // The server bounces a request to a resource that went away: forgotten, and the
     // sender still gets the error.
     let fwd = w
@@ -435,7 +453,7 @@ fn replies_teach_presence_an_instance_did_not_see() {
         .unwrap();
     assert_eq!(attr(&bounce, "to"), "u@example/r");
     assert_eq!(condition(&bounce), "service-unavailable");
-    assert!(!w.proxy.resources().contains(&gone));
+    assert!(!w.resources().contains(&gone.as_str()));
     assert_eq!(w.proxy.probe().attr("type"), Some("probe"));
 }
 
@@ -829,4 +847,126 @@ fn a_result_from_an_unknown_resource_releases_held_requests() {
     assert_eq!(out.len(), 1);
     assert_eq!(attr(&out[0], "id"), "h1");
     assert_eq!(attr(&out[0], "to"), "impl@example/a");
+}
+
+/// Where the request `id` from `from` goes: the resource it is forwarded to, or the error
+/// condition it is refused with.
+fn routed(w: &mut World, id: &str, from: &str) -> String {
+    let out = w.send(&get(id, from)).expect("an answer");
+    match out.attr("type") {
+        Some("error") => condition(&out),
+        _ => {
+            let to = attr(&out, "to");
+            assert!(to.starts_with("impl@example/"), "{to}");
+            to["impl@example/".len()..].to_owned()
+        }
+    }
+}
+
+fn presence_with_priority(resource: &str, priority: i32) -> String {
+    format!(
+        "<presence from='impl@example/{resource}' to='proxy.example'><priority>{priority}</priority></presence>"
+    )
+}
+
+#[test]
+fn a_resource_with_negative_priority_never_receives_anything() {
+    let mut w = World::new();
+    w.send(&presence_with_priority("idle", -1));
+    assert_eq!(w.resources(), ["idle"], "tracked, not eligible");
+    for i in 0..8 {
+        assert_eq!(
+            routed(&mut w, &i.to_string(), &format!("u{i}@example/r")),
+            "service-unavailable"
+        );
+    }
+    // A result from it (to a request it had before it went negative) keeps it ineligible.
+    w.send("<iq type='result' id='z' to='proxy.example/AAAA' from='impl@example/idle'/>");
+    assert_eq!(routed(&mut w, "9", "v@example/r"), "service-unavailable");
+    // Another resource joins: everything goes there; the first turns positive: both are used.
+    w.send(&presence_with_priority("busy", 0));
+    for i in 10..30 {
+        assert_eq!(
+            routed(&mut w, &i.to_string(), &format!("u{i}@example/r")),
+            "busy"
+        );
+    }
+    w.send(&presence_with_priority("idle", 1));
+    let seen: std::collections::HashSet<String> = (30..70)
+        .map(|i| routed(&mut w, &i.to_string(), &format!("u{i}@example/r")))
+        .collect();
+    assert_eq!(seen.len(), 2);
+    // Malformed priorities count as 0.
+    w.send("<presence from='impl@example/idle' to='proxy.example'><priority>high</priority></presence>");
+    w.send(&presence_with_priority("busy", 300));
+    assert!(w.proxy.resources().any_eligible());
+}
+
+#[test]
+fn resources_outside_the_patterns_never_receive_anything() {
+    let mut w = World::selecting(Balance::Random, &["focus", "worker-*"]);
+    w = w.online(&["phone", "focus2"]);
+    assert!(w.resources().is_empty(), "not even tracked");
+    // Nor learnt from a reply.
+    w.send("<iq type='result' id='z' to='proxy.example/AAAA' from='impl@example/phone'/>");
+    for i in 0..4 {
+        assert_eq!(
+            routed(&mut w, &i.to_string(), &format!("u{i}@example/r")),
+            "service-unavailable"
+        );
+    }
+    w = w.online(&["worker-1", "focus"]);
+    let seen: std::collections::HashSet<String> = (10..60)
+        .map(|i| routed(&mut w, &i.to_string(), &format!("u{i}@example/r")))
+        .collect();
+    assert_eq!(seen, ["focus", "worker-1"].map(String::from).into());
+}
+
+#[test]
+fn priority_balance_prefers_the_highest() {
+    let mut w = World::selecting(Balance::Priority, &[]);
+    w.send(&presence_with_priority("desktop", 5));
+    w.send(&presence_with_priority("phone", 1));
+    for i in 0..20 {
+        assert_eq!(routed(&mut w, &i.to_string(), "u@example/r"), "desktop");
+    }
+    w.send("<presence type='unavailable' from='impl@example/desktop' to='proxy.example'/>");
+    assert_eq!(routed(&mut w, "x", "u@example/r"), "phone");
+}
+
+#[test]
+fn sticky_balance_keeps_an_account_on_one_resource_on_every_instance() {
+    let mut one = World::selecting(Balance::Sticky, &[]).online(&["a", "b", "c"]);
+    let mut two = World::selecting(Balance::Sticky, &[]).online(&["c", "a", "b"]);
+    let senders: Vec<String> = (0..60).map(|i| format!("user{i}@example")).collect();
+    let mut used = std::collections::HashSet::new();
+    for (i, s) in senders.iter().enumerate() {
+        // Any resource of the sender's, on either instance.
+        let first = routed(&mut one, &format!("{i}-1"), &format!("{s}/phone"));
+        assert_eq!(
+            routed(&mut one, &format!("{i}-2"), &format!("{s}/laptop")),
+            first
+        );
+        assert_eq!(
+            routed(&mut two, &format!("{i}-3"), &format!("{s}/phone")),
+            first
+        );
+        used.insert(first);
+    }
+    assert_eq!(used.len(), 3, "the accounts are spread");
+    // `b` leaves: only its accounts move.
+    let before: Vec<String> = senders
+        .iter()
+        .enumerate()
+        .map(|(i, s)| routed(&mut one, &format!("{i}-4"), s))
+        .collect();
+    one.send("<presence type='unavailable' from='impl@example/b' to='proxy.example'/>");
+    for (i, (s, b)) in senders.iter().zip(&before).enumerate() {
+        let now = routed(&mut one, &format!("{i}-5"), s);
+        if b != "b" {
+            assert_eq!(&now, b);
+        } else {
+            assert_ne!(now, "b");
+        }
+    }
 }

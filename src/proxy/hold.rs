@@ -1,0 +1,177 @@
+//! Requests that arrive while no resource of the target is known wait here, bounded in count,
+//! bytes and time, while the core probes the target; they leave forwarded or refused.
+
+use jid::Jid;
+use tracing::debug;
+use xmpp_parsers::minidom::Element;
+
+use super::{Clock, Outcome, Proxy, To, Verdict, bare};
+use crate::random::Random;
+use crate::stanza::Condition;
+
+/// Bytes of held requests at most, whatever `max_held` says.
+pub const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
+
+/// While requests are held, the target is probed at most this often: each probe's answer
+/// reaches one instance of those serving the domain (ejabberd spreads them), so a held
+/// request's instance learns the resources within a few probes — its own or another
+/// instance's.
+pub const HOLD_PROBE_GAP_MS: u64 = 250;
+
+/// Without held requests (holding disabled or full), a request refused for want of a
+/// resource probes the target at most this often.
+pub const REFUSE_PROBE_GAP_MS: u64 = 1000;
+
+/// A request waiting for a resource of the target to become known.
+#[derive(Debug)]
+pub(super) struct Held {
+    el: Element,
+    from: Jid,
+    to: To,
+    until_ms: u64,
+    bytes: usize,
+}
+
+impl Proxy {
+    /// The next stanza to send that is not the direct answer to an input: a held request
+    /// forwarded (a resource became known) or refused (its time ran out), or a probe. Take
+    /// them all after every [`Proxy::handle`] and [`Proxy::handle_timeout`].
+    pub fn poll_transmit(&mut self) -> Option<Element> {
+        self.transmit.pop_front()
+    }
+
+    /// When [`Proxy::handle_timeout`] is next due (monotonic milliseconds), if ever.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let first = self.held.front()?;
+        let probe = self.last_probe_ms.map_or(0, |t| t + HOLD_PROBE_GAP_MS);
+        Some(first.until_ms.min(probe))
+    }
+
+    /// Time passed: held requests whose time ran out are refused, and the target is probed
+    /// again while requests wait.
+    pub fn handle_timeout(&mut self, clock: Clock, rng: &mut dyn Random) {
+        self.settle_held(clock, rng);
+        if !self.held.is_empty()
+            && let Some(p) = self.probe_due(clock.mono_ms, HOLD_PROBE_GAP_MS)
+        {
+            self.transmit.push_back(p);
+        }
+    }
+
+    /// How many requests wait for a resource.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The stream is about to close: every held request is refused now (queued for
+    /// [`Proxy::poll_transmit`]) rather than lost with the stream.
+    pub fn refuse_held(&mut self, clock: Clock) {
+        while let Some(h) = self.pop_held() {
+            self.refuse_one_held(h, clock);
+        }
+    }
+
+    pub(super) fn pop_held(&mut self) -> Option<Held> {
+        let h = self.held.pop_front()?;
+        self.held_bytes -= h.bytes;
+        Some(h)
+    }
+
+    pub(super) fn refuse_one_held(&mut self, h: Held, clock: Clock) {
+        debug!(
+            id = h.el.attr("id"),
+            "held request refused: no resource became known"
+        );
+        if let Some(out) = self
+            .refuse(
+                &h.el,
+                &h.from,
+                Condition::ServiceUnavailable,
+                "the service is not available",
+                clock,
+            )
+            .transmit
+        {
+            self.transmit.push_back(out);
+        }
+    }
+
+    /// Forwards every held request if a resource is known; otherwise refuses those whose
+    /// time ran out.
+    pub(super) fn settle_held(&mut self, clock: Clock, rng: &mut dyn Random) {
+        if self.held.is_empty() {
+            return;
+        }
+        if self.resources.any_eligible() {
+            while let Some(h) = self.pop_held() {
+                let Some(resource) = self.resources.pick(bare(&h.from), rng).map(str::to_owned)
+                else {
+                    break;
+                };
+                debug!(id = h.el.attr("id"), "held request released");
+                if let Some(out) = self
+                    .forward(h.el, &h.from, &h.to, &resource, clock, rng)
+                    .transmit
+                {
+                    self.transmit.push_back(out);
+                }
+            }
+            return;
+        }
+        while self
+            .held
+            .front()
+            .is_some_and(|h| h.until_ms <= clock.mono_ms)
+        {
+            let h = self.pop_held().expect("checked");
+            self.refuse_one_held(h, clock);
+        }
+    }
+
+    /// A probe of the target if none was sent in the last `gap_ms`.
+    pub(super) fn probe_due(&mut self, now_ms: u64, gap_ms: u64) -> Option<Element> {
+        if self.last_probe_ms.is_some_and(|t| now_ms < t + gap_ms) {
+            return None;
+        }
+        self.last_probe_ms = Some(now_ms);
+        Some(self.probe())
+    }
+
+    /// A request (checked and charged to its limits) arrived while no resource of the
+    /// target is known: held for a while, with a probe, or refused.
+    pub(super) fn no_resource(&mut self, el: Element, from: Jid, to: To, clock: Clock) -> Outcome {
+        if self.settings.hold_ms > 0 && self.held.len() < self.settings.max_held {
+            let bytes = String::from(&el).len();
+            if self.held_bytes + bytes <= MAX_HELD_BYTES {
+                debug!(
+                    id = el.attr("id"),
+                    "no resource known: request held while the target is probed"
+                );
+                self.held_bytes += bytes;
+                self.held.push_back(Held {
+                    el,
+                    from,
+                    to,
+                    until_ms: clock.mono_ms + self.settings.hold_ms,
+                    bytes,
+                });
+                return Outcome::maybe(
+                    self.probe_due(clock.mono_ms, HOLD_PROBE_GAP_MS),
+                    Verdict::Held,
+                );
+            }
+        }
+        // No resource known: maybe this instance just (re)connected and the target's
+        // presence went to another one. Ask now rather than at the next periodic probe.
+        if let Some(p) = self.probe_due(clock.mono_ms, REFUSE_PROBE_GAP_MS) {
+            self.transmit.push_back(p);
+        }
+        self.refuse(
+            &el,
+            &from,
+            Condition::ServiceUnavailable,
+            "the service is not available",
+            clock,
+        )
+    }
+}

@@ -1,0 +1,409 @@
+//! The proxy itself: a pure state machine from (stanza in, time, randomness) to stanza out.
+//!
+//! No sockets, clocks or entropy live here; the session (`session.rs`) feeds it what the
+//! server sends and the time (a [`Clock`]: Unix time for tokens, a monotonic clock for rate
+//! limits) and writes out what it returns, and tests and the fuzzer drive it directly.
+//! Every input yields one [`Outcome`] — at most one stanza, the input's own answer — which
+//! makes "never answers a result or an error" and "never emits anything not derived from a
+//! valid token or the target's presence" checkable one stanza at a time. What the core decides
+//! to send on its own (probes, held requests released or refused) waits in
+//! [`Proxy::poll_transmit`], and when it next needs the time in [`Proxy::poll_timeout`].
+//!
+//! One file per flow: `request` (a request to the component, forwarded to a resource),
+//! `reply` (the implementing client's answer, reversed by its token), `message`, `presence`
+//! (the target's, the only state kept), `hold` (requests waiting for a resource to be known),
+//! `oversized` (stanzas too large to read whole), and `select` (which resource serves a
+//! stanza).
+//!
+//! The exchange, with component `proxy.example` and target `impl@example`:
+//!
+//! ```text
+//! user -> component:  <iq type='get' id='1234' to='proxy.example' from='user@example/abc'>
+//! component -> impl:  <iq type='get' id='1234' to='impl@example/a' from='proxy.example/TOKEN'>
+//! impl -> component:  <iq type='result' id='1234' to='proxy.example/TOKEN' from='impl@example/a'>
+//! component -> user:  <iq type='result' id='1234' to='user@example/abc' from='proxy.example'>
+//! ```
+
+use jid::{BareJid, Jid};
+use tracing::{debug, trace};
+use xmpp_parsers::minidom::Element;
+
+use crate::inbound::Inbound;
+use crate::keys::KeySet;
+use crate::policy::Policy;
+use crate::random::Random;
+use crate::rate::{Limiter, RateLimit};
+use crate::stanza::{self, Condition, NS};
+use crate::token;
+
+mod hold;
+mod message;
+mod oversized;
+mod presence;
+mod reply;
+mod request;
+mod select;
+
+use hold::Held;
+pub use hold::{HOLD_PROBE_GAP_MS, MAX_HELD_BYTES, REFUSE_PROBE_GAP_MS};
+pub use select::{BadPattern, Balance, Learnt, Pattern, Resources, Selection};
+
+/// What the proxy needs to know about its deployment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The component's domain (`proxy.example`), normalised.
+    pub component: String,
+    /// The implementing client's account (`impl@example`).
+    pub target: BareJid,
+    /// Seconds a token stays valid after it is issued.
+    pub token_lifetime: u64,
+    /// Most resources of the target tracked at once.
+    pub max_resources: usize,
+    /// Where keepalive pings go (a server domain that answers XEP-0199 or with an error).
+    pub keepalive_to: String,
+    /// Rate limits: requests per sender account and per remote domain, errors generated
+    /// per account, replies per recipient account.
+    pub rate: RateLimit,
+    /// Who may send requests.
+    pub policy: Policy,
+    /// How long a request may wait for a resource when none is known (0: refused at once
+    /// with `service-unavailable`), in milliseconds.
+    pub hold_ms: u64,
+    /// How many requests may wait at once, and their bytes at most (as serialised).
+    pub max_held: usize,
+    /// Which resources of the target may be chosen, and how.
+    pub selection: Selection,
+}
+
+/// The time of one stanza, from two clocks read by the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// Unix time in milliseconds: tokens carry their issue time in Unix seconds, which every
+    /// instance sharing the key file must agree on.
+    pub unix_ms: u64,
+    /// Milliseconds on a monotonic clock, from any origin: rate limits refill from it, so a
+    /// step of the wall clock (backwards or forwards) neither freezes nor refills them.
+    pub mono_ms: u64,
+}
+
+/// The proxy state machine: the settings, the token keys, the target's presence, and the
+/// requests that wait (briefly, bounded) for a resource to become known.
+pub struct Proxy {
+    settings: Settings,
+    target: String,
+    keys: KeySet,
+    resources: Resources,
+    limiter: Limiter,
+    pings: u64,
+    held: std::collections::VecDeque<Held>,
+    held_bytes: usize,
+    /// Stanzas to send besides each input's own answer: held requests released or refused,
+    /// probes (see [`Proxy::poll_transmit`]).
+    transmit: std::collections::VecDeque<Element>,
+    last_probe_ms: Option<u64>,
+}
+
+/// What the core made of one input: the stanza to send in answer, if any, and what the
+/// input was. The shell sends `transmit` and never looks at `verdict` to decide anything; the
+/// verdict is for logs, counters and tests.
+#[derive(Debug)]
+#[must_use = "the stanza in `transmit` must be sent"]
+pub struct Outcome {
+    /// The stanza to send, if any.
+    pub transmit: Option<Element>,
+    /// What the input was.
+    pub verdict: Verdict,
+}
+
+impl Outcome {
+    fn send(el: Element, verdict: Verdict) -> Outcome {
+        Outcome {
+            transmit: Some(el),
+            verdict,
+        }
+    }
+
+    fn maybe(transmit: Option<Element>, verdict: Verdict) -> Outcome {
+        Outcome { transmit, verdict }
+    }
+}
+
+/// What one stanza was, from the proxy's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A request forwarded to the implementing client.
+    Forwarded,
+    /// A reply forwarded back to the original sender.
+    Reversed,
+    /// An error sent back to the sender of a stanza.
+    Refused(Condition),
+    /// A presence change or subscription handled (maybe with an answer).
+    Presence,
+    /// A request held until a resource of the target is known (it leaves through
+    /// [`Proxy::poll_transmit`], forwarded or refused); the output, if any, is a probe.
+    Held,
+    /// Nothing sent.
+    Dropped(&'static str),
+}
+
+impl Proxy {
+    /// A proxy with no known resources.
+    pub fn new(settings: Settings, keys: KeySet) -> Proxy {
+        let target = settings.target.to_string();
+        let resources = Resources::new(settings.max_resources, settings.selection.clone());
+        let limiter = Limiter::new(settings.rate);
+        Proxy {
+            settings,
+            target,
+            keys,
+            resources,
+            limiter,
+            pings: 0,
+            held: std::collections::VecDeque::new(),
+            held_bytes: 0,
+            transmit: std::collections::VecDeque::new(),
+            last_probe_ms: None,
+        }
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The token keys in use.
+    pub fn keys(&self) -> &KeySet {
+        &self.keys
+    }
+
+    /// Replaces the token keys (after a rotation on disk).
+    pub fn set_keys(&mut self, keys: KeySet) {
+        self.keys = keys;
+    }
+
+    /// Resources of the target currently believed available, with their priorities.
+    pub fn resources(&self) -> &Resources {
+        &self.resources
+    }
+
+    /// Stanzas to send right after the component authenticated: presence is relearnt from
+    /// scratch (probe, for the current state; subscribe, so the target's server lets it
+    /// through), since nothing from a previous session can be trusted.
+    ///
+    /// The probe goes first: Prosody answers a probe from a non-subscriber with
+    /// `unsubscribed` sent *as the target*, which cancels a subscription request that is
+    /// still pending — after a subscribe, the request would be lost.
+    pub fn connected(&mut self) -> Vec<Element> {
+        self.resources.clear();
+        let from = &self.settings.component;
+        vec![
+            stanza::presence(Some("probe"), from, &self.target),
+            stanza::presence(Some("subscribe"), from, &self.target),
+        ]
+    }
+
+    /// A periodic probe of the target's presence. With one instance it only refreshes what
+    /// presence broadcasts already said. With several instances behind a server that
+    /// spreads a component domain over connections (ejabberd), each presence stanza of the
+    /// target reaches *one* instance; periodic probes are how every instance learns every
+    /// resource.
+    pub fn probe(&self) -> Element {
+        stanza::presence(Some("probe"), &self.settings.component, &self.target)
+    }
+
+    /// The stream was handed over by an in-place upgrade: the resources the previous process
+    /// could choose are still online as far as the server is concerned (nothing was sent or
+    /// lost in between), so they are served at once instead of relearnt. The handover does
+    /// not carry priorities: the returned probe relearns them (until its answers arrive, the
+    /// resources count as priority 0).
+    pub fn resumed(&mut self, resources: &[String]) -> Vec<Element> {
+        self.resources.clear();
+        for r in resources {
+            self.resources.available(r, 0);
+        }
+        vec![self.probe()]
+    }
+
+    /// The session lost its stream: nothing is known about presence any more, and nothing
+    /// queued can be sent (what was held is lost with the stream, as what was in it).
+    pub fn disconnected(&mut self) {
+        self.resources.clear();
+        self.held.clear();
+        self.held_bytes = 0;
+        self.transmit.clear();
+        self.last_probe_ms = None;
+    }
+
+    /// A keepalive ping for an idle stream.
+    pub fn keepalive(&mut self) -> Element {
+        self.pings += 1;
+        stanza::ping(
+            &self.settings.component,
+            &self.settings.keepalive_to,
+            &format!("jat-ping-{}", self.pings),
+        )
+    }
+
+    /// The rate limiter's tables (each bounded by `rate.max_senders`).
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    /// Accounts currently tracked by the rate limiter (bounded by `rate.max_senders`).
+    pub fn tracked_senders(&self) -> usize {
+        self.limiter.len()
+    }
+
+    /// Handles one stanza from the server at time `clock`.
+    pub fn handle(&mut self, inbound: Inbound, clock: Clock, rng: &mut dyn Random) -> Outcome {
+        let out = match inbound {
+            Inbound::Oversized(o) => self.oversized(o, clock),
+            Inbound::Element(el) => {
+                if !el.has_ns(NS) {
+                    return dropped("not a stanza of the component stream");
+                }
+                match el.name() {
+                    "iq" => self.iq(el, clock, rng),
+                    "message" => self.message(&el, clock),
+                    "presence" => self.presence(&el),
+                    _ => dropped("unknown top-level element"),
+                }
+            }
+        };
+        // A presence or a result may have made a resource known to held requests.
+        if !self.held.is_empty() {
+            self.settle_held(clock, rng);
+        }
+        out
+    }
+
+    fn iq(&mut self, el: Element, clock: Clock, rng: &mut dyn Random) -> Outcome {
+        let Some((from, to)) = self.addresses(el.attr("from"), el.attr("to")) else {
+            return dropped("iq with missing or invalid addresses");
+        };
+        match el.attr("type") {
+            Some("get") | Some("set") => self.request(el, from, to, clock, rng),
+            Some("result") | Some("error") => self.reply(el, &from, &to, clock),
+            // RFC 6120 §8.3.3.1: an unrecognised 'type' is a <bad-request/>.
+            _ => self.refuse(&el, &from, Condition::BadRequest, "unknown IQ type", clock),
+        }
+    }
+
+    /// An error reply to the request or message `el` from `sender`, from the address it was
+    /// sent to — if `sender`'s account has not spent its budget of generated errors; else
+    /// nothing, so that an auto-responder answering every error ends up answered by silence.
+    fn refuse(
+        &mut self,
+        el: &Element,
+        sender: &Jid,
+        condition: Condition,
+        text: &str,
+        clock: Clock,
+    ) -> Outcome {
+        let (Some(from), Some(to)) = (el.attr("from"), el.attr("to")) else {
+            return dropped("cannot answer a stanza without addresses");
+        };
+        if !self.limiter.error(bare(sender), clock.mono_ms) {
+            return over_error_budget(condition);
+        }
+        let reply = stanza::error_reply(el.name(), to, from, el.attr("id"), condition, text);
+        Outcome::send(reply, Verdict::Refused(condition))
+    }
+
+    /// Whether `jid` is (a resource of) the target account; no allocation.
+    fn is_target(&self, jid: &Jid) -> bool {
+        jid.domain() == self.settings.target.domain() && jid.node() == self.settings.target.node()
+    }
+
+    /// Parses `from` and `to`; `None` unless both are valid, `to` is at the component's
+    /// domain and `from` is not (the proxy never talks to itself).
+    fn addresses(&self, from: Option<&str>, to: Option<&str>) -> Option<(Jid, To)> {
+        let from = Jid::new(from?).ok()?;
+        let ours = self.settings.component.as_str();
+        if from.domain().as_str() == ours {
+            return None;
+        }
+        let raw = to?;
+        if raw == ours {
+            return Some((from, To::Bare));
+        }
+        // Every reply goes to `domain/TOKEN`, and a base64url resource is already in the
+        // canonical form JID preparation would give it: skip that work on the hot path.
+        if let Some(r) = raw.strip_prefix(ours).and_then(|r| r.strip_prefix('/'))
+            && !r.is_empty()
+            && r.len() <= token::MAX_TOKEN_LEN
+            && r.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Some((from, To::Token(r.to_owned())));
+        }
+        let to = Jid::new(raw).ok()?;
+        if to.domain().as_str() != ours {
+            return None;
+        }
+        Some((
+            from,
+            if to.node().is_none() && to.resource().is_none() {
+                To::Bare
+            } else {
+                To::Other(to)
+            },
+        ))
+    }
+}
+
+/// Where a stanza was sent, at the component's domain.
+#[derive(Debug)]
+enum To {
+    /// The bare domain.
+    Bare,
+    /// `domain/RESOURCE`, with a base64url resource (every token is one).
+    Token(String),
+    /// Any other address at the domain.
+    Other(Jid),
+}
+
+impl To {
+    /// The address as a string.
+    fn address(&self, component: &str) -> String {
+        match self {
+            To::Bare => component.to_owned(),
+            To::Token(r) => join(component, r),
+            To::Other(j) => j.to_string(),
+        }
+    }
+}
+
+/// `bare/resource`.
+fn join(bare: &str, resource: &str) -> String {
+    let mut s = String::with_capacity(bare.len() + 1 + resource.len());
+    s.push_str(bare);
+    s.push('/');
+    s.push_str(resource);
+    s
+}
+
+fn dropped(why: &'static str) -> Outcome {
+    trace!(why, "stanza dropped");
+    Outcome::maybe(None, Verdict::Dropped(why))
+}
+
+fn over_error_budget(condition: Condition) -> Outcome {
+    debug!(
+        condition = condition.name(),
+        "error not sent: the sender's error budget is spent"
+    );
+    Outcome::maybe(None, Verdict::Dropped("over the sender's error budget"))
+}
+
+/// The bare JID of `jid` as a slice of its text; no allocation.
+fn bare(jid: &Jid) -> &str {
+    let s = jid.as_str();
+    match jid.resource() {
+        Some(r) => &s[..s.len() - r.as_str().len() - 1],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests;

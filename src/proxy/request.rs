@@ -1,0 +1,122 @@
+//! A request to the component, forwarded to a resource of the implementing client with the
+//! sender sealed into the token it comes from.
+
+use jid::Jid;
+use tracing::debug;
+use xmpp_parsers::minidom::Element;
+
+use super::{Clock, Outcome, Proxy, To, Verdict, bare, join};
+use crate::random::Random;
+use crate::rate::Over;
+use crate::stanza::{self, Condition};
+use crate::token::{self, Binding, Contents, SALT_LEN};
+
+impl Proxy {
+    pub(super) fn request(
+        &mut self,
+        el: Element,
+        from: Jid,
+        to: To,
+        clock: Clock,
+        rng: &mut dyn Random,
+    ) -> Outcome {
+        if self.is_target(&from) {
+            return self.refuse(
+                &el,
+                &from,
+                Condition::FeatureNotImplemented,
+                "the implementing client cannot send requests through the proxy",
+                clock,
+            );
+        }
+        let Some(id) = el.attr("id") else {
+            return self.refuse(&el, &from, Condition::BadRequest, "IQ without id", clock);
+        };
+        if stanza::child_count(&el) != 1 {
+            return self.refuse(
+                &el,
+                &from,
+                Condition::BadRequest,
+                "a get or set IQ must have exactly one payload element",
+                clock,
+            );
+        }
+        if !self.settings.policy.permits(&from) {
+            debug!(id, "request refused by policy");
+            return self.refuse(
+                &el,
+                &from,
+                Condition::Forbidden,
+                "you may not use this service",
+                clock,
+            );
+        }
+        // Accounts at the implementing client's own domain are the operator's: only remote
+        // domains, which can mint local parts at will, are also limited as a whole.
+        let domain =
+            (from.domain() != self.settings.target.domain()).then(|| from.domain().as_str());
+        match self.limiter.request(bare(&from), domain, clock.mono_ms) {
+            Ok(()) => {}
+            Err(over) => {
+                debug!(id, ?over, "request over its rate limit");
+                let text = match over {
+                    Over::Account => "too many requests: slow down",
+                    Over::Domain => "too many requests from your domain: slow down",
+                };
+                return self.refuse(&el, &from, Condition::ResourceConstraint, text, clock);
+            }
+        }
+        let Some(resource) = self.resources.pick(bare(&from), rng).map(str::to_owned) else {
+            return self.no_resource(el, from, to, clock);
+        };
+        self.forward(el, &from, &to, &resource, clock, rng)
+    }
+
+    /// Seals the sender into a token and sends the request to `resource`.
+    pub(super) fn forward(
+        &mut self,
+        mut el: Element,
+        from: &Jid,
+        to: &To,
+        resource: &str,
+        clock: Clock,
+        rng: &mut dyn Random,
+    ) -> Outcome {
+        let now = clock.unix_ms / 1000;
+        let Some(id) = el.attr("id") else {
+            return self.refuse(&el, from, Condition::BadRequest, "IQ without id", clock);
+        };
+        let sender = from.to_string();
+        let original_to = match to {
+            To::Bare => None,
+            _ => Some(to.address(&self.settings.component)),
+        };
+        let mut salt = [0u8; SALT_LEN];
+        rng.fill(&mut salt);
+        let binding = Binding {
+            component: &self.settings.component,
+            iq_id: id,
+        };
+        let contents = Contents {
+            sender: &sender,
+            original_to: original_to.as_deref(),
+        };
+        let token = match token::seal(&self.keys, binding, &contents, now, salt) {
+            Ok(t) => t,
+            Err(e) => {
+                let text = format!(
+                    "sender address too long to be proxied ({} bytes, at most {})",
+                    e.len,
+                    token::MAX_PLAINTEXT_LEN
+                );
+                return self.refuse(&el, from, Condition::NotAcceptable, &text, clock);
+            }
+        };
+        let dest = join(&self.target, resource);
+        debug!(id, resource, "request forwarded");
+        let new_from = join(&self.settings.component, &token);
+        stanza::set_attr(&mut el, "from", new_from);
+        stanza::set_attr(&mut el, "to", dest);
+        Outcome::send(el, Verdict::Forwarded)
+    }
+}

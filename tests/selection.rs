@@ -1,0 +1,224 @@
+//! Resource selection end to end (`[proxy] balance` and `resources`): real Prosody and real
+//! ejabberd, the real binary, the implementing client logged in with several resources.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use testkit::client::{Answer, Client, reply_to};
+use testkit::deployment::{
+    COMPONENT, Deployment, WAIT, ejabberd_with_proxies, error_condition, request, wait_resource,
+};
+use testkit::proxy::ProxyProcess;
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_jat-proxy"))
+}
+
+/// Waits until `proxy`'s log has a line with every one of `parts`.
+fn wait_log(proxy: &ProxyProcess, parts: &[&str]) {
+    let seen = testkit::wait_until(Duration::from_secs(20), || {
+        proxy
+            .log()
+            .lines()
+            .any(|l| parts.iter().all(|p| l.contains(p)))
+            .then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "no log line with {parts:?}:\n{}",
+        proxy.log()
+    );
+}
+
+/// Sends `priority` as the resource's presence and waits until the proxy has it.
+fn set_priority(proxy: &ProxyProcess, client: &Client, resource: &str, priority: i32) {
+    client.send_xml(&format!(
+        "<presence><priority>{priority}</priority></presence>"
+    ));
+    wait_log(
+        proxy,
+        &[
+            "resource available",
+            &format!("resource=\"{resource}\""),
+            &format!("priority={priority}"),
+        ],
+    );
+}
+
+/// One request from `user`, answered by `serving` (which must receive it); the result must
+/// reach `user`.
+async fn served_by(user: &mut Client, serving: &mut Client, id: &str) {
+    user.send_xml(&request(id));
+    let req = serving
+        .recv_request(WAIT)
+        .await
+        .unwrap_or_else(|| panic!("request {id} did not reach {}", serving.jid()));
+    assert_eq!(req.attr("id"), Some(id));
+    serving.send(reply_to(
+        &req,
+        "result",
+        "<query xmlns='urn:example:echo'/>",
+    ));
+    let res = user.recv_iq(id, WAIT).await.expect("result reaches user");
+    assert_eq!(res.attr("type"), Some("result"));
+    assert_eq!(res.attr("from"), Some(COMPONENT));
+}
+
+async fn implementing(d: &Deployment, resource: &str) -> Client {
+    Client::login(
+        d.prosody.c2s,
+        "localhost",
+        "impl",
+        "pw",
+        resource,
+        Answer::Subscriptions,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patterns_negative_priority_and_priority_balance_on_prosody() {
+    let d = Deployment::start_configured(
+        &binary(),
+        "balance = \"priority\"\nresources = [\"focus\", \"worker-*\"]\nhold_ms = 300",
+        "",
+    );
+    let mut user = d.client("user", "abc").await;
+    // A second program on the implementing account, outside the patterns (the deployment
+    // that patched mod_client_proxy to pin one resource), and a worker that does not want
+    // unsolicited traffic: neither may ever be chosen, even as the only ones online.
+    let phone = implementing(&d, "phone").await;
+    wait_log(
+        &d.proxy,
+        &["matches no `resources` pattern", "resource=\"phone\""],
+    );
+    let mut worker = implementing(&d, "worker-1").await;
+    wait_resource(&d.proxy, "worker-1");
+    set_priority(&d.proxy, &worker, "worker-1", -1);
+    for i in 0..3 {
+        let id = format!("none-{i}");
+        user.send_xml(&request(&id));
+        let e = user.recv_iq(&id, WAIT).await.expect("an answer");
+        assert_eq!(error_condition(&e).as_deref(), Some("service-unavailable"));
+    }
+    // `focus` comes online with priority 1: it serves everything.
+    let mut focus = implementing(&d, "focus").await;
+    wait_resource(&d.proxy, "focus");
+    set_priority(&d.proxy, &focus, "focus", 1);
+    for i in 0..10 {
+        served_by(&mut user, &mut focus, &format!("focus-{i}")).await;
+    }
+    // The worker raises its priority above focus's: it serves everything.
+    set_priority(&d.proxy, &worker, "worker-1", 5);
+    for i in 0..10 {
+        served_by(&mut user, &mut worker, &format!("worker-{i}")).await;
+    }
+    let focus_ids = focus.iqs_received().len();
+    assert_eq!(focus_ids, 10, "focus received only its ten requests");
+    assert_eq!(
+        worker.iqs_received().len(),
+        10,
+        "worker received nothing while negative"
+    );
+    assert!(
+        phone.iqs_received().is_empty(),
+        "the excluded resource received {:?}",
+        phone.iqs_received()
+    );
+}
+
+/// `balance = "sticky"` with two instances behind ejabberd, which spreads the requests over
+/// them at random: every request of an account reaches the same resource, whichever
+/// instance forwarded it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_picks_the_same_resource_on_every_instance_on_ejabberd() {
+    let (ejabberd, proxies) = ejabberd_with_proxies(
+        &binary(),
+        2,
+        "balance = \"sticky\"\nprobe_interval_secs = 1",
+        "",
+    );
+    let users: Vec<String> = (0..8).map(|i| format!("sticky{i}")).collect();
+    for u in &users {
+        ejabberd.register(u, "pw");
+    }
+    let c2s = ejabberd.c2s;
+    let login = |user: &str, resource: &str, answer| {
+        let (user, resource) = (user.to_owned(), resource.to_owned());
+        async move { Client::login(c2s, "localhost", &user, "pw", &resource, answer).await }
+    };
+    let mut a = login("impl", "a", Answer::Subscriptions).await;
+    let mut b = login("impl", "b", Answer::Subscriptions).await;
+    // Each presence reaches one instance; the periodic probes teach the other.
+    for p in &proxies {
+        wait_resource(p, "a");
+        wait_resource(p, "b");
+    }
+    let mut clients = Vec::new();
+    for u in &users {
+        clients.push(login(u, "phone", Answer::Nothing).await);
+    }
+    // Serve everything, recording which resource got which account's requests.
+    let served: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let record = served.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let (req, res) = tokio::select! {
+                Some(r) = a.recv_request(Duration::from_secs(1)) => (r, "a"),
+                Some(r) = b.recv_request(Duration::from_secs(1)) => (r, "b"),
+                else => continue,
+            };
+            if !req.attr("from").unwrap_or_default().starts_with(COMPONENT) {
+                continue; // the server's own (roster pushes)
+            }
+            let id = req.attr("id").unwrap_or_default().to_owned();
+            record.lock().unwrap().push((id, res.to_owned()));
+            let reply = reply_to(&req, "result", "<query xmlns='urn:example:echo'/>");
+            if res == "a" {
+                a.send(reply)
+            } else {
+                b.send(reply)
+            }
+        }
+    });
+    const PER_USER: usize = 12;
+    for round in 0..PER_USER {
+        for (i, c) in clients.iter_mut().enumerate() {
+            let id = format!("u{i}-{round}");
+            c.send_xml(&request(&id));
+            let res = c.recv_iq(&id, WAIT).await.expect("result reaches user");
+            assert_eq!(res.attr("type"), Some("result"), "{id}");
+        }
+    }
+    server.abort();
+    let served = served.lock().unwrap().clone();
+    let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
+    for (id, res) in &served {
+        let user = id.split('-').next().unwrap().to_owned();
+        by_user.entry(user).or_default().push(res.clone());
+    }
+    for (user, resources) in &by_user {
+        assert_eq!(resources.len(), PER_USER, "{user}");
+        assert!(
+            resources.iter().all(|r| r == &resources[0]),
+            "{user}'s requests went to {resources:?}"
+        );
+    }
+    // How the requests were spread over the two instances (ejabberd's choice).
+    let forwarded: Vec<usize> = proxies
+        .iter()
+        .map(|p| p.log().matches("request forwarded").count())
+        .collect();
+    let on_a = by_user.values().filter(|r| r[0] == "a").count();
+    println!(
+        "[measured] sticky on ejabberd: {} requests of {} accounts, forwarded per instance {forwarded:?}; accounts on a: {on_a}, on b: {}",
+        served.len(),
+        by_user.len(),
+        by_user.len() - on_a
+    );
+    assert!(
+        forwarded.iter().all(|&n| n > 0),
+        "ejabberd used both instances"
+    );
+}
