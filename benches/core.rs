@@ -7,7 +7,7 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use jat_proxy::inbound::{Limits, TEST_HEADER, read_one};
-use jat_proxy::invariants::{COMPONENT, NOW, keys, settings};
+use jat_proxy::invariants::{COMPONENT, NOW, NOW_MS, keys, settings};
 use jat_proxy::proxy::{Balance, Clock, Proxy, Selection};
 use jat_proxy::random::SeededRandom;
 use jat_proxy::rate::{Limiter, RateLimit};
@@ -22,10 +22,7 @@ fn sender(len: usize) -> String {
 
 fn tokens(c: &mut Criterion) {
     let keys = keys();
-    let binding = Binding {
-        component: COMPONENT,
-        iq_id: "purple-7a2b",
-    };
+    let binding = Binding::iq(COMPONENT, "purple-7a2b");
     let mut g = c.benchmark_group("token");
     for len in [20usize, 50, 200, 700] {
         let s = sender(len);
@@ -33,26 +30,26 @@ fn tokens(c: &mut Criterion) {
             sender: &s,
             original_to: None,
         };
-        let t = token::seal(&keys, binding, &contents, NOW, [9; SALT_LEN]).unwrap();
+        let t = token::seal(&keys, binding, &contents, NOW_MS, [9; SALT_LEN]).unwrap();
         let mut forged = t.clone().into_bytes();
         let last = forged.len() - 2;
         forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
         let forged = String::from_utf8(forged).unwrap();
         g.throughput(Throughput::Elements(1));
         g.bench_with_input(BenchmarkId::new("encode", len), &len, |b, _| {
-            b.iter(|| token::seal(&keys, binding, black_box(&contents), NOW, [9; SALT_LEN]))
+            b.iter(|| token::seal(&keys, binding, black_box(&contents), NOW_MS, [9; SALT_LEN]))
         });
         g.bench_with_input(BenchmarkId::new("decode", len), &len, |b, _| {
-            b.iter(|| token::open(&keys, binding, black_box(&t), NOW, 300))
+            b.iter(|| token::open(&keys, binding, black_box(&t), NOW_MS, 300))
         });
         g.bench_with_input(BenchmarkId::new("decode_forged", len), &len, |b, _| {
-            b.iter(|| token::open(&keys, binding, black_box(&forged), NOW, 300))
+            b.iter(|| token::open(&keys, binding, black_box(&forged), NOW_MS, 300))
         });
         g.bench_with_input(BenchmarkId::new("encode+decode", len), &len, |b, _| {
             b.iter(|| {
-                let t =
-                    token::seal(&keys, binding, black_box(&contents), NOW, [9; SALT_LEN]).unwrap();
-                token::open(&keys, binding, &t, NOW, 300)
+                let t = token::seal(&keys, binding, black_box(&contents), NOW_MS, [9; SALT_LEN])
+                    .unwrap();
+                token::open(&keys, binding, &t, NOW_MS, 300)
             })
         });
     }

@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use crate::inbound::Limits;
 use crate::policy::{Entry, Policy};
-use crate::proxy::{Balance, Pattern, Selection, Settings};
+use crate::proxy::{Balance, Messages, Pattern, Selection, Settings};
 use crate::rate::RateLimit;
 use crate::tomldiag;
 
@@ -52,6 +52,10 @@ pub struct Config {
     pub max_held: usize,
     /// Which resources of the target may be chosen, and how.
     pub selection: Selection,
+    /// Whether messages are forwarded or refused.
+    pub messages: Messages,
+    /// Message token lifetime in seconds.
+    pub message_token_lifetime: u64,
     /// The key file.
     pub key_file: PathBuf,
     /// How often the key file is checked for a rotation.
@@ -119,6 +123,8 @@ impl Config {
             hold_ms: self.hold.as_millis() as u64,
             max_held: self.max_held,
             selection: self.selection.clone(),
+            messages: self.messages,
+            message_token_lifetime: self.message_token_lifetime,
         }
     }
 }
@@ -248,6 +254,10 @@ struct RawProxy {
     balance: Balance,
     #[serde(default)]
     resources: Vec<String>,
+    #[serde(default)]
+    messages: Messages,
+    #[serde(default = "d_message_lifetime")]
+    message_token_lifetime_secs: u64,
 }
 
 #[derive(Deserialize)]
@@ -322,6 +332,12 @@ fn d_reconnect_max() -> u64 {
 fn d_lifetime() -> u64 {
     300
 }
+/// A day: a conversation goes on longer than an IQ waits for its answer.
+fn d_message_lifetime() -> u64 {
+    86400
+}
+/// Thirty days.
+const MAX_MESSAGE_LIFETIME: u64 = 30 * 86400;
 fn d_max_resources() -> usize {
     64
 }
@@ -376,7 +392,9 @@ pub struct KeysConfig {
     pub key_file: PathBuf,
     /// How often running instances check the key file.
     pub key_reload_interval: Duration,
-    /// Token lifetime in seconds.
+    /// The longest lifetime of the tokens instances seal, in seconds: the IQ token lifetime,
+    /// or the message token lifetime when messages are forwarded. A superseded key is kept
+    /// that long.
     pub token_lifetime: u64,
 }
 
@@ -392,12 +410,18 @@ struct RawForKeys {
 struct RawProxyLifetime {
     #[serde(default = "d_lifetime")]
     token_lifetime_secs: u64,
+    #[serde(default)]
+    messages: Messages,
+    #[serde(default = "d_message_lifetime")]
+    message_token_lifetime_secs: u64,
 }
 
 impl Default for RawProxyLifetime {
     fn default() -> Self {
         RawProxyLifetime {
             token_lifetime_secs: d_lifetime(),
+            messages: Messages::default(),
+            message_token_lifetime_secs: d_message_lifetime(),
         }
     }
 }
@@ -416,7 +440,16 @@ pub fn parse_keys(path: &Path, text: &str) -> Result<KeysConfig, ConfigError> {
     Ok(KeysConfig {
         key_file: key_file(&raw.keys, &err)?,
         key_reload_interval: key_reload_interval(&raw.keys, &err)?,
-        token_lifetime: token_lifetime(raw.proxy.token_lifetime_secs, &err)?,
+        token_lifetime: {
+            let iq = token_lifetime(raw.proxy.token_lifetime_secs, &err)?;
+            match raw.proxy.messages {
+                Messages::Refuse => iq,
+                Messages::Forward => iq.max(message_lifetime(
+                    raw.proxy.message_token_lifetime_secs,
+                    &err,
+                )?),
+            }
+        },
     })
 }
 
@@ -453,6 +486,11 @@ fn key_reload_interval<E>(keys: &RawKeys, err: &impl Fn(&str, String) -> E) -> R
 
 fn token_lifetime<E>(v: u64, err: &impl Fn(&str, String) -> E) -> Result<u64, E> {
     Ok(in_range(err, "proxy.token_lifetime_secs", v, 10, 86400)?.as_secs())
+}
+
+fn message_lifetime<E>(v: u64, err: &impl Fn(&str, String) -> E) -> Result<u64, E> {
+    let key = "proxy.message_token_lifetime_secs";
+    Ok(in_range(err, key, v, 10, MAX_MESSAGE_LIFETIME)?.as_secs())
 }
 
 /// Validates configuration text (`path` only names it in errors). Pure: a secret given by
@@ -586,6 +624,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         balance: raw.proxy.balance,
         patterns,
     };
+    let message_token_lifetime = message_lifetime(raw.proxy.message_token_lifetime_secs, &err)?;
     let key_file = key_file(&raw.keys, &err)?;
     let key_reload_interval = key_reload_interval(&raw.keys, &err)?;
     let l = &raw.limits;
@@ -666,6 +705,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         hold: Duration::from_millis(raw.proxy.hold_ms),
         max_held: raw.proxy.max_held,
         selection,
+        messages: raw.proxy.messages,
+        message_token_lifetime,
         key_file,
         key_reload_interval,
         limits: Limits {

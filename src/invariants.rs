@@ -6,15 +6,16 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jid::{BareJid, Jid};
 use xmpp_parsers::minidom::Element;
 
 use crate::inbound::{Inbound, Limits, read_one};
 use crate::keys::KeySet;
 use crate::policy::{Entry, Policy};
-use crate::proxy::{Clock, Outcome, Proxy, Selection, Settings, Verdict};
+use crate::proxy::{Clock, Messages, Outcome, Proxy, Selection, Settings, Verdict};
+
+/// The message token lifetime of the harness, in seconds.
+const MESSAGE_LIFETIME: u64 = 3600;
 use crate::random::SeededRandom;
 use crate::rate::{Limiter, RateLimit};
 use crate::stream::{Frame, ReadError, Reader, Writer};
@@ -26,6 +27,8 @@ pub const COMPONENT: &str = "proxy.example";
 pub const TARGET: &str = "impl@example";
 /// The fixed clock of the token harness (Unix seconds).
 pub const NOW: u64 = 1_790_000_000;
+/// [`NOW`] in Unix milliseconds, as tokens take it.
+pub const NOW_MS: u64 = NOW * 1000;
 /// Separates stanzas in a proxy fuzz input (0xFF never occurs in UTF-8).
 pub const SEPARATOR: u8 = 0xFF;
 /// In a proxy fuzz input, replaced by the resource of the last request forwarded, so that
@@ -56,28 +59,27 @@ pub fn token(data: &[u8]) {
     };
     let id = String::from_utf8_lossy(id);
     let text = String::from_utf8_lossy(rest);
-    let binding = Binding {
-        component: COMPONENT,
-        iq_id: &id,
-    };
+    let binding = Binding::iq(COMPONENT, &id);
     let keys = keys();
-    if let Ok(opened) = token::open(&keys, binding, &text, NOW, 300) {
-        let raw = URL_SAFE_NO_PAD
-            .decode(text.as_bytes())
-            .expect("opened, so base64");
-        let issued = u64::from_be_bytes(raw[5..13].try_into().unwrap());
-        let salt: [u8; token::SALT_LEN] = raw[13..token::HEADER_LEN].try_into().unwrap();
-        let single = key_alone(opened.key_id).expect("opened with a known key");
-        let contents = Contents {
-            sender: &opened.sender,
-            original_to: opened.original_to.as_deref(),
-        };
-        let resealed =
-            token::seal(&single, binding, &contents, issued, salt).expect("what was sealed fits");
-        assert_eq!(
-            resealed, text,
-            "an accepted token must be exactly the keys' output"
-        );
+    let message = Binding::message(COMPONENT);
+    for (b, lifetime) in [(binding, 300), (message, MESSAGE_LIFETIME)] {
+        if let Ok(opened) = token::open(&keys, b, &text, NOW * 1000, lifetime) {
+            let single = key_alone(opened.key_id).expect("opened with a known key");
+            let resealed = token::reseal(&single, b, &opened)
+                .expect("the key is in the set")
+                .expect("what was sealed fits");
+            assert_eq!(
+                resealed, text,
+                "an accepted token must be exactly the keys' output"
+            );
+            // A token opens for one kind only.
+            let other = if b.kind() == token::Kind::Iq {
+                message
+            } else {
+                binding
+            };
+            assert!(token::open(&keys, other, &text, NOW * 1000, lifetime).is_err());
+        }
     }
     // Roundtrip with the input as the sender's address.
     if !text.contains('\0') {
@@ -85,17 +87,16 @@ pub fn token(data: &[u8]) {
             sender: &text,
             original_to: None,
         };
-        match token::seal(&keys, binding, &contents, NOW, [7; token::SALT_LEN]) {
+        match token::seal(&keys, binding, &contents, NOW * 1000, [7; token::SALT_LEN]) {
             Ok(t) => {
                 assert!(t.len() <= token::MAX_TOKEN_LEN);
-                let opened = token::open(&keys, binding, &t, NOW, 300).expect("roundtrip");
+                let opened = token::open(&keys, binding, &t, NOW * 1000, 300).expect("roundtrip");
                 assert_eq!(opened.sender, text.as_ref());
                 assert_eq!(opened.original_to, None);
-                let other = Binding {
-                    component: COMPONENT,
-                    iq_id: &format!("{id}x"),
-                };
-                assert!(token::open(&keys, other, &t, NOW, 300).is_err());
+                let other_id = format!("{id}x");
+                let other = Binding::iq(COMPONENT, &other_id);
+                assert!(token::open(&keys, other, &t, NOW * 1000, 300).is_err());
+                assert!(token::open(&keys, message, &t, NOW * 1000, 300).is_err());
             }
             Err(e) => assert!(e.len > token::MAX_PLAINTEXT_LEN),
         }
@@ -139,6 +140,8 @@ pub fn settings() -> Settings {
         hold_ms: 2000,
         max_held: 4,
         selection: Selection::default(),
+        messages: Messages::Forward,
+        message_token_lifetime: MESSAGE_LIFETIME,
     }
 }
 
@@ -253,14 +256,8 @@ pub fn proxy(data: &[u8]) {
         let Some(out) = out else {
             continue;
         };
-        if let Some(t) = check_output(
-            &h,
-            &out,
-            verdict,
-            &resources_before,
-            &target,
-            clock.unix_ms / 1000,
-        ) {
+        if let Some(t) = check_output(&h, &out, verdict, &resources_before, &target, clock.unix_ms)
+        {
             last_token = t.into_bytes();
         }
         budgets.charge(&h, &out, verdict, &target, clock.mono_ms);
@@ -278,7 +275,7 @@ fn drain(
 ) -> Option<String> {
     let mut token = None;
     while let Some(out) = proxy.poll_transmit() {
-        let t = held.transmitted(&out, &eligible(proxy), target, clock.unix_ms / 1000);
+        let t = held.transmitted(&out, &eligible(proxy), target, clock.unix_ms);
         if out.attr("type") == Some("error") {
             let to = jid(out.attr("to")).map(|j| j.to_bare().to_string());
             budgets.count("errors", to, budgets.account, clock.mono_ms);
@@ -288,14 +285,15 @@ fn drain(
     token
 }
 
-/// Checks one output against its input; returns the token if a request was forwarded.
+/// Checks one output against its input; returns the token if a request or message was
+/// forwarded.
 fn check_output(
     h: &Header,
     out: &Element,
     verdict: Verdict,
     resources_before: &[String],
     target: &BareJid,
-    now: u64,
+    now_ms: u64,
 ) -> Option<String> {
     let xml = String::from(out);
     let out_to = jid(out.attr("to")).unwrap_or_else(|| panic!("output without valid to: {xml}"));
@@ -315,32 +313,40 @@ fn check_output(
     let in_to = jid(h.to.as_deref()).expect("an output needs a valid recipient");
     assert_eq!(in_to.domain().as_str(), COMPONENT);
     let is_reply = |t: &Option<String>| matches!(t.as_deref(), Some("result") | Some("error"));
-    let token_of = |id: &str| {
+    let from_target = in_from.to_bare() == *target;
+    let opened_in = |binding: Binding<'_>, lifetime: u64| {
         let t = in_to.resource()?.as_str().to_owned();
-        let binding = Binding {
-            component: COMPONENT,
-            iq_id: id,
-        };
-        token::open(&keys(), binding, &t, now, 300).ok()
+        token::open(&keys(), binding, &t, now_ms, lifetime).ok()
     };
-
-    if h.name == "iq" && is_reply(&h.type_) {
-        // A result or error is never answered: the only output is its reversal, to the
-        // address its (valid) token holds, sent by the target's account.
-        assert_eq!(
-            in_from.to_bare(),
-            *target,
-            "reversed a reply from outside: {xml}"
-        );
-        let opened = token_of(h.id.as_deref().expect("a reversed reply has an id"))
-            .unwrap_or_else(|| panic!("reversed without a valid token: {xml}"));
+    let reversed = |opened: token::Opened| {
         assert_eq!(out_to, jid(Some(&opened.sender)).unwrap(), "{xml}");
         match &opened.original_to {
             Some(a) => assert_eq!(Some(&out_from), jid(Some(a)).as_ref(), "{xml}"),
             None => assert_eq!(out.attr("from"), Some(COMPONENT), "{xml}"),
         }
-        assert_eq!(out.attr("id"), h.id.as_deref());
+        assert_eq!(out.name(), h.name, "{xml}");
+        assert_eq!(out.attr("id"), h.id.as_deref(), "{xml}");
+    };
+
+    if h.name == "iq" && is_reply(&h.type_) {
+        // A result or error is never answered: the only output is its reversal, to the
+        // address its (valid) token holds, sent by the target's account.
+        assert!(from_target, "reversed a reply from outside: {xml}");
+        let id = h.id.as_deref().expect("a reversed reply has an id");
+        let opened = opened_in(Binding::iq(COMPONENT, id), 300)
+            .unwrap_or_else(|| panic!("reversed without a valid IQ token: {xml}"));
+        reversed(opened);
+        // An oversized reply is reversed as an error in its place.
         assert!(is_reply(&out.attr("type").map(str::to_owned)), "{xml}");
+        return None;
+    }
+    if h.name == "message" && verdict == Verdict::Reversed {
+        // The target's message to a message token (an error too), to the sender it holds.
+        assert!(from_target, "reversed a message from outside: {xml}");
+        let opened = opened_in(Binding::message(COMPONENT), MESSAGE_LIFETIME)
+            .unwrap_or_else(|| panic!("reversed without a valid message token: {xml}"));
+        reversed(opened);
+        assert_eq!(out.attr("type"), h.type_.as_deref(), "{xml}");
         return None;
     }
     if h.name == "message" && h.type_.as_deref() == Some("error") {
@@ -355,37 +361,36 @@ fn check_output(
             None
         }
         Verdict::Forwarded => {
-            assert_eq!(h.name, "iq");
-            assert!(matches!(h.type_.as_deref(), Some("get") | Some("set")));
-            assert_ne!(
-                in_from.to_bare(),
-                *target,
-                "the target's own requests are refused"
-            );
+            let binding = match h.name.as_str() {
+                "iq" => {
+                    assert!(matches!(h.type_.as_deref(), Some("get") | Some("set")));
+                    let id = h.id.as_deref().expect("forwarded requests have ids");
+                    Binding::iq(COMPONENT, id)
+                }
+                "message" => Binding::message(COMPONENT),
+                other => panic!("forwarded a {other}: {xml}"),
+            };
+            assert!(!from_target, "the target's own stanzas are not forwarded");
             assert_eq!(out_to.to_bare(), *target, "{xml}");
             let res = out_to.resource().expect("to a resource").as_str();
             assert!(
                 resources_before.iter().any(|r| r == res),
                 "to an available resource"
             );
-            let id = h.id.as_deref().expect("forwarded requests have ids");
-            assert_eq!(out.attr("id"), Some(id));
+            assert_eq!(out.name(), h.name);
+            assert_eq!(out.attr("id"), h.id.as_deref());
             let t = out_from
                 .resource()
                 .expect("from a token")
                 .as_str()
                 .to_owned();
-            let opened = token::open(
-                &keys(),
-                Binding {
-                    component: COMPONENT,
-                    iq_id: id,
-                },
-                &t,
-                now,
-                300,
-            )
-            .expect("a fresh token opens");
+            let lifetime = if h.name == "message" {
+                MESSAGE_LIFETIME
+            } else {
+                300
+            };
+            let opened =
+                token::open(&keys(), binding, &t, now_ms, lifetime).expect("a fresh token opens");
             assert_eq!(
                 jid(Some(&opened.sender)).unwrap(),
                 in_from,
@@ -395,11 +400,7 @@ fn check_output(
         }
         Verdict::Presence => {
             assert_eq!(out.name(), "presence");
-            assert_eq!(
-                in_from.to_bare(),
-                *target,
-                "presence answers go to the target only"
-            );
+            assert!(from_target, "presence answers go to the target only");
             assert_eq!(out.attr("to"), Some(TARGET));
             None
         }
@@ -443,7 +444,7 @@ impl HeldRequests {
         out: &Element,
         resources: &[String],
         target: &BareJid,
-        now: u64,
+        now_ms: u64,
     ) -> Option<String> {
         let xml = String::from(out);
         if out.name() == "presence" {
@@ -468,11 +469,8 @@ impl HeldRequests {
                     .expect("from a token")
                     .as_str()
                     .to_owned();
-                let binding = Binding {
-                    component: COMPONENT,
-                    iq_id: &id,
-                };
-                let opened = token::open(&keys(), binding, &t, now, 300).expect("a fresh token");
+                let binding = Binding::iq(COMPONENT, &id);
+                let opened = token::open(&keys(), binding, &t, now_ms, 300).expect("a fresh token");
                 let sender = jid(Some(&opened.sender)).expect("a valid sender");
                 self.leave(&id, &sender, &xml);
                 Some(t)
@@ -565,6 +563,7 @@ impl Budgets {
         let reply = h.name == "iq" && matches!(h.type_.as_deref(), Some("result" | "error"));
         match verdict {
             _ if reply => self.count("replies", bare(out.attr("to")), self.account, now_ms),
+            Verdict::Reversed => self.count("replies", bare(out.attr("to")), self.account, now_ms),
             Verdict::Refused(_) => self.count("errors", bare(out.attr("to")), self.account, now_ms),
             Verdict::Forwarded => self.request(h, target, now_ms),
             _ => {}
@@ -745,7 +744,14 @@ impl Wire {
                 self.held.held(&h, 0);
             }
             if let Some(out) = out {
-                check_output(&h, &out, verdict, &resources_before, &self.target, NOW);
+                check_output(
+                    &h,
+                    &out,
+                    verdict,
+                    &resources_before,
+                    &self.target,
+                    NOW * 1000,
+                );
                 self.writer
                     .element(&out, &mut self.out)
                     .expect("everything the core emits serialises");
@@ -753,7 +759,7 @@ impl Wire {
             }
             while let Some(out) = self.proxy.poll_transmit() {
                 self.held
-                    .transmitted(&out, &eligible(&self.proxy), &self.target, NOW);
+                    .transmitted(&out, &eligible(&self.proxy), &self.target, NOW * 1000);
                 self.writer
                     .element(&out, &mut self.out)
                     .expect("everything the core emits serialises");
@@ -846,16 +852,19 @@ mod generate {
                 } else {
                     id.clone().unwrap_or_default()
                 };
-                let binding = Binding {
-                    component: COMPONENT,
-                    iq_id: &bound,
+                // Mostly IQ tokens; a message token now and then (the message flow's, and
+                // offered for an IQ reply: the wrong kind).
+                let binding = if u.ratio(1, 4)? {
+                    Binding::message(COMPONENT)
+                } else {
+                    Binding::iq(COMPONENT, &bound)
                 };
                 let contents = Contents {
                     sender,
                     original_to: None,
                 };
                 let salt = u.arbitrary()?;
-                let t = token::seal(&keys(), binding, &contents, NOW, salt).expect("fits");
+                let t = token::seal(&keys(), binding, &contents, NOW * 1000, salt).expect("fits");
                 Some(format!("{COMPONENT}/{t}"))
             }
             3 => Some(COMPONENT.to_owned()),
@@ -1120,15 +1129,12 @@ mod tests {
         let keys = keys();
         let t = token::seal(
             &keys,
-            Binding {
-                component: COMPONENT,
-                iq_id: "abc",
-            },
+            Binding::iq(COMPONENT, "abc"),
             &Contents {
                 sender: "u@example/r",
                 original_to: None,
             },
-            NOW,
+            NOW * 1000,
             [3; token::SALT_LEN],
         )
         .unwrap();

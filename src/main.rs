@@ -1,6 +1,6 @@
 //! `jat-proxy --config FILE`: run the component. `jat-proxy keys rotate --config FILE`: add a
 //! new current token key to the key file (running instances pick it up by themselves); it
-//! and `keys list` read only the `[keys]` section (and `[proxy] token_lifetime_secs`).
+//! and `keys list` read only the `[keys]` section (and the `[proxy]` token lifetimes).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;

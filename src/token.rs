@@ -1,7 +1,7 @@
 //! The token: the resource of `proxy.example/TOKEN`, the address the implementing client
-//! sees as the sender of a request and replies to.
+//! sees as the sender of a request or a message, and answers to.
 //!
-//! A token seals the original sender's full JID (and the exact address the request was sent
+//! A token seals the original sender's full JID (and the exact address the stanza was sent
 //! to, when that was not the bare component domain) with an AEAD, so that
 //!
 //! * a reply is routed back by decryption alone — jat-proxy keeps no table of requests, and a
@@ -10,33 +10,41 @@
 //! * nobody without the key can make a token that routes anywhere: a forged, altered or
 //!   foreign token fails authentication.
 //!
-//! # Layout
+//! # Layout (version 2)
 //!
 //! `base64url_nopad( header || ciphertext || tag )`, where
 //!
-//! | field      | bytes | in clear | meaning                                         |
-//! |------------|-------|----------|-------------------------------------------------|
-//! | version    | 1     | yes      | [`VERSION`]                                     |
-//! | key id     | 4     | yes      | which key of the key file sealed it (big endian)|
-//! | issued     | 8     | yes      | Unix seconds (big endian)                        |
+//! | field      | bytes | in clear | meaning                                          |
+//! |------------|-------|----------|--------------------------------------------------|
+//! | version    | 1     | yes      | [`VERSION`]                                      |
+//! | kind       | 1     | yes      | [`Kind`]: 1 for an IQ, 2 for a message           |
+//! | key id     | 4     | yes      | which key of the key file sealed it (big endian) |
+//! | issued     | 8     | yes      | Unix milliseconds (big endian)                   |
 //! | salt       | 16    | yes      | random; selects this token's own AEAD key        |
-//! | ciphertext | n     | no       | `sender` or `sender 0x00 original_to`           |
-//! | tag        | 16    | –        | Poly1305 tag                                    |
+//! | ciphertext | n     | no       | `sender` or `sender 0x00 original_to`            |
+//! | tag        | 16    | –        | Poly1305 tag                                     |
 //!
-//! The associated data is `header || len16(component) || component || iq_id`: a token opens
-//! only for the component JID and the IQ id it was made for, and nobody can change its key id,
-//! issue time or salt.
+//! The associated data is `header || len16(component) || component`, followed for an IQ
+//! token by the IQ's id: a token opens only for the component and the kind of stanza it was
+//! made for (a message token never routes an IQ reply, nor an IQ token a message), an IQ
+//! token only for the IQ id it was made for, and nobody can change its kind, key id, issue
+//! time or salt.
+//!
+//! Version 1 (jat-proxy 0.1: no kind byte, issue time in Unix seconds, IQ tokens only) still
+//! opens, for IQ replies, until it expires: an upgrade in the middle of traffic loses nothing.
 //!
 //! # Nonces
 //!
 //! Each token is sealed with its own ChaCha20-Poly1305 key,
 //! `HKDF-Expand(PRK = key secret, info = "jat-proxy token v1" || salt, 32)`, and the all-zero
-//! nonce. A (key, nonce) pair repeats only if two tokens under one key secret draw the same
-//! 128-bit salt: among `n` tokens that happens with probability below `n² / 2^129`. With the
-//! bound this module documents and operators are told to stay under, **2^48 tokens per key**
-//! (281 trillion: more than 8,900 years at a million requests per second), that probability
-//! is below 2^-33. It holds across restarts and any number of instances sharing the key file,
-//! because nothing is counted: every salt is fresh from the CSPRNG.
+//! nonce (the info string names the derivation, unchanged since version 1; the version is
+//! authenticated in the header). A (key, nonce) pair repeats only if two tokens under one key
+//! secret draw the same 128-bit salt: among `n` tokens that happens with probability below
+//! `n² / 2^129`. With the bound this module documents and operators are told to stay under,
+//! **2^48 tokens per key** (281 trillion: more than 8,900 years at a million tokens per
+//! second), that probability is below 2^-33. It holds across restarts and any number of
+//! instances sharing the key file, because nothing is counted: every salt is fresh from the
+//! CSPRNG.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -44,12 +52,15 @@ use ring::aead;
 
 use crate::keys::KeySet;
 
-/// Format version carried in every token.
-pub const VERSION: u8 = 1;
+/// Format version of the tokens [`seal`] makes.
+pub const VERSION: u8 = 2;
+/// The previous format, which [`open`] still accepts for IQ tokens.
+pub const VERSION_1: u8 = 1;
 /// Bytes of random salt per token.
 pub const SALT_LEN: usize = 16;
-/// Bytes of clear header: version, key id, issue time, salt.
-pub const HEADER_LEN: usize = 1 + 4 + 8 + SALT_LEN;
+/// Bytes of clear header: version, kind, key id, issue time, salt.
+pub const HEADER_LEN: usize = 1 + 1 + 4 + 8 + SALT_LEN;
+const HEADER_LEN_V1: usize = 1 + 4 + 8 + SALT_LEN;
 /// Bytes of the authentication tag.
 pub const TAG_LEN: usize = 16;
 /// A resourcepart may be at most 1023 bytes (RFC 7622 §3.4).
@@ -66,34 +77,90 @@ pub const TOKENS_PER_KEY_BOUND: u64 = 1 << 48;
 
 const KDF_INFO: &[u8] = b"jat-proxy token v1";
 
-/// What a token is bound to: it opens only with the same component JID and IQ id.
+/// The kind of stanza a token routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// IQ requests and their replies.
+    Iq = 1,
+    /// Messages.
+    Message = 2,
+}
+
+/// What a token is bound to: it opens only for the same component, kind and (for an IQ) id.
 #[derive(Debug, Clone, Copy)]
-pub struct Binding<'a> {
-    /// The component's domain, e.g. `proxy.example`.
-    pub component: &'a str,
-    /// The `id` attribute of the IQ the token travels in.
-    pub iq_id: &'a str,
+pub enum Binding<'a> {
+    /// An IQ token: the reply must carry the request's id.
+    Iq {
+        /// The component's domain, e.g. `proxy.example`.
+        component: &'a str,
+        /// The `id` attribute of the IQ the token travels in.
+        id: &'a str,
+    },
+    /// A message token.
+    Message {
+        /// The component's domain.
+        component: &'a str,
+    },
+}
+
+impl<'a> Binding<'a> {
+    /// An IQ token of `component` for the IQ `id`.
+    pub fn iq(component: &'a str, id: &'a str) -> Binding<'a> {
+        Binding::Iq { component, id }
+    }
+
+    /// A message token of `component`.
+    pub fn message(component: &'a str) -> Binding<'a> {
+        Binding::Message { component }
+    }
+
+    /// The kind of token.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Binding::Iq { .. } => Kind::Iq,
+            Binding::Message { .. } => Kind::Message,
+        }
+    }
+
+    fn component(&self) -> &'a str {
+        match self {
+            Binding::Iq { component, .. } | Binding::Message { component } => component,
+        }
+    }
+
+    fn id(&self) -> &'a str {
+        match self {
+            Binding::Iq { id, .. } => id,
+            Binding::Message { .. } => "",
+        }
+    }
 }
 
 /// What a token carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Contents<'a> {
-    /// The full JID that sent the request: where the reply goes.
+    /// The full JID that sent the stanza: where the answer goes.
     pub sender: &'a str,
-    /// The address the request was sent to, when it was not the bare component domain: where
-    /// the reply comes from.
+    /// The address the stanza was sent to, when it was not the bare component domain: where
+    /// the answer comes from.
     pub original_to: Option<&'a str>,
 }
 
-/// The contents of an opened token, owned.
+/// The contents of an opened token, owned, with its clear header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
-    /// The full JID that sent the request.
+    /// The full JID that sent the stanza.
     pub sender: String,
-    /// The address the request was sent to, if not the bare component domain.
+    /// The address the stanza was sent to, if not the bare component domain.
     pub original_to: Option<String>,
     /// Id of the key that sealed it.
     pub key_id: u32,
+    /// Its format version.
+    pub version: u8,
+    /// When it was issued, in Unix milliseconds (whole seconds for version 1).
+    pub issued_ms: u64,
+    /// Its salt.
+    pub salt: [u8; SALT_LEN],
 }
 
 /// The sender (with `original_to`) is longer than [`MAX_PLAINTEXT_LEN`].
@@ -120,10 +187,30 @@ pub enum Rejected {
     Expired,
     /// Issued more than [`MAX_CLOCK_SKEW`] in the future.
     FromFuture,
+    /// Made for another kind of stanza (in clear: a message token offered for an IQ, say).
+    Kind,
     /// Failed authentication: forged, altered, or made for another IQ id or component.
     Authentication,
     /// Authenticated but not UTF-8: cannot happen with tokens jat-proxy made.
     Contents,
+}
+
+impl Rejected {
+    /// A short stable name, for logs and counters.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Rejected::TooLong => "too_long",
+            Rejected::Encoding => "encoding",
+            Rejected::Truncated => "truncated",
+            Rejected::Version(_) => "version",
+            Rejected::UnknownKey(_) => "unknown_key",
+            Rejected::Expired => "expired",
+            Rejected::FromFuture => "from_future",
+            Rejected::Kind => "kind",
+            Rejected::Authentication => "authentication",
+            Rejected::Contents => "contents",
+        }
+    }
 }
 
 impl std::fmt::Display for Rejected {
@@ -136,37 +223,90 @@ impl std::fmt::Display for Rejected {
             Rejected::UnknownKey(id) => write!(f, "unknown key id {id}"),
             Rejected::Expired => write!(f, "token expired"),
             Rejected::FromFuture => write!(f, "token issued in the future"),
+            Rejected::Kind => write!(f, "token made for another kind of stanza"),
             Rejected::Authentication => write!(f, "token failed authentication"),
             Rejected::Contents => write!(f, "token contents malformed"),
         }
     }
 }
 
-/// Seals `contents` into a token for `binding`, with the current key of `keys`.
+/// Seals `contents` into a token for `binding`, issued at `issued_ms` (Unix milliseconds),
+/// with the current key of `keys`.
 pub fn seal(
     keys: &KeySet,
     binding: Binding<'_>,
     contents: &Contents<'_>,
-    issued: u64,
+    issued_ms: u64,
+    salt: [u8; SALT_LEN],
+) -> Result<String, TooLong> {
+    seal_as(
+        keys,
+        keys.current().id(),
+        VERSION,
+        binding,
+        contents,
+        issued_ms,
+        salt,
+    )
+}
+
+/// Seals exactly the token that `opened` came from, if `keys` holds its key: what the
+/// fuzzer's "only the keys' own output opens" invariant compares with. Version 1 tokens
+/// store whole seconds.
+pub fn reseal(
+    keys: &KeySet,
+    binding: Binding<'_>,
+    opened: &Opened,
+) -> Option<Result<String, TooLong>> {
+    keys.get(opened.key_id)?;
+    let contents = Contents {
+        sender: &opened.sender,
+        original_to: opened.original_to.as_deref(),
+    };
+    Some(seal_as(
+        keys,
+        opened.key_id,
+        opened.version,
+        binding,
+        &contents,
+        opened.issued_ms,
+        opened.salt,
+    ))
+}
+
+fn seal_as(
+    keys: &KeySet,
+    key_id: u32,
+    version: u8,
+    binding: Binding<'_>,
+    contents: &Contents<'_>,
+    issued_ms: u64,
     salt: [u8; SALT_LEN],
 ) -> Result<String, TooLong> {
     let plain_len = contents.sender.len() + contents.original_to.map_or(0, |t| 1 + t.len());
     if plain_len > MAX_PLAINTEXT_LEN {
         return Err(TooLong { len: plain_len });
     }
-    let key = keys.current();
+    let key = keys.get(key_id).expect("sealing with a key of the set");
     let mut buf = Vec::with_capacity(HEADER_LEN + plain_len + TAG_LEN);
-    buf.push(VERSION);
-    buf.extend_from_slice(&key.id().to_be_bytes());
-    buf.extend_from_slice(&issued.to_be_bytes());
+    buf.push(version);
+    if version == VERSION_1 {
+        buf.extend_from_slice(&key.id().to_be_bytes());
+        buf.extend_from_slice(&(issued_ms / 1000).to_be_bytes());
+    } else {
+        buf.push(binding.kind() as u8);
+        buf.extend_from_slice(&key.id().to_be_bytes());
+        buf.extend_from_slice(&issued_ms.to_be_bytes());
+    }
     buf.extend_from_slice(&salt);
+    let header_len = buf.len();
     buf.extend_from_slice(contents.sender.as_bytes());
     if let Some(to) = contents.original_to {
         buf.push(0);
         buf.extend_from_slice(to.as_bytes());
     }
     let aead_key = token_key(key.prk(), &salt);
-    let (header, body) = buf.split_at_mut(HEADER_LEN);
+    let (header, body) = buf.split_at_mut(header_len);
     let ad = associated_data(header, binding);
     let tag = aead_key
         .seal_in_place_separate_tag(
@@ -179,12 +319,13 @@ pub fn seal(
     Ok(URL_SAFE_NO_PAD.encode(&buf))
 }
 
-/// Opens a token made by [`seal`] for the same `binding`, if it is still valid at `now`.
+/// Opens a token made by [`seal`] for the same `binding`, if it is still valid at `now_ms`
+/// (Unix milliseconds) with a lifetime of `lifetime` seconds.
 pub fn open(
     keys: &KeySet,
     binding: Binding<'_>,
     token: &str,
-    now: u64,
+    now_ms: u64,
     lifetime: u64,
 ) -> Result<Opened, Rejected> {
     if token.len() > MAX_TOKEN_LEN {
@@ -193,25 +334,50 @@ pub fn open(
     let mut buf = URL_SAFE_NO_PAD
         .decode(token.as_bytes())
         .map_err(|_| Rejected::Encoding)?;
-    if buf.len() < HEADER_LEN + TAG_LEN {
-        return Err(Rejected::Truncated);
-    }
-    if buf[0] != VERSION {
-        return Err(Rejected::Version(buf[0]));
-    }
-    let key_id = u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes"));
-    let issued = u64::from_be_bytes(buf[5..13].try_into().expect("8 bytes"));
+    let version = *buf.first().ok_or(Rejected::Truncated)?;
+    let (header_len, key_id, issued_ms) = match version {
+        VERSION => {
+            if buf.len() < HEADER_LEN + TAG_LEN {
+                return Err(Rejected::Truncated);
+            }
+            if buf[1] != binding.kind() as u8 {
+                return Err(Rejected::Kind);
+            }
+            let key_id = u32::from_be_bytes(buf[2..6].try_into().expect("4 bytes"));
+            let issued = u64::from_be_bytes(buf[6..14].try_into().expect("8 bytes"));
+            (HEADER_LEN, key_id, issued)
+        }
+        VERSION_1 => {
+            if buf.len() < HEADER_LEN_V1 + TAG_LEN {
+                return Err(Rejected::Truncated);
+            }
+            if binding.kind() != Kind::Iq {
+                return Err(Rejected::Kind);
+            }
+            let key_id = u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes"));
+            let issued = u64::from_be_bytes(buf[5..13].try_into().expect("8 bytes"));
+            (HEADER_LEN_V1, key_id, issued.saturating_mul(1000))
+        }
+        v => {
+            if buf.len() < HEADER_LEN_V1 + TAG_LEN {
+                return Err(Rejected::Truncated);
+            }
+            return Err(Rejected::Version(v));
+        }
+    };
     // Cheap checks first: a flood of stale or foreign tokens costs no key derivation.
-    if issued > now.saturating_add(MAX_CLOCK_SKEW) {
+    if issued_ms > now_ms.saturating_add(MAX_CLOCK_SKEW * 1000) {
         return Err(Rejected::FromFuture);
     }
-    if now >= issued.saturating_add(lifetime) {
+    if now_ms >= issued_ms.saturating_add(lifetime.saturating_mul(1000)) {
         return Err(Rejected::Expired);
     }
     let key = keys.get(key_id).ok_or(Rejected::UnknownKey(key_id))?;
-    let salt: [u8; SALT_LEN] = buf[13..HEADER_LEN].try_into().expect("salt length");
+    let salt: [u8; SALT_LEN] = buf[header_len - SALT_LEN..header_len]
+        .try_into()
+        .expect("salt length");
     let aead_key = token_key(key.prk(), &salt);
-    let (header, body) = buf.split_at_mut(HEADER_LEN);
+    let (header, body) = buf.split_at_mut(header_len);
     let ad = associated_data(header, binding);
     let plain = aead_key
         .open_in_place(
@@ -232,6 +398,9 @@ pub fn open(
             .transpose()
             .map_err(|_| Rejected::Contents)?,
         key_id,
+        version,
+        issued_ms,
+        salt,
     })
 }
 
@@ -249,13 +418,14 @@ fn token_key(prk: &ring::hkdf::Prk, salt: &[u8; SALT_LEN]) -> aead::LessSafeKey 
 }
 
 fn associated_data(header: &[u8], binding: Binding<'_>) -> Vec<u8> {
-    let component = binding.component.as_bytes();
+    let component = binding.component().as_bytes();
+    let id = binding.id().as_bytes();
     let len = u16::try_from(component.len()).unwrap_or(u16::MAX);
-    let mut ad = Vec::with_capacity(header.len() + 2 + component.len() + binding.iq_id.len());
+    let mut ad = Vec::with_capacity(header.len() + 2 + component.len() + id.len());
     ad.extend_from_slice(header);
     ad.extend_from_slice(&len.to_be_bytes());
     ad.extend_from_slice(component);
-    ad.extend_from_slice(binding.iq_id.as_bytes());
+    ad.extend_from_slice(id);
     ad
 }
 
@@ -263,7 +433,9 @@ fn associated_data(header: &[u8], binding: Binding<'_>) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    const NOW: u64 = 1_790_000_000;
+    /// Unix milliseconds.
+    const NOW: u64 = 1_790_000_000_123;
+    /// Seconds.
     const LIFE: u64 = 300;
 
     fn keys() -> KeySet {
@@ -271,10 +443,7 @@ mod tests {
     }
 
     fn binding(id: &str) -> Binding<'_> {
-        Binding {
-            component: "proxy.example",
-            iq_id: id,
-        }
+        Binding::iq("proxy.example", id)
     }
 
     fn sealed(sender: &str) -> String {
@@ -289,6 +458,7 @@ mod tests {
     fn roundtrip() {
         let t = sealed("user@example/abc");
         let o = open(&keys(), binding("1234"), &t, NOW + 5, LIFE).unwrap();
+        assert_eq!((o.version, o.issued_ms), (VERSION, NOW));
         assert_eq!(o.sender, "user@example/abc");
         assert_eq!(o.original_to, None);
         assert_eq!(o.key_id, 7);
@@ -343,10 +513,7 @@ mod tests {
     #[test]
     fn another_component_is_rejected() {
         let t = sealed("user@example/abc");
-        let other = Binding {
-            component: "other.example",
-            iq_id: "1234",
-        };
+        let other = Binding::iq("other.example", "1234");
         assert_eq!(
             open(&keys(), other, &t, NOW, LIFE),
             Err(Rejected::Authentication)
@@ -371,14 +538,15 @@ mod tests {
     #[test]
     fn expiry_and_future() {
         let t = sealed("user@example/abc");
-        assert!(open(&keys(), binding("1234"), &t, NOW + LIFE - 1, LIFE).is_ok());
+        assert!(open(&keys(), binding("1234"), &t, NOW + LIFE * 1000 - 1, LIFE).is_ok());
         assert_eq!(
-            open(&keys(), binding("1234"), &t, NOW + LIFE, LIFE),
+            open(&keys(), binding("1234"), &t, NOW + LIFE * 1000, LIFE),
             Err(Rejected::Expired)
         );
-        assert!(open(&keys(), binding("1234"), &t, NOW - MAX_CLOCK_SKEW, LIFE).is_ok());
+        let skew = MAX_CLOCK_SKEW * 1000;
+        assert!(open(&keys(), binding("1234"), &t, NOW - skew, LIFE).is_ok());
         assert_eq!(
-            open(&keys(), binding("1234"), &t, NOW - MAX_CLOCK_SKEW - 1, LIFE),
+            open(&keys(), binding("1234"), &t, NOW - skew - 1, LIFE),
             Err(Rejected::FromFuture)
         );
     }
@@ -424,10 +592,89 @@ mod tests {
             Err(Rejected::TooLong)
         );
         let mut raw = URL_SAFE_NO_PAD.decode(sealed("u@e/r")).unwrap();
-        raw[0] = 2;
+        raw[0] = 3;
         assert_eq!(
             open(&k, b, &URL_SAFE_NO_PAD.encode(&raw), NOW, LIFE),
-            Err(Rejected::Version(2))
+            Err(Rejected::Version(3))
+        );
+    }
+
+    /// A token of the previous format, made by jat-proxy 0.1 (key 7 = [0x42; 32], issued at
+    /// Unix second 1 790 000 000 for IQ id 1234, sender `user@example/abc`, sent to
+    /// `svc@proxy.example`, salt [9; 16]).
+    const V1_TOKEN: &str = "AQAAAAcAAAAAarE7gAkJCQkJCQkJCQkJCQkJCQkkT-qAjdF52NbaP3hokTw6AqXbkVlwwtQbJIB-uRF9UJel66Kh896xJU0YXZ8JxmkMkw";
+
+    #[test]
+    fn version_1_tokens_open_until_they_expire() {
+        let issued_ms = 1_790_000_000_000;
+        let o = open(&keys(), binding("1234"), V1_TOKEN, issued_ms + 1500, LIFE).unwrap();
+        assert_eq!(o.sender, "user@example/abc");
+        assert_eq!(o.original_to.as_deref(), Some("svc@proxy.example"));
+        assert_eq!(
+            (o.version, o.issued_ms, o.key_id),
+            (VERSION_1, issued_ms, 7)
+        );
+        // Exactly what 0.1 made, re-made from what opened.
+        assert_eq!(
+            reseal(&keys(), binding("1234"), &o).unwrap().unwrap(),
+            V1_TOKEN
+        );
+        let late = issued_ms + LIFE * 1000;
+        assert_eq!(
+            open(&keys(), binding("1234"), V1_TOKEN, late, LIFE),
+            Err(Rejected::Expired)
+        );
+        assert_eq!(
+            open(&keys(), binding("1235"), V1_TOKEN, issued_ms, LIFE),
+            Err(Rejected::Authentication)
+        );
+        // Version 1 only ever sealed IQ tokens.
+        assert_eq!(
+            open(
+                &keys(),
+                Binding::message("proxy.example"),
+                V1_TOKEN,
+                issued_ms,
+                LIFE
+            ),
+            Err(Rejected::Kind)
+        );
+    }
+
+    #[test]
+    fn a_token_opens_for_its_kind_and_component_only() {
+        let c = Contents {
+            sender: "user@example/abc",
+            original_to: None,
+        };
+        let message = Binding::message("proxy.example");
+        let m = seal(&keys(), message, &c, NOW, [5; SALT_LEN]).unwrap();
+        let o = open(&keys(), message, &m, NOW + 86_000_000, 86_400).unwrap();
+        assert_eq!(o.sender, "user@example/abc");
+        assert_eq!(
+            open(&keys(), message, &m, NOW + 86_400_000, 86_400),
+            Err(Rejected::Expired)
+        );
+        // A message token never routes an IQ reply, whatever its id, nor an IQ token a
+        // message.
+        assert_eq!(
+            open(&keys(), binding(""), &m, NOW, LIFE),
+            Err(Rejected::Kind)
+        );
+        let iq = sealed("user@example/abc");
+        assert_eq!(open(&keys(), message, &iq, NOW, LIFE), Err(Rejected::Kind));
+        // Flipping the kind byte in clear fails authentication.
+        for (t, b) in [(&m, binding("")), (&iq, message)] {
+            let mut raw = URL_SAFE_NO_PAD.decode(t).unwrap();
+            raw[1] ^= 3;
+            assert_eq!(
+                open(&keys(), b, &URL_SAFE_NO_PAD.encode(&raw), NOW, LIFE),
+                Err(Rejected::Authentication)
+            );
+        }
+        assert_eq!(
+            open(&keys(), Binding::message("other.example"), &m, NOW, LIFE),
+            Err(Rejected::Authentication)
         );
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use jat_proxy::invariants::{self, COMPONENT, NOW, SEPARATOR};
+use jat_proxy::invariants::{self, COMPONENT, NOW_MS, SEPARATOR};
 use jat_proxy::token::{self, Binding, Contents};
 
 fn corpus(target: &str) -> PathBuf {
@@ -74,7 +74,8 @@ fn write_seed_corpora() {
         std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
     };
 
-    // Tokens: genuine ones (so mutations start from valid structure), and garbage.
+    // Tokens: genuine ones (so mutations start from valid structure), and garbage. (The
+    // `seed-v1-genuine-*` files are the version 1 tokens these lines wrote before version 2.)
     let keys = invariants::keys();
     for (i, (id, sender, to)) in [
         ("1234", "user@example/abc", None),
@@ -87,15 +88,12 @@ fn write_seed_corpora() {
     {
         let t = token::seal(
             &keys,
-            Binding {
-                component: COMPONENT,
-                iq_id: id,
-            },
+            Binding::iq(COMPONENT, id),
             &Contents {
                 sender,
                 original_to: to,
             },
-            NOW,
+            NOW_MS,
             [i as u8; token::SALT_LEN],
         )
         .unwrap();
@@ -105,6 +103,18 @@ fn write_seed_corpora() {
             format!("{id}\0{t}").as_bytes(),
         );
     }
+    let m = token::seal(
+        &keys,
+        Binding::message(COMPONENT),
+        &Contents {
+            sender: "user@example/abc",
+            original_to: Some("chat@proxy.example"),
+        },
+        NOW_MS,
+        [9; token::SALT_LEN],
+    )
+    .unwrap();
+    write("token", "message", format!("\0{m}").as_bytes());
     write("token", "garbage", b"1\0not-a-token!");
     write("token", "empty", b"");
 
@@ -196,6 +206,23 @@ fn write_seed_corpora() {
             "<presence from='impl@example/5' to='proxy.example'/>",
         ]),
     );
+    write(
+        "proxy",
+        "messages",
+        &script(&[
+            online,
+            "<presence from='impl@example/b' to='proxy.example'><priority>-1</priority></presence>",
+            "<message type='chat' id='m1' to='proxy.example' from='user@example/abc'><body>hi</body><thread>t1</thread><active xmlns='http://jabber.org/protocol/chatstates'/></message>",
+            "<message type='chat' id='r1' to='proxy.example/TOKEN' from='impl@example/a'><body>hello</body><request xmlns='urn:xmpp:receipts'/></message>",
+            "<message type='error' id='r1' to='proxy.example/TOKEN' from='impl@example/a'><error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
+            "<iq type='result' id='m1' to='proxy.example/TOKEN' from='impl@example/a'/>",
+            "<message to='chat@proxy.example/x' from='u@example/r'><body>to a named address</body></message>",
+            "<message type='headline' to='proxy.example' from='impl@example/a'><body>x</body></message>",
+            "<message to='proxy.example' from='impl@example/a'><body>to the bare domain</body></message>",
+            "<message type='error' to='proxy.example' from='u@example/r'/>",
+            "<message to='proxy.example/TOKEN' from='mallory@example/a'><body>not mine</body></message>",
+        ]),
+    );
     let flood: Vec<String> = (0..30)
         .map(|i| format!("<iq type='get' id='{i}' to='proxy.example' from='f{}@example/r'><q xmlns='x'/></iq>", i % 12))
         .collect();
@@ -234,6 +261,15 @@ fn write_seed_corpora() {
             "{good}reload_interval_secs = 5\n\n[limits]\nmax_stanza_bytes = 65536\nmax_depth = 32\nrate_per_sender = 2.5\nrate_burst = 10\nmax_senders = 100\n\n[policy]\nallow = [\"localhost\"]\ndeny = [\"spam@localhost\"]\n"
         )
         .replace("secret = \"s\"", "secret_env = true\nkeepalive_interval_secs = 30\nkeepalive_timeout_secs = 10\nkeepalive_to = \"localhost\"\nreconnect_max_secs = 5")
+        .as_bytes(),
+    );
+    write(
+        "config",
+        "selection-and-messages",
+        good.replace(
+            "target_address = \"impl@localhost\"",
+            "target_address = \"impl@localhost\"\nbalance = \"sticky\"\nresources = [\"focus\", \"worker-*\", \"a*b\"]\nmessages = \"forward\"\nmessage_token_lifetime_secs = 7200",
+        )
         .as_bytes(),
     );
     write(

@@ -119,15 +119,12 @@ async fn hostile_battery_keeps_the_session_and_answers_no_result() {
         let other = jat_proxy::keys::KeySet::from_secrets(&[(1, 0, [5; 32])]).unwrap();
         jat_proxy::token::seal(
             &other,
-            jat_proxy::token::Binding {
-                component: COMPONENT,
-                iq_id: "held",
-            },
+            jat_proxy::token::Binding::iq(COMPONENT, "held"),
             &jat_proxy::token::Contents {
                 sender: "user@localhost/abc",
                 original_to: None,
             },
-            jat_proxy::session::unix_now(),
+            jat_proxy::session::unix_now() * 1000,
             [2; 16],
         )
         .unwrap()

@@ -1,6 +1,6 @@
 //! Property tests: the token roundtrip, and the proxy's invariants over generated sessions.
 
-use jat_proxy::invariants::{self, COMPONENT, NOW, SEPARATOR};
+use jat_proxy::invariants::{self, COMPONENT, NOW_MS, SEPARATOR};
 use jat_proxy::token::{self, Binding, Contents, Rejected};
 use proptest::prelude::*;
 
@@ -12,15 +12,15 @@ proptest! {
         sender in "[a-z0-9.]{1,20}@[a-z0-9.]{1,20}/[^\u{0}]{0,200}",
         id in "[^\u{0}]{0,40}",
         salt in any::<[u8; 16]>(),
-        issued in NOW - 100..NOW,
+        issued in NOW_MS - 100_000..NOW_MS,
         flip in any::<prop::sample::Index>(),
         bit in 0u8..8,
     ) {
         let keys = invariants::keys();
-        let b = Binding { component: COMPONENT, iq_id: &id };
+        let b = Binding::iq(COMPONENT, &id);
         let t = token::seal(&keys, b, &Contents { sender: &sender, original_to: None }, issued, salt).unwrap();
         prop_assert!(t.len() <= token::MAX_TOKEN_LEN);
-        let opened = token::open(&keys, b, &t, NOW, 300).unwrap();
+        let opened = token::open(&keys, b, &t, NOW_MS, 300).unwrap();
         prop_assert_eq!(&opened.sender, &sender);
         // Any single bit flipped anywhere: rejected.
         use base64::Engine;
@@ -28,10 +28,11 @@ proptest! {
         let i = flip.index(raw.len());
         raw[i] ^= 1 << bit;
         let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
-        prop_assert!(token::open(&keys, b, &forged, NOW, 300).is_err());
+        prop_assert!(token::open(&keys, b, &forged, NOW_MS, 300).is_err());
         // Another id: rejected.
-        let other = Binding { component: COMPONENT, iq_id: &format!("{id}.") };
-        prop_assert_eq!(token::open(&keys, other, &t, NOW, 300), Err(Rejected::Authentication));
+        let other_id = format!("{id}.");
+        let other = Binding::iq(COMPONENT, &other_id);
+        prop_assert_eq!(token::open(&keys, other, &t, NOW_MS, 300), Err(Rejected::Authentication));
     }
 
     #[test]

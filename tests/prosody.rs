@@ -147,15 +147,12 @@ async fn forged_and_foreign_replies_reach_nobody() {
     let other_keys = jat_proxy::keys::KeySet::from_secrets(&[(1, 0, [9; 32])]).unwrap();
     let foreign = jat_proxy::token::seal(
         &other_keys,
-        jat_proxy::token::Binding {
-            component: COMPONENT,
-            iq_id: "f",
-        },
+        jat_proxy::token::Binding::iq(COMPONENT, "f"),
         &jat_proxy::token::Contents {
             sender: "user@localhost/abc",
             original_to: None,
         },
-        jat_proxy::session::unix_now(),
+        jat_proxy::session::unix_now() * 1000,
         [1; 16],
     )
     .unwrap();

@@ -161,14 +161,20 @@ impl Proxy {
                 );
             }
         }
-        // No resource known: maybe this instance just (re)connected and the target's
-        // presence went to another one. Ask now rather than at the next periodic probe.
+        self.unavailable(&el, &from, clock)
+    }
+
+    /// `service-unavailable` for a stanza no resource can take now (a message, which is not
+    /// held, or a request that cannot be), with a probe: maybe this instance just
+    /// (re)connected and the target's presence went to another one. Ask now rather than at
+    /// the next periodic probe.
+    pub(super) fn unavailable(&mut self, el: &Element, from: &Jid, clock: Clock) -> Outcome {
         if let Some(p) = self.probe_due(clock.mono_ms, REFUSE_PROBE_GAP_MS) {
             self.transmit.push_back(p);
         }
         self.refuse(
-            &el,
-            &from,
+            el,
+            from,
             Condition::ServiceUnavailable,
             "the service is not available",
             clock,

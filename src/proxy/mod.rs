@@ -46,6 +46,7 @@ mod select;
 
 use hold::Held;
 pub use hold::{HOLD_PROBE_GAP_MS, MAX_HELD_BYTES, REFUSE_PROBE_GAP_MS};
+pub use message::Messages;
 pub use select::{BadPattern, Balance, Learnt, Pattern, Resources, Selection};
 
 /// What the proxy needs to know about its deployment.
@@ -73,6 +74,10 @@ pub struct Settings {
     pub max_held: usize,
     /// Which resources of the target may be chosen, and how.
     pub selection: Selection,
+    /// Whether messages are forwarded or refused.
+    pub messages: Messages,
+    /// Seconds a message token stays valid after it is issued.
+    pub message_token_lifetime: u64,
 }
 
 /// The time of one stanza, from two clocks read by the session.
@@ -264,7 +269,7 @@ impl Proxy {
                 }
                 match el.name() {
                     "iq" => self.iq(el, clock, rng),
-                    "message" => self.message(&el, clock),
+                    "message" => self.message(el, clock, rng),
                     "presence" => self.presence(&el),
                     _ => dropped("unknown top-level element"),
                 }

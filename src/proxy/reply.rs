@@ -1,25 +1,28 @@
-//! A reply of the implementing client to a forwarded request, reversed by its token.
+//! What the implementing client sends to a token address — a reply to a forwarded request,
+//! or a message in a conversation — reversed by decrypting the token alone.
 
 use jid::Jid;
 use tracing::{debug, trace};
 use xmpp_parsers::minidom::Element;
 
-use super::{Clock, Outcome, Proxy, To, Verdict, bare, dropped};
+use super::{Clock, Outcome, Proxy, To, Verdict, dropped};
 use crate::stanza;
-use crate::token::{self, Binding};
+use crate::token::{self, Binding, Opened};
+
+/// A token that opened, and where the reversed stanza goes and comes from.
+pub(super) struct Reversal {
+    sender: String,
+    reply_from: String,
+}
 
 impl Proxy {
-    pub(super) fn reply(&mut self, mut el: Element, from: &Jid, to: &To, clock: Clock) -> Outcome {
-        let now = clock.unix_ms / 1000;
-        let token = match to {
-            To::Token(t) => t.as_str(),
-            To::Other(j) if j.node().is_none() && j.resource().is_some() => {
-                j.resource().expect("checked").as_str()
-            }
-            To::Other(_) => return dropped("reply to an address that is not a token"),
-            To::Bare => {
-                trace!(id = el.attr("id"), "reply to the bare component address");
-                return dropped("reply to the bare component address");
+    /// An IQ result or error of the implementing client.
+    pub(super) fn reply(&mut self, el: Element, from: &Jid, to: &To, clock: Clock) -> Outcome {
+        let token = match token_of(to) {
+            Ok(t) => t,
+            Err(why) => {
+                trace!(id = el.attr("id"), why, "reply dropped");
+                return dropped(why);
             }
         };
         if !self.is_target(from) {
@@ -29,40 +32,10 @@ impl Proxy {
         let Some(id) = el.attr("id") else {
             return dropped("reply without id");
         };
-        let binding = Binding {
-            component: &self.settings.component,
-            iq_id: id,
-        };
-        let opened = match token::open(
-            &self.keys,
-            binding,
-            token,
-            now,
-            self.settings.token_lifetime,
-        ) {
-            Ok(o) => o,
-            Err(reason) => {
-                debug!(id, %reason, "reply dropped");
-                return dropped("token rejected");
-            }
-        };
-        let Ok(sender) = Jid::new(&opened.sender) else {
-            return dropped("token holds an invalid address");
-        };
-        if sender.domain().as_str() == self.settings.component {
-            return dropped("token addressed to the component itself");
-        }
-        // The reply comes from where the request went: an address at the component, never
-        // anything else, whatever a token may hold.
-        let reply_from = match opened.original_to.as_deref() {
-            None => self.settings.component.clone(),
-            Some(a) => match Jid::new(a) {
-                Ok(j) if j.domain().as_str() == self.settings.component => j.to_string(),
-                _ => {
-                    debug!(id, "token's original address is not at the component");
-                    return dropped("token's original address is not at the component");
-                }
-            },
+        let binding = Binding::iq(&self.settings.component, id);
+        let reversal = match self.open_token(binding, token, self.settings.token_lifetime, clock) {
+            Ok(r) => r,
+            Err(why) => return dropped(why),
         };
         // A genuine reply also says whether its resource is online: a result proves it is;
         // the server's bounce of a request to a resource that went away
@@ -85,15 +58,94 @@ impl Proxy {
                 _ => {}
             }
         }
-        // The implementing client may replay a genuine reply as often as it likes within the
-        // token's lifetime: bounded per recipient account.
-        if !self.limiter.reply(bare(&sender), clock.mono_ms) {
-            debug!(id, "reply dropped: over the recipient's rate limit");
+        self.deliver(el, reversal, clock)
+    }
+
+    /// Opens `token` for `binding`; on success, where the reversed stanza goes and comes from;
+    /// else why the stanza is dropped.
+    pub(super) fn open_token(
+        &self,
+        binding: Binding<'_>,
+        token: &str,
+        lifetime: u64,
+        clock: Clock,
+    ) -> Result<Reversal, &'static str> {
+        let opened: Opened = match token::open(&self.keys, binding, token, clock.unix_ms, lifetime)
+        {
+            Ok(o) => o,
+            Err(reason) => {
+                match binding {
+                    Binding::Iq { id, .. } => debug!(id, %reason, "reply dropped"),
+                    Binding::Message { .. } => debug!(%reason, "message dropped"),
+                }
+                return Err("token rejected");
+            }
+        };
+        let Ok(sender) = Jid::new(&opened.sender) else {
+            return Err("token holds an invalid address");
+        };
+        if sender.domain().as_str() == self.settings.component {
+            return Err("token addressed to the component itself");
+        }
+        // The answer comes from where the stanza went: an address at the component, never
+        // anything else, whatever a token may hold.
+        let reply_from = match opened.original_to.as_deref() {
+            None => self.settings.component.clone(),
+            Some(a) => match Jid::new(a) {
+                Ok(j) if j.domain().as_str() == self.settings.component => j.to_string(),
+                _ => {
+                    debug!("token's original address is not at the component");
+                    return Err("token's original address is not at the component");
+                }
+            },
+        };
+        trace!(key = opened.key_id, "token opened");
+        Ok(Reversal {
+            sender: opened.sender,
+            reply_from,
+        })
+    }
+
+    /// Sends `el` back to the sender a token named, within the sender's reply budget: the
+    /// implementing client may replay a genuine stanza as often as it likes within the
+    /// token's lifetime, bounded per recipient account.
+    pub(super) fn deliver(&mut self, mut el: Element, r: Reversal, clock: Clock) -> Outcome {
+        // The bare JID: what precedes the first '/' (a localpart or domain cannot hold one).
+        let recipient = r.sender.split('/').next().unwrap_or_default();
+        let iq = el.name() == "iq";
+        if !self.limiter.reply(recipient, clock.mono_ms) {
+            if iq {
+                debug!(
+                    id = el.attr("id"),
+                    "reply dropped: over the recipient's rate limit"
+                );
+            } else {
+                debug!(
+                    id = el.attr("id"),
+                    "message dropped: over the recipient's rate limit"
+                );
+            }
             return dropped("over the recipient's reply rate limit");
         }
-        debug!(id, sender = %opened.sender, key = opened.key_id, "reply reversed");
-        stanza::set_attr(&mut el, "from", reply_from);
-        stanza::set_attr(&mut el, "to", opened.sender);
+        if iq {
+            debug!(id = el.attr("id"), sender = %r.sender, "reply reversed");
+        } else {
+            debug!(id = el.attr("id"), sender = %r.sender, "message reversed");
+        }
+        stanza::set_attr(&mut el, "from", r.reply_from);
+        stanza::set_attr(&mut el, "to", r.sender);
         Outcome::send(el, Verdict::Reversed)
+    }
+}
+
+/// The token of a token address (`domain/TOKEN`), or why there is none.
+pub(super) fn token_of(to: &To) -> Result<&str, &'static str> {
+    match to {
+        To::Token(t) => Ok(t.as_str()),
+        To::Other(j) if j.node().is_none() && j.resource().is_some() => {
+            Ok(j.resource().expect("checked").as_str())
+        }
+        To::Other(_) => Err("sent to an address that is not a token"),
+        To::Bare => Err("sent to the bare component address"),
     }
 }

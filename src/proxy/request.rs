@@ -29,9 +29,9 @@ impl Proxy {
                 clock,
             );
         }
-        let Some(id) = el.attr("id") else {
+        if el.attr("id").is_none() {
             return self.refuse(&el, &from, Condition::BadRequest, "IQ without id", clock);
-        };
+        }
         if stanza::child_count(&el) != 1 {
             return self.refuse(
                 &el,
@@ -41,30 +41,8 @@ impl Proxy {
                 clock,
             );
         }
-        if !self.settings.policy.permits(&from) {
-            debug!(id, "request refused by policy");
-            return self.refuse(
-                &el,
-                &from,
-                Condition::Forbidden,
-                "you may not use this service",
-                clock,
-            );
-        }
-        // Accounts at the implementing client's own domain are the operator's: only remote
-        // domains, which can mint local parts at will, are also limited as a whole.
-        let domain =
-            (from.domain() != self.settings.target.domain()).then(|| from.domain().as_str());
-        match self.limiter.request(bare(&from), domain, clock.mono_ms) {
-            Ok(()) => {}
-            Err(over) => {
-                debug!(id, ?over, "request over its rate limit");
-                let text = match over {
-                    Over::Account => "too many requests: slow down",
-                    Over::Domain => "too many requests from your domain: slow down",
-                };
-                return self.refuse(&el, &from, Condition::ResourceConstraint, text, clock);
-            }
+        if let Some(out) = self.admit(&el, &from, clock) {
+            return out;
         }
         let Some(resource) = self.resources.pick(bare(&from), rng).map(str::to_owned) else {
             return self.no_resource(el, from, to, clock);
@@ -72,7 +50,39 @@ impl Proxy {
         self.forward(el, &from, &to, &resource, clock, rng)
     }
 
-    /// Seals the sender into a token and sends the request to `resource`.
+    /// The checks every stanza a sender starts passes (a request, a message): the policy, then
+    /// its rate limits, which it is charged to. `None` if admitted, else the refusal.
+    pub(super) fn admit(&mut self, el: &Element, from: &Jid, clock: Clock) -> Option<Outcome> {
+        let id = el.attr("id");
+        if !self.settings.policy.permits(from) {
+            debug!(id, "refused by policy");
+            return Some(self.refuse(
+                el,
+                from,
+                Condition::Forbidden,
+                "you may not use this service",
+                clock,
+            ));
+        }
+        // Accounts at the implementing client's own domain are the operator's: only remote
+        // domains, which can mint local parts at will, are also limited as a whole.
+        let domain =
+            (from.domain() != self.settings.target.domain()).then(|| from.domain().as_str());
+        match self.limiter.request(bare(from), domain, clock.mono_ms) {
+            Ok(()) => None,
+            Err(over) => {
+                debug!(id, ?over, "request over its rate limit");
+                let text = match over {
+                    Over::Account => "too many requests: slow down",
+                    Over::Domain => "too many requests from your domain: slow down",
+                };
+                Some(self.refuse(el, from, Condition::ResourceConstraint, text, clock))
+            }
+        }
+    }
+
+    /// Seals the sender into a token (an IQ token bound to the request's id, or a message
+    /// token) and sends the stanza to `resource`.
     pub(super) fn forward(
         &mut self,
         mut el: Element,
@@ -82,9 +92,13 @@ impl Proxy {
         clock: Clock,
         rng: &mut dyn Random,
     ) -> Outcome {
-        let now = clock.unix_ms / 1000;
-        let Some(id) = el.attr("id") else {
-            return self.refuse(&el, from, Condition::BadRequest, "IQ without id", clock);
+        let id = el.attr("id");
+        let binding = match (el.name(), id) {
+            ("message", _) => Binding::message(&self.settings.component),
+            (_, Some(id)) => Binding::iq(&self.settings.component, id),
+            (_, None) => {
+                return self.refuse(&el, from, Condition::BadRequest, "IQ without id", clock);
+            }
         };
         let sender = from.to_string();
         let original_to = match to {
@@ -93,15 +107,11 @@ impl Proxy {
         };
         let mut salt = [0u8; SALT_LEN];
         rng.fill(&mut salt);
-        let binding = Binding {
-            component: &self.settings.component,
-            iq_id: id,
-        };
         let contents = Contents {
             sender: &sender,
             original_to: original_to.as_deref(),
         };
-        let token = match token::seal(&self.keys, binding, &contents, now, salt) {
+        let token = match token::seal(&self.keys, binding, &contents, clock.unix_ms, salt) {
             Ok(t) => t,
             Err(e) => {
                 let text = format!(
@@ -113,7 +123,11 @@ impl Proxy {
             }
         };
         let dest = join(&self.target, resource);
-        debug!(id, resource, "request forwarded");
+        if el.name() == "message" {
+            debug!(id, resource, "message forwarded");
+        } else {
+            debug!(id, resource, "request forwarded");
+        }
         let new_from = join(&self.settings.component, &token);
         stanza::set_attr(&mut el, "from", new_from);
         stanza::set_attr(&mut el, "to", dest);

@@ -188,13 +188,18 @@ impl Resources {
                 let top = self.eligible().map(|r| r.priority).max()?;
                 nth_random(self.eligible().filter(|r| r.priority == top), rng)
             }
-            Balance::Sticky => {
-                let seed = sticky_seed(sender);
-                self.eligible()
-                    .max_by_key(|r| (sticky_weight(seed, &r.name), std::cmp::Reverse(&r.name)))
-            }
+            Balance::Sticky => self.sticky(sender),
         };
         chosen.map(|r| r.name.as_str())
+    }
+
+    /// The resource for a message from the account `sender`: as [`Resources::pick`], except
+    /// that `random` is sticky here, so that a conversation stays on one resource.
+    pub fn pick_conversation(&self, sender: &str, rng: &mut dyn Random) -> Option<&str> {
+        if self.selection.balance == Balance::Random {
+            return self.sticky(sender).map(|r| r.name.as_str());
+        }
+        self.pick(sender, rng)
     }
 
     /// The tracked resources (eligible or not), in arrival order.
@@ -215,6 +220,16 @@ impl Resources {
     /// Whether no resource is tracked.
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+}
+
+impl Resources {
+    /// Rendezvous hashing: the eligible resource of highest weight for `sender` (ties, which
+    /// need a 64-bit collision, go to the smaller name).
+    fn sticky(&self, sender: &str) -> Option<&Resource> {
+        let seed = sticky_seed(sender);
+        self.eligible()
+            .max_by_key(|r| (sticky_weight(seed, &r.name), std::cmp::Reverse(&r.name)))
     }
 }
 

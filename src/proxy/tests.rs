@@ -1,7 +1,7 @@
 //! The proxy driven stanza by stanza, as in the exchange of mod_client_proxy's README.
 
 use super::*;
-use crate::inbound::{Limits, read_one};
+use crate::inbound::{Inbound, Limits, read_one};
 use crate::random::SeededRandom;
 use crate::token::{Binding, Contents, SALT_LEN};
 
@@ -21,16 +21,21 @@ impl World {
     /// A world whose proxy holds up to `max_held` requests for `hold_ms` when no resource
     /// is known.
     fn holding(hold_ms: u64, max_held: usize) -> World {
-        World::with(hold_ms, max_held, Selection::default())
+        World::with(hold_ms, max_held, Selection::default(), Messages::Refuse)
+    }
+
+    /// A world whose proxy forwards messages.
+    fn messaging() -> World {
+        World::with(0, 0, Selection::default(), Messages::Forward)
     }
 
     /// A world whose proxy chooses resources as `selection` says.
     fn selecting(balance: Balance, patterns: &[&str]) -> World {
         let patterns = patterns.iter().map(|p| Pattern::new(p).unwrap()).collect();
-        World::with(0, 0, Selection { balance, patterns })
+        World::with(0, 0, Selection { balance, patterns }, Messages::Refuse)
     }
 
-    fn with(hold_ms: u64, max_held: usize, selection: Selection) -> World {
+    fn with(hold_ms: u64, max_held: usize, selection: Selection, messages: Messages) -> World {
         let settings = Settings {
             component: "proxy.example".into(),
             target: BareJid::new("impl@example").unwrap(),
@@ -51,6 +56,8 @@ impl World {
             hold_ms,
             max_held,
             selection,
+            messages,
+            message_token_lifetime: 3600,
         };
         let keys = KeySet::from_secrets(&[(1, 0, [7; 32])]).unwrap();
         let mut w = World {
@@ -235,15 +242,12 @@ fn forged_foreign_and_misdirected_replies_go_nowhere() {
     let other = KeySet::from_secrets(&[(1, 0, [8; 32])]).unwrap();
     let forged = token::seal(
         &other,
-        Binding {
-            component: "proxy.example",
-            iq_id: "1",
-        },
+        Binding::iq("proxy.example", "1"),
         &Contents {
             sender: "victim@example/r",
             original_to: None,
         },
-        NOW,
+        NOW * 1000,
         [0; SALT_LEN],
     )
     .unwrap();
@@ -352,15 +356,12 @@ fn never_talks_to_itself() {
     assert_eq!(w.send("<iq type='get' id='1' to='proxy.example' from='proxy.example/x'><q xmlns='urn:x'/></iq>"), None);
     let t = token::seal(
         w.proxy.keys(),
-        Binding {
-            component: "proxy.example",
-            iq_id: "1",
-        },
+        Binding::iq("proxy.example", "1"),
         &Contents {
             sender: "proxy.example/loop",
             original_to: None,
         },
-        NOW,
+        NOW * 1000,
         [3; SALT_LEN],
     )
     .unwrap();
@@ -647,15 +648,12 @@ fn a_reply_comes_only_from_an_address_at_the_component() {
     let reverse = |w: &mut World, original_to: &str, salt: u8| {
         let t = token::seal(
             w.proxy.keys(),
-            Binding {
-                component: "proxy.example",
-                iq_id: "1",
-            },
+            Binding::iq("proxy.example", "1"),
             &Contents {
                 sender: "u@example/r",
                 original_to: Some(original_to),
             },
-            NOW,
+            NOW * 1000,
             [salt; SALT_LEN],
         )
         .unwrap();
@@ -969,4 +967,142 @@ fn sticky_balance_keeps_an_account_on_one_resource_on_every_instance() {
             assert_ne!(now, "b");
         }
     }
+}
+
+#[test]
+fn messages_are_refused_by_default() {
+    let mut w = World::new().online(&["a"]);
+    let e = w
+        .send(
+            "<message type='chat' to='proxy.example' from='u@example/r'><body>hi</body></message>",
+        )
+        .unwrap();
+    assert_eq!(condition(&e), "feature-not-implemented");
+    // A headline is never answered with an error (RFC 6121 §5.2.2).
+    assert_eq!(
+        w.send("<message type='headline' to='proxy.example' from='u@example/r'><body>hi</body></message>"),
+        None
+    );
+}
+
+#[test]
+fn a_conversation_goes_through_message_tokens() {
+    let mut w = World::messaging().online(&["a", "b"]);
+    let msg = "<message type='chat' id='m1' to='chat@proxy.example' from='user@example/abc'><body>hi</body><thread>t1</thread><active xmlns='http://jabber.org/protocol/chatstates'/><request xmlns='urn:xmpp:receipts'/></message>";
+    let fwd = w.send(msg).unwrap();
+    assert_eq!(fwd.name(), "message");
+    assert!(attr(&fwd, "to").starts_with("impl@example/"));
+    let from = attr(&fwd, "from").to_owned();
+    let token = from.strip_prefix("proxy.example/").unwrap().to_owned();
+    assert!(!from.contains("user"));
+    assert_eq!(attr(&fwd, "id"), "m1");
+    // Everything inside passes untouched.
+    let original = read_one(msg.as_bytes(), Limits::default()).unwrap();
+    let Inbound::Element(original) = original else {
+        panic!()
+    };
+    assert_eq!(
+        fwd.children().map(stanza::to_xml).collect::<Vec<_>>(),
+        original.children().map(stanza::to_xml).collect::<Vec<_>>()
+    );
+    // The same account's next message goes to the same resource (a conversation), even
+    // under `balance = "random"`.
+    let res = attr(&fwd, "to").to_owned();
+    for i in 0..20 {
+        let again = w
+            .send(&format!(
+                "<message to='proxy.example' from='user@example/phone' id='n{i}'><body>{i}</body></message>"
+            ))
+            .unwrap();
+        assert_eq!(attr(&again, "to"), res);
+    }
+    // The implementing client answers: to the sender, from the address the sender wrote to.
+    let answer = w
+        .send(&format!("<message type='chat' id='r1' to='{from}' from='{res}'><body>hello</body><thread>t1</thread></message>"))
+        .unwrap();
+    assert_eq!(attr(&answer, "to"), "user@example/abc");
+    assert_eq!(attr(&answer, "from"), "chat@proxy.example");
+    assert_eq!(attr(&answer, "type"), "chat");
+    assert_eq!(answer.get_child("body", NS).unwrap().text(), "hello");
+    // Its message errors are reversed too.
+    let err = w
+        .send(&format!("<message type='error' id='m1' to='{from}' from='{res}'><error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"))
+        .unwrap();
+    assert_eq!(attr(&err, "to"), "user@example/abc");
+    assert_eq!(condition(&err), "item-not-found");
+    // A message token never routes an IQ reply; an IQ token never routes a message.
+    let (out, v) = w.send_verdict(&format!(
+        "<iq type='result' id='m1' to='{from}' from='{res}'/>"
+    ));
+    assert_eq!((out, v), (None, Verdict::Dropped("token rejected")));
+    let req = w.send(&get("q1", "user@example/abc")).unwrap();
+    let iq_token_addr = attr(&req, "from").to_owned();
+    let (out, v) = w.send_verdict(&format!(
+        "<message id='q1' to='{iq_token_addr}' from='{res}'><body>x</body></message>"
+    ));
+    assert_eq!((out, v), (None, Verdict::Dropped("token rejected")));
+    // Somebody else's message to the token address is a new message from them, not a
+    // reversal.
+    let theirs = w
+        .send(&format!(
+            "<message to='{from}' from='mallory@example/x'><body>x</body></message>"
+        ))
+        .unwrap();
+    assert!(attr(&theirs, "to").starts_with("impl@example/"));
+    assert_ne!(attr(&theirs, "from"), from);
+    // The token expires with its own lifetime (an hour here), not the IQ one.
+    w.advance(3_000_000);
+    let late = w
+        .send(&format!(
+            "<message to='proxy.example/{token}' from='{res}'><body>late</body></message>"
+        ))
+        .unwrap();
+    assert_eq!(attr(&late, "to"), "user@example/abc");
+    w.advance(700_000);
+    let (out, _) = w.send_verdict(&format!(
+        "<message to='proxy.example/{token}' from='{res}'><body>too late</body></message>"
+    ));
+    assert_eq!(out, None);
+}
+
+#[test]
+fn message_errors_and_stray_messages() {
+    let mut w = World::messaging();
+    // No resource: refused at once (messages are not held).
+    let e = w
+        .send("<message to='proxy.example' from='u@example/r'><body>hi</body></message>")
+        .unwrap();
+    assert_eq!(condition(&e), "service-unavailable");
+    let mut w = w.online(&["a"]);
+    // A sender's error (their server bouncing a message delivered to them) is dropped:
+    // nothing says which resource wrote it.
+    assert_eq!(
+        w.send("<message type='error' to='proxy.example' from='u@example/r'/>"),
+        None
+    );
+    // The implementing client writing to the bare domain: refused, except a headline or an
+    // error.
+    let e = w
+        .send("<message to='proxy.example' from='impl@example/a'><body>x</body></message>")
+        .unwrap();
+    assert_eq!(condition(&e), "feature-not-implemented");
+    assert_eq!(attr(&e, "to"), "impl@example/a");
+    for t in ["headline", "error"] {
+        assert_eq!(
+            w.send(&format!(
+                "<message type='{t}' to='proxy.example' from='impl@example/a'/>"
+            )),
+            None
+        );
+    }
+    // A forged token: nothing.
+    assert_eq!(
+        w.send("<message to='proxy.example/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA' from='impl@example/a'><body>x</body></message>"),
+        None
+    );
+    // Policy and rate limits apply to messages as to requests.
+    let e = w
+        .send("<message to='proxy.example' from='x@spam.example/r'><body>x</body></message>")
+        .unwrap();
+    assert_eq!(condition(&e), "forbidden");
 }
