@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use crate::inbound::Limits;
 use crate::policy::{Entry, Policy};
-use crate::proxy::{Balance, Messages, Pattern, Selection, Settings};
+use crate::proxy::{Balance, Messages, Outbound, Pattern, Selection, Settings};
 use crate::rate::RateLimit;
 use crate::tomldiag;
 
@@ -56,6 +56,8 @@ pub struct Config {
     pub messages: Messages,
     /// Message token lifetime in seconds.
     pub message_token_lifetime: u64,
+    /// Which stanzas the implementing client may start.
+    pub outbound: Outbound,
     /// The key file.
     pub key_file: PathBuf,
     /// How often the key file is checked for a rotation.
@@ -125,6 +127,7 @@ impl Config {
             selection: self.selection.clone(),
             messages: self.messages,
             message_token_lifetime: self.message_token_lifetime,
+            outbound: self.outbound,
         }
     }
 }
@@ -258,6 +261,8 @@ struct RawProxy {
     messages: Messages,
     #[serde(default = "d_message_lifetime")]
     message_token_lifetime_secs: u64,
+    #[serde(default)]
+    outbound: Outbound,
 }
 
 #[derive(Deserialize)]
@@ -707,6 +712,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         selection,
         messages: raw.proxy.messages,
         message_token_lifetime,
+        outbound: raw.proxy.outbound,
         key_file,
         key_reload_interval,
         limits: Limits {

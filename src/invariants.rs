@@ -12,7 +12,7 @@ use xmpp_parsers::minidom::Element;
 use crate::inbound::{Inbound, Limits, read_one};
 use crate::keys::KeySet;
 use crate::policy::{Entry, Policy};
-use crate::proxy::{Clock, Messages, Outcome, Proxy, Selection, Settings, Verdict};
+use crate::proxy::{Clock, Messages, Outbound, Outcome, Proxy, Selection, Settings, Verdict};
 
 /// The message token lifetime of the harness, in seconds.
 const MESSAGE_LIFETIME: u64 = 3600;
@@ -142,6 +142,7 @@ pub fn settings() -> Settings {
         selection: Selection::default(),
         messages: Messages::Forward,
         message_token_lifetime: MESSAGE_LIFETIME,
+        outbound: Outbound::Any,
     }
 }
 
@@ -328,16 +329,66 @@ fn check_output(
         assert_eq!(out.attr("id"), h.id.as_deref(), "{xml}");
     };
 
+    if h.name == "iq" && is_reply(&h.type_) && !from_target {
+        // A peer's reply to an IQ the target started: its id is a route that opens for this
+        // peer; it goes back to the resource that asked, with its own id, from the address
+        // it wrote to.
+        let id = h.id.as_deref().expect("a routed reply has an id");
+        let route = token::open_route(&keys(), COMPONENT, in_from.as_str(), id, now_ms, 300)
+            .unwrap_or_else(|e| panic!("routed without a valid route ({e}): {xml}"));
+        assert_eq!(out_to, jid(Some(&route.client)).unwrap(), "{xml}");
+        assert_eq!(out_to.to_bare(), *target, "{xml}");
+        assert_eq!(
+            Some(&out_from),
+            jid(Some(&route.client_to)).as_ref(),
+            "{xml}"
+        );
+        assert_eq!(out.attr("id"), Some(route.id.as_str()), "{xml}");
+        assert!(is_reply(&out.attr("type").map(str::to_owned)), "{xml}");
+        return None;
+    }
     if h.name == "iq" && is_reply(&h.type_) {
         // A result or error is never answered: the only output is its reversal, to the
         // address its (valid) token holds, sent by the target's account.
-        assert!(from_target, "reversed a reply from outside: {xml}");
         let id = h.id.as_deref().expect("a reversed reply has an id");
         let opened = opened_in(Binding::iq(COMPONENT, id), 300)
             .unwrap_or_else(|| panic!("reversed without a valid IQ token: {xml}"));
         reversed(opened);
         // An oversized reply is reversed as an error in its place.
         assert!(is_reply(&out.attr("type").map(str::to_owned)), "{xml}");
+        return None;
+    }
+    if verdict == Verdict::Outbound {
+        // A stanza the target started, to the peer its token names or its escaped address,
+        // from the component; an IQ's id is a route back to the target's resource.
+        assert!(from_target, "only the target starts stanzas: {xml}");
+        assert_ne!(out_to.to_bare(), *target, "{xml}");
+        let peer = match in_to.node() {
+            Some(node) => {
+                jid(crate::proxy::unescape(node.as_str()).as_deref()).expect("an escaped address")
+            }
+            None => {
+                let opened = opened_in(
+                    Binding::Peer {
+                        component: COMPONENT,
+                    },
+                    MESSAGE_LIFETIME,
+                )
+                .unwrap_or_else(|| panic!("started without a valid token: {xml}"));
+                jid(Some(&opened.sender)).unwrap()
+            }
+        };
+        assert_eq!(out_to, peer, "{xml}");
+        assert_eq!(out.name(), h.name, "{xml}");
+        if h.name == "iq" {
+            let route_id = out.attr("id").expect("a routed IQ has an id");
+            let route =
+                token::open_route(&keys(), COMPONENT, out_to.as_str(), route_id, now_ms, 300)
+                    .expect("a fresh route opens for its peer");
+            assert_eq!(jid(Some(&route.client)).as_ref(), Some(&in_from), "{xml}");
+            assert_eq!(jid(Some(&route.client_to)).as_ref(), Some(&in_to), "{xml}");
+            assert_eq!(Some(route.id.as_str()), h.id.as_deref(), "{xml}");
+        }
         return None;
     }
     if h.name == "message" && verdict == Verdict::Reversed {
@@ -408,7 +459,9 @@ fn check_output(
             assert_probe(out);
             None
         }
-        Verdict::Reversed | Verdict::Dropped(_) => panic!("unexpected output {verdict:?}: {xml}"),
+        Verdict::Reversed | Verdict::Outbound | Verdict::Dropped(_) => {
+            panic!("unexpected output {verdict:?}: {xml}")
+        }
     }
 }
 
@@ -561,9 +614,15 @@ impl Budgets {
     ) {
         let bare = |s: Option<&str>| jid(s).map(|j| j.to_bare().to_string());
         let reply = h.name == "iq" && matches!(h.type_.as_deref(), Some("result" | "error"));
+        let from_target = jid(h.from.as_deref()).is_some_and(|j| j.to_bare() == *target);
         match verdict {
+            // A peer's reply routed to the target: charged to the peer as a request.
+            _ if reply && !from_target => self.request(h, target, now_ms),
             _ if reply => self.count("replies", bare(out.attr("to")), self.account, now_ms),
-            Verdict::Reversed => self.count("replies", bare(out.attr("to")), self.account, now_ms),
+            Verdict::Reversed if h.name == "message" => {
+                self.count("replies", bare(out.attr("to")), self.account, now_ms)
+            }
+            Verdict::Outbound => self.count("replies", bare(out.attr("to")), self.account, now_ms),
             Verdict::Refused(_) => self.count("errors", bare(out.attr("to")), self.account, now_ms),
             Verdict::Forwarded => self.request(h, target, now_ms),
             _ => {}

@@ -32,6 +32,8 @@ pub enum Condition {
     ResourceConstraint,
     /// No resource of the implementing client is available.
     ServiceUnavailable,
+    /// The implementing client wrote to an address that names nobody (any more).
+    ItemNotFound,
 }
 
 impl Condition {
@@ -45,6 +47,7 @@ impl Condition {
             Condition::ServiceUnavailable => "service-unavailable",
             Condition::Forbidden => "forbidden",
             Condition::ResourceConstraint => "resource-constraint",
+            Condition::ItemNotFound => "item-not-found",
         }
     }
 
@@ -54,7 +57,9 @@ impl Condition {
             Condition::BadRequest | Condition::NotAcceptable | Condition::PolicyViolation => {
                 "modify"
             }
-            Condition::FeatureNotImplemented | Condition::ServiceUnavailable => "cancel",
+            Condition::FeatureNotImplemented
+            | Condition::ServiceUnavailable
+            | Condition::ItemNotFound => "cancel",
             Condition::Forbidden => "auth",
             Condition::ResourceConstraint => "wait",
         }

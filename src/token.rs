@@ -17,18 +17,26 @@
 //! | field      | bytes | in clear | meaning                                          |
 //! |------------|-------|----------|--------------------------------------------------|
 //! | version    | 1     | yes      | [`VERSION`]                                      |
-//! | kind       | 1     | yes      | [`Kind`]: 1 for an IQ, 2 for a message           |
+//! | kind       | 1     | yes      | [`Kind`]: 1 IQ, 2 message, 3 route (a sealed id) |
 //! | key id     | 4     | yes      | which key of the key file sealed it (big endian) |
 //! | issued     | 8     | yes      | Unix milliseconds (big endian)                   |
 //! | salt       | 16    | yes      | random; selects this token's own AEAD key        |
-//! | ciphertext | n     | no       | `sender` or `sender 0x00 original_to`            |
+//! | ciphertext | n     | no       | see below                                        |
 //! | tag        | 16    | –        | Poly1305 tag                                     |
 //!
-//! The associated data is `header || len16(component) || component`, followed for an IQ
-//! token by the IQ's id: a token opens only for the component and the kind of stanza it was
-//! made for (a message token never routes an IQ reply, nor an IQ token a message), an IQ
-//! token only for the IQ id it was made for, and nobody can change its kind, key id, issue
-//! time or salt.
+//! The plaintext of an IQ or message token is `sender` or `sender 0x00 original_to`, an IQ
+//! token's preceded by the first 16 bytes of SHA-256 of the request's id. The associated data
+//! is `header || len16(component) || component`: a token opens only for the component and
+//! the kind of stanza it was made for (a message token never routes an IQ reply), and nobody
+//! can change its kind, key id, issue time or salt. A reply opens an IQ token only if its
+//! id has the digest sealed inside; a *new* stanza the implementing client sends to a token
+//! address (`[proxy] outbound`) opens any IQ or message token without an id to compare —
+//! the token names its peer, whatever the new stanza's id.
+//!
+//! A route is the id of an IQ jat-proxy sends for the implementing client to a peer: its
+//! plaintext is `client_jid 0x00 client_to 0x00 id` (who sent the request, to which address
+//! at the component, with which id), and its associated data adds `len16(peer) || peer`, the
+//! address the IQ went to: only that peer's reply opens it.
 //!
 //! Version 1 (jat-proxy 0.1: no kind byte, issue time in Unix seconds, IQ tokens only) still
 //! opens, for IQ replies, until it expires: an upgrade in the middle of traffic loses nothing.
@@ -67,8 +75,10 @@ pub const TAG_LEN: usize = 16;
 pub const MAX_TOKEN_LEN: usize = 1023;
 /// The most bytes whose unpadded base64 fits in [`MAX_TOKEN_LEN`] characters.
 pub const MAX_RAW_LEN: usize = MAX_TOKEN_LEN * 3 / 4;
+/// Bytes of the id digest an IQ token carries.
+pub const DIGEST_LEN: usize = 16;
 /// The longest plaintext (sender, and original `to` when present) a token can carry.
-pub const MAX_PLAINTEXT_LEN: usize = MAX_RAW_LEN - HEADER_LEN - TAG_LEN;
+pub const MAX_PLAINTEXT_LEN: usize = MAX_RAW_LEN - HEADER_LEN - TAG_LEN - DIGEST_LEN;
 /// How far in the future a token's issue time may be (clock skew between instances; the key
 /// file's pruning allows for the same).
 pub use crate::keys::MAX_CLOCK_SKEW;
@@ -84,12 +94,14 @@ pub enum Kind {
     Iq = 1,
     /// Messages.
     Message = 2,
+    /// The id of an IQ sent to a peer for the implementing client.
+    Route = 3,
 }
 
-/// What a token is bound to: it opens only for the same component, kind and (for an IQ) id.
+/// What a token is sealed for, or opened as.
 #[derive(Debug, Clone, Copy)]
 pub enum Binding<'a> {
-    /// An IQ token: the reply must carry the request's id.
+    /// An IQ token; opened so, the reply must carry the request's id.
     Iq {
         /// The component's domain, e.g. `proxy.example`.
         component: &'a str,
@@ -100,6 +112,19 @@ pub enum Binding<'a> {
     Message {
         /// The component's domain.
         component: &'a str,
+    },
+    /// Only for opening: an IQ or message token (of version 2) to which the implementing
+    /// client sends a new stanza; no id is compared.
+    Peer {
+        /// The component's domain.
+        component: &'a str,
+    },
+    /// A route: the id of an IQ sent to `peer`.
+    Route {
+        /// The component's domain.
+        component: &'a str,
+        /// The address the IQ went to, where its reply comes from.
+        peer: &'a str,
     },
 }
 
@@ -114,26 +139,51 @@ impl<'a> Binding<'a> {
         Binding::Message { component }
     }
 
-    /// The kind of token.
+    /// The kind a token sealed for this binding has.
+    ///
+    /// # Panics
+    /// For [`Binding::Peer`], which only opens.
     pub fn kind(&self) -> Kind {
         match self {
             Binding::Iq { .. } => Kind::Iq,
             Binding::Message { .. } => Kind::Message,
+            Binding::Route { .. } => Kind::Route,
+            Binding::Peer { .. } => panic!("a peer binding only opens tokens"),
+        }
+    }
+
+    /// Whether a version 2 token of kind byte `kind` may open as this binding.
+    fn accepts(&self, kind: u8) -> bool {
+        match self {
+            Binding::Peer { .. } => kind == Kind::Iq as u8 || kind == Kind::Message as u8,
+            _ => kind == self.kind() as u8,
         }
     }
 
     fn component(&self) -> &'a str {
         match self {
-            Binding::Iq { component, .. } | Binding::Message { component } => component,
+            Binding::Iq { component, .. }
+            | Binding::Message { component }
+            | Binding::Peer { component }
+            | Binding::Route { component, .. } => component,
         }
     }
+}
 
-    fn id(&self) -> &'a str {
-        match self {
-            Binding::Iq { id, .. } => id,
-            Binding::Message { .. } => "",
-        }
+fn kind_of(byte: u8) -> Kind {
+    match byte {
+        1 => Kind::Iq,
+        2 => Kind::Message,
+        _ => Kind::Route,
     }
+}
+
+/// The first [`DIGEST_LEN`] bytes of SHA-256 of an IQ id.
+fn id_digest(id: &str) -> [u8; DIGEST_LEN] {
+    let d = ring::digest::digest(&ring::digest::SHA256, id.as_bytes());
+    d.as_ref()[..DIGEST_LEN]
+        .try_into()
+        .expect("SHA-256 is longer")
 }
 
 /// What a token carries.
@@ -155,6 +205,8 @@ pub struct Opened {
     pub original_to: Option<String>,
     /// Id of the key that sealed it.
     pub key_id: u32,
+    /// What kind of token it is.
+    pub kind: Kind,
     /// Its format version.
     pub version: u8,
     /// When it was issued, in Unix milliseconds (whole seconds for version 1).
@@ -287,6 +339,10 @@ fn seal_as(
     if plain_len > MAX_PLAINTEXT_LEN {
         return Err(TooLong { len: plain_len });
     }
+    let digest = match binding {
+        Binding::Iq { id, .. } if version != VERSION_1 => Some(id_digest(id)),
+        _ => None,
+    };
     let key = keys.get(key_id).expect("sealing with a key of the set");
     let mut buf = Vec::with_capacity(HEADER_LEN + plain_len + TAG_LEN);
     buf.push(version);
@@ -300,6 +356,9 @@ fn seal_as(
     }
     buf.extend_from_slice(&salt);
     let header_len = buf.len();
+    if let Some(d) = digest {
+        buf.extend_from_slice(&d);
+    }
     buf.extend_from_slice(contents.sender.as_bytes());
     if let Some(to) = contents.original_to {
         buf.push(0);
@@ -307,7 +366,7 @@ fn seal_as(
     }
     let aead_key = token_key(key.prk(), &salt);
     let (header, body) = buf.split_at_mut(header_len);
-    let ad = associated_data(header, binding);
+    let ad = associated_data(header, binding, version);
     let tag = aead_key
         .seal_in_place_separate_tag(
             aead::Nonce::assume_unique_for_key([0; aead::NONCE_LEN]),
@@ -340,7 +399,7 @@ pub fn open(
             if buf.len() < HEADER_LEN + TAG_LEN {
                 return Err(Rejected::Truncated);
             }
-            if buf[1] != binding.kind() as u8 {
+            if !binding.accepts(buf[1]) {
                 return Err(Rejected::Kind);
             }
             let key_id = u32::from_be_bytes(buf[2..6].try_into().expect("4 bytes"));
@@ -351,7 +410,7 @@ pub fn open(
             if buf.len() < HEADER_LEN_V1 + TAG_LEN {
                 return Err(Rejected::Truncated);
             }
-            if binding.kind() != Kind::Iq {
+            if !matches!(binding, Binding::Iq { .. }) {
                 return Err(Rejected::Kind);
             }
             let key_id = u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes"));
@@ -378,7 +437,12 @@ pub fn open(
         .expect("salt length");
     let aead_key = token_key(key.prk(), &salt);
     let (header, body) = buf.split_at_mut(header_len);
-    let ad = associated_data(header, binding);
+    let ad = associated_data(header, binding, version);
+    let kind = if version == VERSION_1 {
+        Kind::Iq
+    } else {
+        kind_of(header[1])
+    };
     let plain = aead_key
         .open_in_place(
             aead::Nonce::assume_unique_for_key([0; aead::NONCE_LEN]),
@@ -386,9 +450,26 @@ pub fn open(
             body,
         )
         .map_err(|_| Rejected::Authentication)?;
+    let plain: &[u8] = if kind == Kind::Iq && version != VERSION_1 {
+        if plain.len() < DIGEST_LEN {
+            return Err(Rejected::Contents);
+        }
+        let (digest, rest) = plain.split_at(DIGEST_LEN);
+        // A reply must carry the request's id; a new stanza to the token names only its peer.
+        // (No need for a constant-time comparison: the digest was authenticated, and who
+        // offers the id knows it.)
+        if let Binding::Iq { id, .. } = binding
+            && digest != id_digest(id)
+        {
+            return Err(Rejected::Authentication);
+        }
+        rest
+    } else {
+        plain
+    };
     let (sender, original_to) = match plain.iter().position(|&b| b == 0) {
         Some(i) => (&plain[..i], Some(&plain[i + 1..])),
-        None => (&plain[..], None),
+        None => (plain, None),
     };
     let text = |b: &[u8]| std::str::from_utf8(b).map(str::to_owned);
     Ok(Opened {
@@ -398,15 +479,76 @@ pub fn open(
             .transpose()
             .map_err(|_| Rejected::Contents)?,
         key_id,
+        kind,
         version,
         issued_ms,
         salt,
     })
 }
 
-/// Length in characters of the token for a plaintext of `plain_len` bytes.
+/// Length in characters of the IQ token for a plaintext of `plain_len` bytes.
 pub fn encoded_len(plain_len: usize) -> usize {
-    (4 * (HEADER_LEN + plain_len + TAG_LEN)).div_ceil(3)
+    (4 * (HEADER_LEN + DIGEST_LEN + plain_len + TAG_LEN)).div_ceil(3)
+}
+
+/// Where the reply to an IQ jat-proxy sent to a peer for the implementing client goes: what
+/// a route holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The implementing client's full JID that sent the request.
+    pub client: String,
+    /// The address at the component it sent the request to: where the reply comes from.
+    pub client_to: String,
+    /// The request's own id.
+    pub id: String,
+}
+
+/// Seals `route` into the id of an IQ sent to `peer`.
+pub fn seal_route(
+    keys: &KeySet,
+    component: &str,
+    peer: &str,
+    route: &Route,
+    issued_ms: u64,
+    salt: [u8; SALT_LEN],
+) -> Result<String, TooLong> {
+    let rest = format!("{}\0{}", route.client_to, route.id);
+    let contents = Contents {
+        sender: &route.client,
+        original_to: Some(&rest),
+    };
+    seal(
+        keys,
+        Binding::Route { component, peer },
+        &contents,
+        issued_ms,
+        salt,
+    )
+}
+
+/// Opens the id of a reply from `peer` as a route.
+pub fn open_route(
+    keys: &KeySet,
+    component: &str,
+    peer: &str,
+    id: &str,
+    now_ms: u64,
+    lifetime: u64,
+) -> Result<Route, Rejected> {
+    let o = open(
+        keys,
+        Binding::Route { component, peer },
+        id,
+        now_ms,
+        lifetime,
+    )?;
+    let rest = o.original_to.ok_or(Rejected::Contents)?;
+    let (client_to, id) = rest.split_once('\0').ok_or(Rejected::Contents)?;
+    Ok(Route {
+        client: o.sender,
+        client_to: client_to.to_owned(),
+        id: id.to_owned(),
+    })
 }
 
 fn token_key(prk: &ring::hkdf::Prk, salt: &[u8; SALT_LEN]) -> aead::LessSafeKey {
@@ -417,15 +559,25 @@ fn token_key(prk: &ring::hkdf::Prk, salt: &[u8; SALT_LEN]) -> aead::LessSafeKey 
     aead::LessSafeKey::new(aead::UnboundKey::from(okm))
 }
 
-fn associated_data(header: &[u8], binding: Binding<'_>) -> Vec<u8> {
+fn associated_data(header: &[u8], binding: Binding<'_>, version: u8) -> Vec<u8> {
     let component = binding.component().as_bytes();
-    let id = binding.id().as_bytes();
+    // Version 1 bound an IQ token's id here; version 2 seals its digest inside. A route is
+    // bound to the peer its IQ went to.
+    let extra: &[u8] = match binding {
+        Binding::Iq { id, .. } if version == VERSION_1 => id.as_bytes(),
+        Binding::Route { peer, .. } => peer.as_bytes(),
+        _ => b"",
+    };
     let len = u16::try_from(component.len()).unwrap_or(u16::MAX);
-    let mut ad = Vec::with_capacity(header.len() + 2 + component.len() + id.len());
+    let mut ad = Vec::with_capacity(header.len() + 4 + component.len() + extra.len());
     ad.extend_from_slice(header);
     ad.extend_from_slice(&len.to_be_bytes());
     ad.extend_from_slice(component);
-    ad.extend_from_slice(id);
+    if let Binding::Route { peer, .. } = binding {
+        let len = u16::try_from(peer.len()).unwrap_or(u16::MAX);
+        ad.extend_from_slice(&len.to_be_bytes());
+    }
+    ad.extend_from_slice(extra);
     ad
 }
 

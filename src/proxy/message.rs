@@ -18,7 +18,7 @@ use tracing::{debug, trace};
 use xmpp_parsers::minidom::Element;
 
 use super::reply::token_of;
-use super::{Clock, Outcome, Proxy, To, bare, dropped};
+use super::{Clock, Outbound, Outcome, Proxy, To, bare, dropped};
 use crate::random::Random;
 use crate::stanza::Condition;
 use crate::token::Binding;
@@ -74,6 +74,12 @@ impl Proxy {
     /// A message of the implementing client: to a message token, reversed to the sender it
     /// names; anywhere else at the component, refused (errors dropped).
     fn message_from_target(&mut self, el: Element, from: &Jid, to: &To, clock: Clock) -> Outcome {
+        if self.settings.outbound != Outbound::None
+            && el.attr("type") != Some("error")
+            && !matches!(to, To::Bare)
+        {
+            return self.outbound_message(el, to, clock);
+        }
         let token = match token_of(to) {
             Ok(t) => t,
             Err(why) => {

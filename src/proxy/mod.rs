@@ -38,6 +38,7 @@ use crate::token;
 
 mod hold;
 mod message;
+mod outbound;
 mod oversized;
 mod presence;
 mod reply;
@@ -47,6 +48,7 @@ mod select;
 use hold::Held;
 pub use hold::{HOLD_PROBE_GAP_MS, MAX_HELD_BYTES, REFUSE_PROBE_GAP_MS};
 pub use message::Messages;
+pub use outbound::{Outbound, unescape};
 pub use select::{BadPattern, Balance, Learnt, Pattern, Resources, Selection};
 
 /// What the proxy needs to know about its deployment.
@@ -78,6 +80,8 @@ pub struct Settings {
     pub messages: Messages,
     /// Seconds a message token stays valid after it is issued.
     pub message_token_lifetime: u64,
+    /// Which stanzas the implementing client may start.
+    pub outbound: Outbound,
 }
 
 /// The time of one stanza, from two clocks read by the session.
@@ -138,8 +142,11 @@ impl Outcome {
 pub enum Verdict {
     /// A request forwarded to the implementing client.
     Forwarded,
-    /// A reply forwarded back to the original sender.
+    /// A reply or message forwarded back to the original sender, or a peer's reply routed
+    /// back to the implementing client.
     Reversed,
+    /// A stanza the implementing client started, sent to its peer.
+    Outbound,
     /// An error sent back to the sender of a stanza.
     Refused(Condition),
     /// A presence change or subscription handled (maybe with an answer).

@@ -5,19 +5,28 @@ use jid::Jid;
 use tracing::{debug, trace};
 use xmpp_parsers::minidom::Element;
 
-use super::{Clock, Outcome, Proxy, To, Verdict, dropped};
+use super::{Clock, Outbound, Outcome, Proxy, To, Verdict, dropped};
 use crate::stanza;
 use crate::token::{self, Binding, Opened};
 
 /// A token that opened, and where the reversed stanza goes and comes from.
 pub(super) struct Reversal {
-    sender: String,
-    reply_from: String,
+    pub(super) sender: String,
+    pub(super) reply_from: String,
+    pub(super) kind: token::Kind,
+    pub(super) issued_ms: u64,
 }
 
 impl Proxy {
     /// An IQ result or error of the implementing client.
     pub(super) fn reply(&mut self, el: Element, from: &Jid, to: &To, clock: Clock) -> Outcome {
+        if !self.is_target(from) {
+            if self.settings.outbound != Outbound::None {
+                return self.outbound_reply(el, from, clock);
+            }
+            debug!("reply from outside the target account dropped");
+            return dropped("reply from outside the target account");
+        }
         let token = match token_of(to) {
             Ok(t) => t,
             Err(why) => {
@@ -25,10 +34,6 @@ impl Proxy {
                 return dropped(why);
             }
         };
-        if !self.is_target(from) {
-            debug!("reply to a token from outside the target account dropped");
-            return dropped("reply from outside the target account");
-        }
         let Some(id) = el.attr("id") else {
             return dropped("reply without id");
         };
@@ -76,7 +81,7 @@ impl Proxy {
             Err(reason) => {
                 match binding {
                     Binding::Iq { id, .. } => debug!(id, %reason, "reply dropped"),
-                    Binding::Message { .. } => debug!(%reason, "message dropped"),
+                    _ => debug!(%reason, "message dropped"),
                 }
                 return Err("token rejected");
             }
@@ -103,6 +108,8 @@ impl Proxy {
         Ok(Reversal {
             sender: opened.sender,
             reply_from,
+            kind: opened.kind,
+            issued_ms: opened.issued_ms,
         })
     }
 

@@ -21,13 +21,7 @@ impl Proxy {
         rng: &mut dyn Random,
     ) -> Outcome {
         if self.is_target(&from) {
-            return self.refuse(
-                &el,
-                &from,
-                Condition::FeatureNotImplemented,
-                "the implementing client cannot send requests through the proxy",
-                clock,
-            );
+            return self.outbound_request(el, &from, &to, clock, rng);
         }
         if el.attr("id").is_none() {
             return self.refuse(&el, &from, Condition::BadRequest, "IQ without id", clock);

@@ -21,22 +21,33 @@ impl World {
     /// A world whose proxy holds up to `max_held` requests for `hold_ms` when no resource
     /// is known.
     fn holding(hold_ms: u64, max_held: usize) -> World {
-        World::with(hold_ms, max_held, Selection::default(), Messages::Refuse)
+        World::with(|s| {
+            s.hold_ms = hold_ms;
+            s.max_held = max_held;
+        })
     }
 
     /// A world whose proxy forwards messages.
     fn messaging() -> World {
-        World::with(0, 0, Selection::default(), Messages::Forward)
+        World::with(|s| s.messages = Messages::Forward)
+    }
+
+    /// A world whose proxy forwards messages and lets the implementing client start stanzas.
+    fn starting(outbound: Outbound) -> World {
+        World::with(|s| {
+            s.messages = Messages::Forward;
+            s.outbound = outbound;
+        })
     }
 
     /// A world whose proxy chooses resources as `selection` says.
     fn selecting(balance: Balance, patterns: &[&str]) -> World {
         let patterns = patterns.iter().map(|p| Pattern::new(p).unwrap()).collect();
-        World::with(0, 0, Selection { balance, patterns }, Messages::Refuse)
+        World::with(|s| s.selection = Selection { balance, patterns })
     }
 
-    fn with(hold_ms: u64, max_held: usize, selection: Selection, messages: Messages) -> World {
-        let settings = Settings {
+    fn with(change: impl FnOnce(&mut Settings)) -> World {
+        let mut settings = Settings {
             component: "proxy.example".into(),
             target: BareJid::new("impl@example").unwrap(),
             token_lifetime: 300,
@@ -53,12 +64,14 @@ impl World {
                 allow: vec![],
                 deny: vec![crate::policy::Entry::parse("spam.example").unwrap()],
             },
-            hold_ms,
-            max_held,
-            selection,
-            messages,
+            hold_ms: 0,
+            max_held: 0,
+            selection: Selection::default(),
+            messages: Messages::Refuse,
             message_token_lifetime: 3600,
+            outbound: Outbound::None,
         };
+        change(&mut settings);
         let keys = KeySet::from_secrets(&[(1, 0, [7; 32])]).unwrap();
         let mut w = World {
             proxy: Proxy::new(settings, keys),
@@ -1105,4 +1118,164 @@ fn message_errors_and_stray_messages() {
         .send("<message to='proxy.example' from='x@spam.example/r'><body>x</body></message>")
         .unwrap();
     assert_eq!(condition(&e), "forbidden");
+}
+
+/// The token address a request from `sender` comes from, forwarded to `impl@example/a`.
+fn token_of_request(w: &mut World, id: &str, sender: &str) -> String {
+    let fwd = w.send(&get(id, sender)).unwrap();
+    attr(&fwd, "from").to_owned()
+}
+
+#[test]
+fn the_implementing_client_starts_requests_to_a_sender_it_heard_from() {
+    let mut w = World::starting(Outbound::Known).online(&["a"]);
+    let token_addr = token_of_request(&mut w, "q1", "user@example/abc");
+    // A new request, with a new id, to the token of an earlier IQ.
+    let out = w
+        .send(&format!("<iq type='get' id='push-1' to='{token_addr}' from='impl@example/a'><query xmlns='urn:x:ask'/></iq>"))
+        .unwrap();
+    assert_eq!(attr(&out, "to"), "user@example/abc");
+    assert_eq!(attr(&out, "from"), "proxy.example");
+    let sealed_id = attr(&out, "id").to_owned();
+    assert_ne!(sealed_id, "push-1");
+    assert!(!sealed_id.contains("impl") && !sealed_id.contains("push"));
+    assert!(out.get_child("query", "urn:x:ask").is_some());
+    // The user's answer comes back to the resource that asked, with its id, from the
+    // address it wrote to.
+    let res = w
+        .send(&format!("<iq type='result' id='{sealed_id}' to='proxy.example' from='user@example/abc'><answer xmlns='urn:x:ask'/></iq>"))
+        .unwrap();
+    assert_eq!(attr(&res, "to"), "impl@example/a");
+    assert_eq!(attr(&res, "from"), token_addr);
+    assert_eq!(attr(&res, "id"), "push-1");
+    assert!(res.get_child("answer", "urn:x:ask").is_some());
+    // Its error too.
+    let e = w
+        .send(&format!("<iq type='error' id='{sealed_id}' to='proxy.example' from='user@example/abc'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"))
+        .unwrap();
+    assert_eq!(condition(&e), "service-unavailable");
+    // Another peer replaying the id, a tampered id, an id it never got: nothing.
+    let mut tampered = sealed_id.clone().into_bytes();
+    let i = tampered.len() / 2;
+    tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    for (id, from) in [
+        (sealed_id.as_str(), "mallory@example/x"),
+        (sealed_id.as_str(), "user@example/other"),
+        (tampered.as_str(), "user@example/abc"),
+        ("push-1", "user@example/abc"),
+    ] {
+        let (out, _) = w.send_verdict(&format!(
+            "<iq type='result' id='{id}' to='proxy.example' from='{from}'/>"
+        ));
+        assert_eq!(out, None, "{id} from {from}");
+    }
+    // A route is not a token: offered as one by the implementing client, nothing.
+    let (out, _) = w.send_verdict(&format!(
+        "<iq type='result' id='x' to='proxy.example/{sealed_id}' from='impl@example/a'/>"
+    ));
+    assert_eq!(out, None);
+    // A message to the IQ token reaches the sender too.
+    let m = w
+        .send(&format!("<message type='chat' id='m' to='{token_addr}' from='impl@example/a'><body>news</body></message>"))
+        .unwrap();
+    assert_eq!(attr(&m, "to"), "user@example/abc");
+    assert_eq!(attr(&m, "from"), "proxy.example");
+    // Expired: the route after the IQ lifetime; a request to an expired token is answered.
+    w.advance(301_000);
+    let (out, _) = w.send_verdict(&format!(
+        "<iq type='result' id='{sealed_id}' to='proxy.example' from='user@example/abc'/>"
+    ));
+    assert_eq!(out, None);
+    let e = w
+        .send(&format!(
+            "<iq type='get' id='push-2' to='{token_addr}' from='impl@example/a'><q xmlns='x'/></iq>"
+        ))
+        .unwrap();
+    assert_eq!(condition(&e), "item-not-found");
+    assert_eq!(attr(&e, "to"), "impl@example/a");
+}
+
+#[test]
+fn outbound_none_and_known_refuse_what_they_do_not_allow() {
+    let mut w = World::messaging().online(&["a"]);
+    let token_addr = token_of_request(&mut w, "q1", "user@example/abc");
+    let e = w
+        .send(&format!(
+            "<iq type='get' id='p' to='{token_addr}' from='impl@example/a'><q xmlns='x'/></iq>"
+        ))
+        .unwrap();
+    assert_eq!(condition(&e), "feature-not-implemented");
+    // With outbound = "none", an IQ token never routes a message.
+    let (out, _) = w.send_verdict(&format!(
+        "<message id='m' to='{token_addr}' from='impl@example/a'><body>x</body></message>"
+    ));
+    assert_eq!(out, None);
+    // A peer's result to the bare domain goes nowhere.
+    let (out, _) = w.send_verdict(
+        "<iq type='result' id='anything' to='proxy.example' from='user@example/abc'/>",
+    );
+    assert_eq!(out, None);
+
+    let mut w = World::starting(Outbound::Known).online(&["a"]);
+    let e = w
+        .send("<iq type='get' id='p' to='user\\40example@proxy.example' from='impl@example/a'><q xmlns='x'/></iq>")
+        .unwrap();
+    assert_eq!(
+        condition(&e),
+        "item-not-found",
+        "escaped addresses need `any`"
+    );
+}
+
+#[test]
+fn outbound_any_reaches_escaped_addresses() {
+    let mut w = World::starting(Outbound::Any).online(&["a"]);
+    let out = w
+        .send("<iq type='set' id='n1' to='someone\\40example.org\\2fdesk@proxy.example' from='impl@example/a'><q xmlns='x'/></iq>")
+        .unwrap();
+    assert_eq!(attr(&out, "to"), "someone@example.org/desk");
+    assert_eq!(attr(&out, "from"), "proxy.example");
+    let sealed = attr(&out, "id").to_owned();
+    let res = w
+        .send(&format!(
+            "<iq type='result' id='{sealed}' to='proxy.example' from='someone@example.org/desk'/>"
+        ))
+        .unwrap();
+    assert_eq!(attr(&res, "to"), "impl@example/a");
+    assert_eq!(
+        attr(&res, "from"),
+        "someone\\40example.org\\2fdesk@proxy.example"
+    );
+    assert_eq!(attr(&res, "id"), "n1");
+    let m = w
+        .send("<message to='someone\\40example.org@proxy.example' from='impl@example/a'><body>hi</body></message>")
+        .unwrap();
+    assert_eq!(attr(&m, "to"), "someone@example.org");
+    // Never to the component itself, nor to the implementing client.
+    for to in ["x\\40proxy.example", "impl\\40example"] {
+        let e = w
+            .send(&format!("<iq type='get' id='bad' to='{to}@proxy.example' from='impl@example/a'><q xmlns='x'/></iq>"))
+            .unwrap();
+        assert_eq!(condition(&e), "item-not-found", "{to}");
+    }
+}
+
+#[test]
+fn xep_0106_unescaping() {
+    assert_eq!(
+        unescape("d\\27artagnan\\40gascon.fr").as_deref(),
+        Some("d'artagnan@gascon.fr")
+    );
+    assert_eq!(
+        unescape("a\\20b\\22\\26\\2f\\3a\\3c\\3e\\5c").as_deref(),
+        Some("a b\"&/:<>\\")
+    );
+    assert_eq!(unescape("c\\5cx").as_deref(), Some("c\\x"));
+    assert_eq!(
+        unescape("not\\zzescaped").as_deref(),
+        Some("not\\zzescaped")
+    );
+    assert_eq!(unescape("\\4"), Some("\\4".to_owned()));
+    assert_eq!(unescape(""), None);
 }

@@ -1,0 +1,289 @@
+//! Stanzas the implementing client starts (`[proxy] outbound`), and the replies to its IQs.
+//!
+//! * `known`: an IQ get/set or a message to `component/TOKEN`, any token the implementing
+//!   client was given (an IQ token too: no id is compared for a new stanza), goes to the
+//!   sender the token names, from the address that sender wrote to. The implementing client
+//!   never learns who that is.
+//! * `any`: also to `ESCAPED@component`, ESCAPED a JID escaped as XEP-0106 says, from the
+//!   bare component.
+//!
+//! The id of an IQ sent so is a route (see [`crate::token`]): the implementing client's
+//! resource, the address it wrote to and its own id, sealed and bound to the peer the IQ went
+//! to. The peer's result or error is routed back by opening it: no table. A forged, expired
+//! or foreign id, or one offered by another peer, goes nowhere.
+
+use jid::Jid;
+use tracing::debug;
+use xmpp_parsers::minidom::Element;
+
+use super::reply::token_of;
+use super::{Clock, Outcome, Proxy, To, Verdict, bare, dropped};
+use crate::random::Random;
+use crate::stanza::{self, Condition};
+use crate::token::{self, Binding, Kind, Route, SALT_LEN};
+
+/// Which stanzas the implementing client may start (`[proxy] outbound`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outbound {
+    /// None: its requests are refused with `feature-not-implemented`, its messages reach only
+    /// a message token (mod_client_proxy's behaviour, and the default).
+    #[default]
+    None,
+    /// To the sender of any token it was given, within the token's lifetime.
+    Known,
+    /// Also to any address, written as `ESCAPED@component` (XEP-0106).
+    Any,
+}
+
+/// Who a stanza the implementing client starts goes to, and from which address.
+pub(super) struct Peer {
+    pub(super) to: String,
+    pub(super) from: String,
+}
+
+impl Proxy {
+    /// The peer that `to` names for a stanza the implementing client starts, or why none.
+    pub(super) fn peer_of(&self, to: &To, clock: Clock) -> Result<Peer, &'static str> {
+        if let To::Other(j) = to
+            && let Some(node) = j.node()
+        {
+            if self.settings.outbound != Outbound::Any {
+                return Err("an escaped address needs outbound = \"any\"");
+            }
+            if j.resource().is_some() {
+                return Err("an escaped address has no resource");
+            }
+            let peer = unescape(node.as_str())
+                .and_then(|s| Jid::new(&s).ok())
+                .ok_or("not a JID escaped as XEP-0106 says")?;
+            if peer.domain().as_str() == self.settings.component || self.is_target(&peer) {
+                return Err("not an address outside the component and the implementing client");
+            }
+            return Ok(Peer {
+                to: peer.to_string(),
+                from: self.settings.component.clone(),
+            });
+        }
+        let token = token_of(to)?;
+        let iq_life = self.settings.token_lifetime;
+        let lifetime = iq_life.max(self.settings.message_token_lifetime);
+        let binding = Binding::Peer {
+            component: &self.settings.component,
+        };
+        let reversal = self.open_token(binding, token, lifetime, clock)?;
+        if reversal.kind == Kind::Iq && clock.unix_ms >= reversal.issued_ms + iq_life * 1000 {
+            debug!("outbound stanza dropped: token expired");
+            return Err("token rejected");
+        }
+        // Only senders other than the target are ever sealed; a token that names the target
+        // would loop its stanza back to it.
+        if Jid::new(&reversal.sender).is_ok_and(|j| self.is_target(&j)) {
+            return Err("token names the implementing client");
+        }
+        Ok(Peer {
+            to: reversal.sender,
+            from: reversal.reply_from,
+        })
+    }
+
+    /// An IQ get/set of the implementing client.
+    pub(super) fn outbound_request(
+        &mut self,
+        mut el: Element,
+        from: &Jid,
+        to: &To,
+        clock: Clock,
+        rng: &mut dyn Random,
+    ) -> Outcome {
+        if self.settings.outbound == Outbound::None {
+            return self.refuse(
+                &el,
+                from,
+                Condition::FeatureNotImplemented,
+                "the implementing client cannot send requests through the proxy",
+                clock,
+            );
+        }
+        let Some(id) = el.attr("id").map(str::to_owned) else {
+            return self.refuse(&el, from, Condition::BadRequest, "IQ without id", clock);
+        };
+        if stanza::child_count(&el) != 1 {
+            return self.refuse(
+                &el,
+                from,
+                Condition::BadRequest,
+                "a get or set IQ must have exactly one payload element",
+                clock,
+            );
+        }
+        let peer = match self.peer_of(to, clock) {
+            Ok(p) => p,
+            Err(why) => {
+                debug!(id, why, "outbound request refused");
+                return self.refuse(
+                    &el,
+                    from,
+                    Condition::ItemNotFound,
+                    "no such address, or its time is over",
+                    clock,
+                );
+            }
+        };
+        if !self.limiter.reply(bare_str(&peer.to), clock.mono_ms) {
+            debug!(
+                id,
+                "outbound request refused: over the recipient's rate limit"
+            );
+            return self.refuse(
+                &el,
+                from,
+                Condition::ResourceConstraint,
+                "too many stanzas to this address: slow down",
+                clock,
+            );
+        }
+        let route = Route {
+            client: from.to_string(),
+            client_to: to.address(&self.settings.component),
+            id,
+        };
+        let mut salt = [0u8; SALT_LEN];
+        rng.fill(&mut salt);
+        let sealed = match token::seal_route(
+            &self.keys,
+            &self.settings.component,
+            &peer.to,
+            &route,
+            clock.unix_ms,
+            salt,
+        ) {
+            Ok(s) => s,
+            Err(_) => {
+                return self.refuse(
+                    &el,
+                    from,
+                    Condition::NotAcceptable,
+                    "the request's id and addresses are too long to be routed",
+                    clock,
+                );
+            }
+        };
+        debug!(id = route.id, "outbound request sent");
+        stanza::set_attr(&mut el, "id", sealed);
+        stanza::set_attr(&mut el, "from", peer.from);
+        stanza::set_attr(&mut el, "to", peer.to);
+        Outcome::send(el, Verdict::Outbound)
+    }
+
+    /// A message of the implementing client to a token or escaped address, with outbound
+    /// stanzas allowed.
+    pub(super) fn outbound_message(&mut self, mut el: Element, to: &To, clock: Clock) -> Outcome {
+        let peer = match self.peer_of(to, clock) {
+            Ok(p) => p,
+            Err(why) => {
+                debug!(why, "outbound message dropped");
+                return dropped(why);
+            }
+        };
+        if !self.limiter.reply(bare_str(&peer.to), clock.mono_ms) {
+            debug!("message dropped: over the recipient's rate limit");
+            return dropped("over the recipient's reply rate limit");
+        }
+        debug!(id = el.attr("id"), "outbound message sent");
+        stanza::set_attr(&mut el, "from", peer.from);
+        stanza::set_attr(&mut el, "to", peer.to);
+        Outcome::send(el, Verdict::Outbound)
+    }
+
+    /// A result or error from outside the target account: the reply to an IQ the
+    /// implementing client started, if its id is a route that opens for this peer.
+    pub(super) fn outbound_reply(&mut self, mut el: Element, from: &Jid, clock: Clock) -> Outcome {
+        let Some(id) = el.attr("id") else {
+            return dropped("reply without id");
+        };
+        let route = match token::open_route(
+            &self.keys,
+            &self.settings.component,
+            from.as_str(),
+            id,
+            clock.unix_ms,
+            self.settings.token_lifetime,
+        ) {
+            Ok(r) => r,
+            Err(reason) => {
+                debug!(%reason, "reply from outside the target account dropped");
+                return dropped("reply from outside the target account");
+            }
+        };
+        let (Ok(client), Ok(client_to)) = (Jid::new(&route.client), Jid::new(&route.client_to))
+        else {
+            return dropped("route holds an invalid address");
+        };
+        if !self.is_target(&client) || client_to.domain().as_str() != self.settings.component {
+            return dropped("route outside the target account or the component");
+        }
+        // A peer may replay its reply within the route's lifetime: charged to its account as
+        // a request would be, so a replay flood is bounded like a request flood.
+        let domain =
+            (from.domain() != self.settings.target.domain()).then(|| from.domain().as_str());
+        if self
+            .limiter
+            .request(bare(from), domain, clock.mono_ms)
+            .is_err()
+        {
+            debug!(
+                id = route.id,
+                "routed reply dropped: over the peer's rate limit"
+            );
+            return dropped("over the peer's rate limit");
+        }
+        debug!(id = route.id, "outbound reply routed");
+        stanza::set_attr(&mut el, "id", route.id);
+        stanza::set_attr(&mut el, "from", route.client_to);
+        stanza::set_attr(&mut el, "to", route.client);
+        Outcome::send(el, Verdict::Reversed)
+    }
+}
+
+/// The bare part of a JID's text (what precedes the first '/').
+fn bare_str(jid: &str) -> &str {
+    jid.split('/').next().unwrap_or_default()
+}
+
+/// XEP-0106: `\20` space, `\22` `"`, `\26` `&`, `\27` `'`, `\2f` `/`, `\3a` `:`, `\3c` `<`,
+/// `\3e` `>`, `\40` `@`, `\5c` `\`; any other backslash stays as it is. `None` if nothing
+/// readable remains.
+pub fn unescape(node: &str) -> Option<String> {
+    let mut out = String::with_capacity(node.len());
+    let mut rest = node;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 3).map(str::to_ascii_lowercase);
+        let ch = match code.as_deref() {
+            Some("20") => Some(' '),
+            Some("22") => Some('"'),
+            Some("26") => Some('&'),
+            Some("27") => Some('\''),
+            Some("2f") => Some('/'),
+            Some("3a") => Some(':'),
+            Some("3c") => Some('<'),
+            Some("3e") => Some('>'),
+            Some("40") => Some('@'),
+            Some("5c") => Some('\\'),
+            _ => None,
+        };
+        match ch {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[i + 3..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    (!out.is_empty()).then_some(out)
+}
