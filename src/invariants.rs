@@ -403,7 +403,9 @@ fn check_output(
             assert_probe(out);
             None
         }
-        Verdict::Reversed | Verdict::Dropped(_) => panic!("unexpected output {verdict:?}: {xml}"),
+        Verdict::Reversed | Verdict::TokenRejected(_) | Verdict::Dropped(_) => {
+            panic!("unexpected output {verdict:?}: {xml}")
+        }
     }
 }
 

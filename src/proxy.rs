@@ -119,6 +119,8 @@ pub enum Verdict {
     /// A request held until a resource of the target is known (it leaves through
     /// [`Proxy::poll_transmit`], forwarded or refused); the output, if any, is a probe.
     Held,
+    /// A reply dropped: its token did not open.
+    TokenRejected(token::Rejected),
     /// Nothing sent.
     Dropped(&'static str),
 }
@@ -563,7 +565,7 @@ impl Proxy {
             Ok(o) => o,
             Err(reason) => {
                 debug!(id, %reason, "reply dropped");
-                return dropped("token rejected");
+                return (None, Verdict::TokenRejected(reason));
             }
         };
         let Ok(sender) = Jid::new(&opened.sender) else {
