@@ -363,12 +363,12 @@ impl Metrics {
 
     /// The session ended; `lost` unless it was closed on purpose (shutdown).
     pub fn session_down(&self, lost: bool) {
-        self.connected.store(false, Ordering::Relaxed);
-        self.up.set(0);
-        self.resources.set(0);
         if lost {
             self.reconnects.inc();
         }
+        self.up.set(0);
+        self.resources.set(0);
+        self.connected.store(false, Ordering::Relaxed);
     }
 
     /// How many resources of the implementing client are online.
