@@ -1,7 +1,7 @@
 //! The monitoring listener (`[metrics] listen`): `GET /metrics` (the Prometheus text format)
 //! and `GET /healthz` (200 or 503 with a short JSON body), on hyper's HTTP/1 server.
 //!
-//! It runs as a task of its own beside the session and reads only the atomics of
+//! It runs on a thread of its own beside the session and reads only the atomics of
 //! [`crate::metrics`]: whatever arrives here — garbage, huge headers, a client trickling
 //! bytes — costs the session nothing but a little CPU. Every connection is bounded: headers
 //! to [`MAX_HEADER_BYTES`] and [`HEADER_TIMEOUT`], [`MAX_REQUESTS`] requests, [`CONNECTION_LIFETIME`]
@@ -42,7 +42,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Wait before trying to listen again when the address is taken.
 const BIND_RETRY: Duration = Duration::from_secs(5);
 
-/// Starts the listener on `addr` as a task of its own (on the current tokio runtime).
+/// Starts the listener on `addr` on a thread of its own, with a runtime of its own: no
+/// request, however hostile, is parsed on the session's thread.
 pub fn spawn(addr: SocketAddr) {
     if !addr.ip().is_loopback() {
         warn!(
@@ -50,19 +51,36 @@ pub fn spawn(addr: SocketAddr) {
             "[metrics] listen is not a loopback address: whoever reaches it reads the counters and the key id"
         );
     }
-    tokio::spawn(async move {
-        let listener = loop {
-            match TcpListener::bind(addr).await {
-                Ok(l) => break l,
+    let started = std::thread::Builder::new()
+        .name("monitoring".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
                 Err(e) => {
-                    warn!(%addr, "cannot listen for metrics: {e}; trying again in {} s", BIND_RETRY.as_secs());
-                    sleep(BIND_RETRY).await;
+                    warn!("cannot start the monitoring listener's runtime: {e}");
+                    return;
                 }
-            }
-        };
-        info!(%addr, "serving /metrics and /healthz");
-        serve(listener).await;
-    });
+            };
+            runtime.block_on(async move {
+                let listener = loop {
+                    match TcpListener::bind(addr).await {
+                        Ok(l) => break l,
+                        Err(e) => {
+                            warn!(%addr, "cannot listen for metrics: {e}; trying again in {} s", BIND_RETRY.as_secs());
+                            sleep(BIND_RETRY).await;
+                        }
+                    }
+                };
+                info!(%addr, "serving /metrics and /healthz");
+                serve(listener).await;
+            });
+        });
+    if let Err(e) = started {
+        warn!("cannot start the monitoring listener: {e}");
+    }
 }
 
 /// Accepts and serves connections on `listener` for ever.
