@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use jat_proxy::inbound::{Limits, TEST_HEADER, read_one};
 use jat_proxy::invariants::{COMPONENT, NOW, NOW_MS, keys, settings};
-use jat_proxy::proxy::{Balance, Clock, Proxy, Selection};
+use jat_proxy::proxy::{Balance, Clock, Proxy, Selection, Stanza, Verdict};
 use jat_proxy::random::SeededRandom;
 use jat_proxy::rate::{Limiter, RateLimit};
 use jat_proxy::stream::{Frame, Reader, Writer};
@@ -99,24 +99,28 @@ fn core(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("core");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("request_in_forwarded_out", |b| {
-        b.iter(|| {
-            let el = read(black_box(request));
-            let o = proxy.handle(el, CLOCK, &mut rng).transmit;
-            out.clear();
-            writer.element(&o.unwrap(), &mut out).unwrap();
-            out.len()
-        })
-    });
-    g.bench_function("reply_in_reversed_out", |b| {
-        b.iter(|| {
-            let el = read(black_box(reply.as_bytes()));
-            let o = proxy.handle(el, CLOCK, &mut rng).transmit;
-            out.clear();
-            writer.element(&o.unwrap(), &mut out).unwrap();
-            out.len()
-        })
-    });
+    // Each path as the session runs it (counted for the metrics, src/metrics.rs), and without
+    // the count, to compare the two within one run.
+    for (name, input, counted) in [
+        ("request_in_forwarded_out", &request[..], true),
+        ("request_in_forwarded_out_uncounted", request, false),
+        ("reply_in_reversed_out", reply.as_bytes(), true),
+        ("reply_in_reversed_out_uncounted", reply.as_bytes(), false),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let el = read(black_box(input));
+                let outcome = proxy.handle(el, CLOCK, &mut rng);
+                if counted {
+                    jat_proxy::metrics::global().record(&outcome);
+                }
+                let o = outcome.transmit;
+                out.clear();
+                writer.element(&o.unwrap(), &mut out).unwrap();
+                out.len()
+            })
+        });
+    }
     g.bench_function("parse_only", |b| b.iter(|| read(black_box(request))));
     g.finish();
 
@@ -200,5 +204,19 @@ fn limiter(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, tokens, core, limiter);
+/// What the session adds per stanza for the metrics: one counter increment by verdict.
+fn metrics(c: &mut Criterion) {
+    let m = jat_proxy::metrics::global();
+    let mut g = c.benchmark_group("metrics");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("record_forwarded", |b| {
+        b.iter(|| m.count(black_box(Verdict::Forwarded), black_box(Stanza::Iq)))
+    });
+    g.bench_function("record_reversed", |b| {
+        b.iter(|| m.count(black_box(Verdict::Reversed), black_box(Stanza::Iq)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, tokens, core, limiter, metrics);
 criterion_main!(benches);

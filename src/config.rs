@@ -68,6 +68,8 @@ pub struct Config {
     pub rate: RateLimit,
     /// Allow/deny lists.
     pub policy: Policy,
+    /// Where `/metrics` and `/healthz` are served (`[metrics] listen`); off if `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where the component secret is read from.
@@ -210,6 +212,14 @@ struct Raw {
     limits: RawLimits,
     #[serde(default)]
     policy: RawPolicy,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -693,6 +703,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         allow: list("policy.allow", &raw.policy.allow)?,
         deny: list("policy.deny", &raw.policy.deny)?,
     };
+    // An IP address and a port, no host name: what is listened on must not depend on DNS.
+    let metrics_listen = match &raw.metrics.listen {
+        None => None,
+        Some(a) => Some(
+            a.parse::<std::net::SocketAddr>()
+                .ok()
+                .filter(|a| a.port() != 0)
+                .ok_or_else(|| {
+                    err(
+                        "metrics.listen",
+                        "not an IP address and port (expected e.g. \"127.0.0.1:9798\")".into(),
+                    )
+                })?,
+        ),
+    };
 
     Ok(Config {
         jid,
@@ -727,6 +752,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             domain_burst: l.domain_burst,
         },
         policy,
+        metrics_listen,
     })
 }
 
@@ -883,6 +909,35 @@ file = "/var/lib/jat-proxy/keys.toml"
         assert_eq!(c.selection.balance, Balance::Sticky);
         assert!(c.selection.admits("focus") && c.selection.admits("worker-7"));
         assert!(!c.selection.admits("phone") && !c.selection.admits("focus2"));
+    }
+
+    #[test]
+    fn metrics_listener_is_off_unless_set() {
+        assert_eq!(parse_str(GOOD).unwrap().metrics_listen, None);
+        let c = parse_str(&format!("{GOOD}\n[metrics]\nlisten = \"127.0.0.1:9798\"\n")).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9798".parse().unwrap()));
+        let c = parse_str(&format!("{GOOD}\n[metrics]\nlisten = \"[::1]:9798\"\n")).unwrap();
+        assert_eq!(c.metrics_listen, Some("[::1]:9798".parse().unwrap()));
+        assert_eq!(
+            parse_str(&format!("{GOOD}\n[metrics]\n"))
+                .unwrap()
+                .metrics_listen,
+            None
+        );
+        for bad in [
+            "localhost:9798",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:99999",
+        ] {
+            let e = parse_str(&format!("{GOOD}\n[metrics]\nlisten = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("metrics.listen"), "{e}");
+            assert_eq!((e.line, e.column), (Some(14), Some(10)), "{e}");
+        }
+        let e = parse_str(&format!("{GOOD}\n[metrics]\nport = 1\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("metrics.port"), "{e}");
+        let e = parse_str(&format!("{GOOD}\n[metrics]\nlisten = 9798\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("metrics.listen"), "{e}");
     }
 
     #[test]

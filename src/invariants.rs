@@ -241,6 +241,7 @@ pub fn proxy(data: &[u8]) {
         let Outcome {
             transmit: out,
             verdict,
+            ..
         } = proxy.handle(inbound, clock, &mut rng);
         assert!(proxy.resources().len() <= 4);
         assert!(proxy.tracked_senders() <= 8);
@@ -459,7 +460,11 @@ fn check_output(
             assert_probe(out);
             None
         }
-        Verdict::Reversed | Verdict::Outbound | Verdict::Dropped(_) => {
+        Verdict::Reversed
+        | Verdict::Outbound
+        | Verdict::Routed
+        | Verdict::TokenRejected(_)
+        | Verdict::Dropped(_) => {
             panic!("unexpected output {verdict:?}: {xml}")
         }
     }
@@ -795,6 +800,7 @@ impl Wire {
             let Outcome {
                 transmit: out,
                 verdict,
+                ..
             } = self.proxy.handle(inbound, clock, &mut self.rng);
             assert!(self.proxy.resources().len() <= 4);
             assert!(self.proxy.tracked_senders() <= 8);

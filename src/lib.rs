@@ -14,9 +14,11 @@
 
 pub mod backoff;
 pub mod config;
+pub mod http;
 pub mod inbound;
 pub mod invariants;
 pub mod keys;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod proxy;

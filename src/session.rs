@@ -153,6 +153,7 @@ impl KeyWatch {
                 self.stamp = now;
                 info!(ids = ?set.ids(), current = set.current().id(), "key file reloaded");
                 proxy.set_keys(set);
+                crate::metrics::global().keys(proxy.keys());
             }
             Err(e) => warn!("{e}; keeping the keys in use"),
         }
@@ -172,6 +173,10 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
     let notifier = Notifier::from_env();
     let mut rng = OsRandom::new();
     let mut proxy = Proxy::new(config.settings(), keys);
+    crate::metrics::global().keys(proxy.keys());
+    if let Some(addr) = config.metrics_listen {
+        crate::http::spawn(addr);
+    }
     let mut watch = KeyWatch::new(&config.key_file);
     let mut backoff = Backoff::new(Duration::from_millis(500), config.reconnect_max);
     let mut resumed = start.handover.and_then(|h| resume(h, &config));
@@ -204,6 +209,7 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
                 match login {
                     Ok(mut conn) => {
                         info!(component = %config.jid, server = %config.server, "session established");
+                        crate::metrics::global().logged_in();
                         for el in proxy.connected() {
                             conn.queue(&el);
                         }
@@ -211,12 +217,14 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
                     }
                     Err(e) => {
                         warn!(server = %config.server, "cannot log in: {e}");
+                        crate::metrics::global().login_failed();
                         None
                     }
                 }
             }
         };
         if let Some((conn, established_ms, upgrades)) = session {
+            crate::metrics::global().session_up(established_ms);
             let stream = Stream {
                 established_ms,
                 upgrades,
@@ -234,6 +242,7 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
             )
             .await;
             proxy.disconnected();
+            crate::metrics::global().session_down(matches!(end, End::Lost(_)));
             if unix_now_ms().saturating_sub(established_ms) >= STABLE_SESSION.as_millis() as u64 {
                 backoff.reset();
             }
@@ -643,6 +652,7 @@ async fn serve(
                 ready_sent = false;
             }
         }
+        crate::metrics::global().resources(proxy.resources().len());
         if checking.is_none() && handover_since.is_none() {
             let now = format!(
                 "connected to {} as {}; {} resource(s) of {} online; key {}",
@@ -802,7 +812,9 @@ fn handle_frames(conn: &mut Conn, proxy: &mut Proxy, rng: &mut OsRandom) -> Resu
         if let Inbound::Element(el) = &inbound {
             trace!(xml = %String::from(el), "in");
         }
-        if let Some(out) = proxy.handle(inbound, clock(), rng).transmit {
+        let outcome = proxy.handle(inbound, clock(), rng);
+        crate::metrics::global().record(&outcome);
+        if let Some(out) = outcome.transmit {
             conn.queue(&out);
         }
         transmit(conn, proxy);
@@ -814,6 +826,7 @@ fn handle_frames(conn: &mut Conn, proxy: &mut Proxy, rng: &mut OsRandom) -> Resu
 /// probes).
 fn transmit(conn: &mut Conn, proxy: &mut Proxy) {
     while let Some(el) = proxy.poll_transmit() {
+        crate::metrics::global().transmitted(&el);
         conn.queue(&el);
     }
 }

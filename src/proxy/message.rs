@@ -98,7 +98,7 @@ impl Proxy {
         let binding = Binding::message(&self.settings.component);
         match self.open_token(binding, token, self.settings.message_token_lifetime, clock) {
             Ok(reversal) => self.deliver(el, reversal, clock),
-            Err(why) => dropped(why),
+            Err(not) => not.dropped(),
         }
     }
 

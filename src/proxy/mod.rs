@@ -122,18 +122,45 @@ pub struct Outcome {
     pub transmit: Option<Element>,
     /// What the input was.
     pub verdict: Verdict,
+    /// Which kind of stanza the input was.
+    pub stanza: Stanza,
+}
+
+/// The kind of stanza an input was (for counters: a verdict per kind is a flow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stanza {
+    /// `<iq/>`.
+    Iq,
+    /// `<message/>`.
+    Message,
+    /// `<presence/>`.
+    Presence,
+    /// Anything else.
+    Other,
+}
+
+impl Stanza {
+    fn of(name: &str) -> Stanza {
+        match name {
+            "iq" => Stanza::Iq,
+            "message" => Stanza::Message,
+            "presence" => Stanza::Presence,
+            _ => Stanza::Other,
+        }
+    }
 }
 
 impl Outcome {
     fn send(el: Element, verdict: Verdict) -> Outcome {
-        Outcome {
-            transmit: Some(el),
-            verdict,
-        }
+        Outcome::maybe(Some(el), verdict)
     }
 
     fn maybe(transmit: Option<Element>, verdict: Verdict) -> Outcome {
-        Outcome { transmit, verdict }
+        Outcome {
+            transmit,
+            verdict,
+            stanza: Stanza::Other,
+        }
     }
 }
 
@@ -147,6 +174,8 @@ pub enum Verdict {
     Reversed,
     /// A stanza the implementing client started, sent to its peer.
     Outbound,
+    /// A peer's reply to an IQ the implementing client started, routed back to it.
+    Routed,
     /// An error sent back to the sender of a stanza.
     Refused(Condition),
     /// A presence change or subscription handled (maybe with an answer).
@@ -154,6 +183,8 @@ pub enum Verdict {
     /// A request held until a resource of the target is known (it leaves through
     /// [`Proxy::poll_transmit`], forwarded or refused); the output, if any, is a probe.
     Held,
+    /// Nothing sent: the token it was sent to did not open.
+    TokenRejected(crate::token::Rejected),
     /// Nothing sent.
     Dropped(&'static str),
 }
@@ -269,19 +300,28 @@ impl Proxy {
     /// Handles one stanza from the server at time `clock`.
     pub fn handle(&mut self, inbound: Inbound, clock: Clock, rng: &mut dyn Random) -> Outcome {
         let out = match inbound {
-            Inbound::Oversized(o) => self.oversized(o, clock),
+            Inbound::Oversized(o) => {
+                let stanza = Stanza::of(&o.name);
+                Outcome {
+                    stanza,
+                    ..self.oversized(o, clock)
+                }
+            }
             Inbound::Element(el) => {
                 if !el.has_ns(NS) {
                     return dropped("not a stanza of the component stream");
                 }
-                match el.name() {
-                    "iq" => self.iq(el, clock, rng),
-                    "message" => self.message(el, clock, rng),
-                    "presence" => self.presence(&el),
-                    _ => dropped("unknown top-level element"),
-                }
+                let stanza = Stanza::of(el.name());
+                let out = match stanza {
+                    Stanza::Iq => self.iq(el, clock, rng),
+                    Stanza::Message => self.message(el, clock, rng),
+                    Stanza::Presence => self.presence(&el),
+                    Stanza::Other => dropped("unknown top-level element"),
+                };
+                Outcome { stanza, ..out }
             }
         };
+
         // A presence or a result may have made a resource known to held requests.
         if !self.held.is_empty() {
             self.settle_held(clock, rng);

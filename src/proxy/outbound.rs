@@ -71,7 +71,9 @@ impl Proxy {
         let binding = Binding::Peer {
             component: &self.settings.component,
         };
-        let reversal = self.open_token(binding, token, lifetime, clock)?;
+        let reversal = self
+            .open_token(binding, token, lifetime, clock)
+            .map_err(|not| not.why())?;
         if reversal.kind == Kind::Iq && clock.unix_ms >= reversal.issued_ms + iq_life * 1000 {
             debug!("outbound stanza dropped: token expired");
             return Err("token rejected");
@@ -242,7 +244,7 @@ impl Proxy {
         stanza::set_attr(&mut el, "id", route.id);
         stanza::set_attr(&mut el, "from", route.client_to);
         stanza::set_attr(&mut el, "to", route.client);
-        Outcome::send(el, Verdict::Reversed)
+        Outcome::send(el, Verdict::Routed)
     }
 }
 

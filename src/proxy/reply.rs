@@ -9,6 +9,32 @@ use super::{Clock, Outbound, Outcome, Proxy, To, Verdict, dropped};
 use crate::stanza;
 use crate::token::{self, Binding, Opened};
 
+/// Why a token address led nowhere.
+pub(super) enum NotOpened {
+    /// The token was rejected.
+    Token(token::Rejected),
+    /// It opened, to nothing jat-proxy may send to.
+    Other(&'static str),
+}
+
+impl NotOpened {
+    /// The outcome of a stanza dropped for it.
+    pub(super) fn dropped(self) -> Outcome {
+        match self {
+            NotOpened::Token(r) => Outcome::maybe(None, Verdict::TokenRejected(r)),
+            NotOpened::Other(why) => dropped(why),
+        }
+    }
+
+    /// Why, in words (for logs).
+    pub(super) fn why(&self) -> &'static str {
+        match self {
+            NotOpened::Token(_) => "token rejected",
+            NotOpened::Other(why) => why,
+        }
+    }
+}
+
 /// A token that opened, and where the reversed stanza goes and comes from.
 pub(super) struct Reversal {
     pub(super) sender: String,
@@ -40,7 +66,7 @@ impl Proxy {
         let binding = Binding::iq(&self.settings.component, id);
         let reversal = match self.open_token(binding, token, self.settings.token_lifetime, clock) {
             Ok(r) => r,
-            Err(why) => return dropped(why),
+            Err(not) => return not.dropped(),
         };
         // A genuine reply also says whether its resource is online: a result proves it is;
         // the server's bounce of a request to a resource that went away
@@ -74,7 +100,7 @@ impl Proxy {
         token: &str,
         lifetime: u64,
         clock: Clock,
-    ) -> Result<Reversal, &'static str> {
+    ) -> Result<Reversal, NotOpened> {
         let opened: Opened = match token::open(&self.keys, binding, token, clock.unix_ms, lifetime)
         {
             Ok(o) => o,
@@ -83,14 +109,14 @@ impl Proxy {
                     Binding::Iq { id, .. } => debug!(id, %reason, "reply dropped"),
                     _ => debug!(%reason, "message dropped"),
                 }
-                return Err("token rejected");
+                return Err(NotOpened::Token(reason));
             }
         };
         let Ok(sender) = Jid::new(&opened.sender) else {
-            return Err("token holds an invalid address");
+            return Err(NotOpened::Other("token holds an invalid address"));
         };
         if sender.domain().as_str() == self.settings.component {
-            return Err("token addressed to the component itself");
+            return Err(NotOpened::Other("token addressed to the component itself"));
         }
         // The answer comes from where the stanza went: an address at the component, never
         // anything else, whatever a token may hold.
@@ -100,7 +126,9 @@ impl Proxy {
                 Ok(j) if j.domain().as_str() == self.settings.component => j.to_string(),
                 _ => {
                     debug!("token's original address is not at the component");
-                    return Err("token's original address is not at the component");
+                    return Err(NotOpened::Other(
+                        "token's original address is not at the component",
+                    ));
                 }
             },
         };

@@ -249,7 +249,10 @@ fn forged_foreign_and_misdirected_replies_go_nowhere() {
     ] {
         let (out, verdict) = w.send_verdict(&xml);
         assert_eq!(out, None, "{xml}");
-        assert!(matches!(verdict, Verdict::Dropped(_)), "{xml}");
+        assert!(
+            matches!(verdict, Verdict::Dropped(_) | Verdict::TokenRejected(_)),
+            "{xml}"
+        );
     }
     // A token from another component's key.
     let other = KeySet::from_secrets(&[(1, 0, [8; 32])]).unwrap();
@@ -510,7 +513,10 @@ fn a_wall_clock_step_does_not_touch_the_rate_limit() {
     w.clock.mono_ms += 3_600_000;
     assert_eq!(w.send_verdict(&reply).1, Verdict::Reversed);
     w.clock.unix_ms += 300_000;
-    assert_eq!(w.send_verdict(&reply).1, Verdict::Dropped("token rejected"));
+    assert_eq!(
+        w.send_verdict(&reply).1,
+        Verdict::TokenRejected(crate::token::Rejected::Expired)
+    );
 }
 
 /// Failed before the per-domain bucket: every one of the 1000 accounts was served.
@@ -1047,13 +1053,19 @@ fn a_conversation_goes_through_message_tokens() {
     let (out, v) = w.send_verdict(&format!(
         "<iq type='result' id='m1' to='{from}' from='{res}'/>"
     ));
-    assert_eq!((out, v), (None, Verdict::Dropped("token rejected")));
+    assert_eq!(
+        (out, v),
+        (None, Verdict::TokenRejected(crate::token::Rejected::Kind))
+    );
     let req = w.send(&get("q1", "user@example/abc")).unwrap();
     let iq_token_addr = attr(&req, "from").to_owned();
     let (out, v) = w.send_verdict(&format!(
         "<message id='q1' to='{iq_token_addr}' from='{res}'><body>x</body></message>"
     ));
-    assert_eq!((out, v), (None, Verdict::Dropped("token rejected")));
+    assert_eq!(
+        (out, v),
+        (None, Verdict::TokenRejected(crate::token::Rejected::Kind))
+    );
     // Somebody else's message to the token address is a new message from them, not a
     // reversal.
     let theirs = w

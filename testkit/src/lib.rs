@@ -10,9 +10,11 @@ pub mod client;
 pub mod cluster;
 pub mod deployment;
 pub mod ejabberd;
+pub mod http;
 pub mod load;
 pub mod ports;
 pub mod process;
+pub mod prometheus;
 pub mod prosody;
 pub mod proxy;
 

@@ -1,0 +1,386 @@
+//! Monitoring end to end: a real Prosody, the real binary with `[metrics] listen`, a real
+//! Prometheus scraping it, and hostile clients on the HTTP listener.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::client::reply_to;
+use testkit::deployment::{Deployment, WAIT, request};
+use testkit::http::{self, sample};
+use testkit::ports::free_port;
+use testkit::prometheus::{self, PROMTOOL, Prometheus};
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_jat-proxy"))
+}
+
+fn rules_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus-alerts.yml")
+}
+
+/// A deployment whose jat-proxy serves `/metrics` and `/healthz` on a free loopback port.
+fn deployment() -> (Deployment, SocketAddr) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let d = Deployment::start_with(&binary(), &format!("\n[metrics]\nlisten = \"{addr}\"\n"));
+    let up = testkit::wait_until(WAIT, || http::get(addr, "/healthz"));
+    assert!(up.is_some(), "no /healthz on {addr}:\n{}", d.proxy.log());
+    (d, addr)
+}
+
+/// One request from `user`, forwarded to `imp`, answered, and the result back at `user`.
+async fn round_trip(user: &mut testkit::Client, imp: &mut testkit::Client, id: &str) {
+    user.send_xml(&request(id));
+    let req = imp
+        .recv_request(WAIT)
+        .await
+        .unwrap_or_else(|| panic!("{id} never reached the implementing client"));
+    imp.send(reply_to(&req, "result", ""));
+    let res = user
+        .recv_iq(id, WAIT)
+        .await
+        .unwrap_or_else(|| panic!("{id} never answered"));
+    assert_eq!(res.attr("type"), Some("result"), "{id}");
+}
+
+/// Polls `/healthz` until its status is `status` and its body contains `body`.
+fn wait_health(addr: SocketAddr, status: u16, body: &str, limit: Duration) -> http::Response {
+    let mut last = None;
+    let found = testkit::wait_until(limit, || {
+        let r = http::get(addr, "/healthz")?;
+        let ok = r.status == status && r.body.contains(body);
+        last = Some(r.clone());
+        ok.then_some(r)
+    });
+    found.unwrap_or_else(|| {
+        panic!("/healthz never answered {status} with {body} within {limit:?}; last: {last:?}")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_forwarded_and_reversed_counts() {
+    prometheus::require();
+    let (d, addr) = deployment();
+    let mut imp = d.implementing("a").await;
+    let mut user = d.client("user", "abc").await;
+    let prom = Prometheus::start(&[addr], &[&rules_file()]);
+
+    const N: usize = 25;
+    for i in 0..N {
+        round_trip(&mut user, &mut imp, &format!("m{i}")).await;
+    }
+    // What jat-proxy itself exposes once the last reply is through.
+    let text = testkit::wait_until(WAIT, || {
+        let r = http::get(addr, "/metrics")?;
+        (sample(&r.body, "jat_proxy_replies_reversed_total") == Some(N as f64)).then_some(r.body)
+    })
+    .unwrap_or_else(|| panic!("the exposition never counted {N} replies"));
+    assert_eq!(
+        sample(&text, "jat_proxy_requests_forwarded_total"),
+        Some(N as f64),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "jat_proxy_session_up"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "jat_proxy_resources_online"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "jat_proxy_logins_total"), Some(1.0), "{text}");
+    assert!(
+        text.contains("jat_proxy_build_info{revision=\""),
+        "build info: {text}"
+    );
+
+    // What Prometheus stored: scraped after the traffic, `up`, and the same counts.
+    let wait = Duration::from_secs(60);
+    let scraped = testkit::wait_until(wait, || {
+        let f = prom.query("jat_proxy_requests_forwarded_total{job=\"jat-proxy\"}")?;
+        let r = prom.query("jat_proxy_replies_reversed_total{job=\"jat-proxy\"}")?;
+        (f == N as f64 && r == N as f64).then_some(())
+    });
+    assert!(
+        scraped.is_some(),
+        "Prometheus never stored forwarded = reversed = {N}: forwarded {:?}, reversed {:?}\n{}",
+        prom.query("jat_proxy_requests_forwarded_total"),
+        prom.query("jat_proxy_replies_reversed_total"),
+        prom.log()
+    );
+    assert_eq!(prom.query("up{job=\"jat-proxy\"}"), Some(1.0));
+    assert_eq!(prom.query("jat_proxy_session_up"), Some(1.0));
+    assert_eq!(
+        prom.query("jat_proxy_tokens_rejected_total{reason=\"authentication\"}"),
+        Some(0.0)
+    );
+
+    // promtool accepts the exposition as it is served.
+    let mut check = Command::new(PROMTOOL)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And the README's alert rules, which Prometheus loaded above.
+    let out = Command::new(PROMTOOL)
+        .args(["check", "rules"])
+        .arg(rules_file())
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    assert!(
+        readme.contains(&std::fs::read_to_string(rules_file()).unwrap()),
+        "README's alert rules differ from deploy/prometheus-alerts.yml"
+    );
+    testkit::report(&format!(
+        "Prometheus stored forwarded = reversed = {N} after {N} requests through Prosody"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_rejections_are_counted_by_reason() {
+    let (d, addr) = deployment();
+    let mut imp = d.implementing("a").await;
+    let user = d.client("user", "abc").await;
+    user.send_xml(&request("t1"));
+    let req = imp.recv_request(WAIT).await.expect("forwarded");
+    // The same reply for another IQ id: the token is bound to the id, so it fails
+    // authentication.
+    let mut forged = reply_to(&req, "result", "");
+    forged.attrs_mut().insert(
+        rxml::Namespace::NONE,
+        rxml::NcName::try_from("id").unwrap(),
+        "other".to_owned(),
+    );
+    imp.send(forged);
+    let counted = testkit::wait_until(WAIT, || {
+        let r = http::get(addr, "/metrics")?;
+        (sample(
+            &r.body,
+            "jat_proxy_tokens_rejected_total{reason=\"authentication\"}",
+        ) == Some(1.0))
+        .then_some(r.body)
+    });
+    assert!(counted.is_some(), "never counted:\n{}", d.proxy.log());
+    // Other paths are not served.
+    assert_eq!(http::get(addr, "/").map(|r| r.status), Some(404));
+    assert_eq!(http::get(addr, "/metrics/x").map(|r| r.status), Some(404));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_follows_resources_and_the_server() {
+    let (mut d, addr) = deployment();
+    let limit = Duration::from_secs(20);
+    // Logged in, nobody to serve the requests.
+    let r = wait_health(addr, 503, "\"connected\":true", limit);
+    assert!(r.body.contains("\"resources\":0"), "{r:?}");
+    assert!(r.body.contains("\"key_id\":"), "{r:?}");
+    let imp = d.implementing("a").await;
+    let r = wait_health(addr, 200, "\"resources\":1", limit);
+    assert!(r.body.contains("\"connected\":true"), "{r:?}");
+    // The last resource leaves: 503; it comes back: 200.
+    imp.close().await;
+    wait_health(addr, 503, "\"resources\":0", limit);
+    let _imp = d.implementing("a").await;
+    wait_health(addr, 200, "\"resources\":1", limit);
+    // The server goes (stopped by PID): 503, not connected.
+    d.prosody.stop();
+    let r = wait_health(addr, 503, "\"connected\":false", limit);
+    assert!(r.body.contains("\"resources\":0"), "{r:?}");
+    let text = http::get(addr, "/metrics")
+        .expect("metrics while down")
+        .body;
+    assert_eq!(sample(&text, "jat_proxy_session_up"), Some(0.0), "{text}");
+    assert_eq!(
+        sample(&text, "jat_proxy_reconnects_total"),
+        Some(1.0),
+        "{text}"
+    );
+    // It comes back: logged in again, and healthy once the implementing client is back.
+    d.prosody.start_again();
+    d.proxy.wait_sessions(2, Duration::from_secs(30));
+    wait_health(addr, 503, "\"connected\":true", limit);
+    let _imp = d.implementing("a").await;
+    wait_health(addr, 200, "\"resources\":1", limit);
+    let text = http::get(addr, "/metrics").expect("metrics").body;
+    assert_eq!(sample(&text, "jat_proxy_logins_total"), Some(2.0), "{text}");
+}
+
+/// Connects to the listener and sends `bytes`, then reads until the server closes the
+/// connection (or `limit` passes). Returns what was read and whether the server closed it.
+fn send_and_read(addr: SocketAddr, bytes: &[u8], limit: Duration) -> (Vec<u8>, bool) {
+    let Ok(mut tcp) = TcpStream::connect(addr) else {
+        return (Vec::new(), true);
+    };
+    tcp.set_read_timeout(Some(limit)).unwrap();
+    // The server may close before reading it all (a header over its limit): that is fine.
+    let _ = tcp.write_all(bytes);
+    let mut out = Vec::new();
+    // Closed: the end of the stream, or a reset (what it had not read was discarded).
+    let closed = match tcp.read_to_end(&mut out) {
+        Ok(_) => true,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    (out, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_http_input_never_disturbs_the_session() {
+    let (d, addr) = deployment();
+    let mut imp = d.implementing("a").await;
+    let mut user = d.client("user", "abc").await;
+    // For comparison: the slowest of ten round trips without abuse.
+    let mut quiet = Duration::ZERO;
+    for i in 0..10 {
+        let t = Instant::now();
+        round_trip(&mut user, &mut imp, &format!("before{i}")).await;
+        quiet = quiet.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let attack = Duration::from_secs(8);
+    let started = Instant::now();
+    let mut attackers = Vec::new();
+    // Garbage: random bytes, repeatedly.
+    attackers.push(std::thread::spawn(move || {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rounds = 0;
+        while started.elapsed() < attack {
+            let junk: Vec<u8> = (0..65_536)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            let (_, closed) = send_and_read(addr, &junk, Duration::from_secs(15));
+            assert!(closed, "a connection of garbage was never closed");
+            rounds += 1;
+        }
+        format!("{rounds} connections of 64 KiB garbage")
+    }));
+    // A 1 MiB header, repeatedly: refused (431) or cut off, never read whole.
+    attackers.push(std::thread::spawn(move || {
+        let mut big = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 1 << 20));
+        big.extend_from_slice(b"\r\n\r\n");
+        let mut rounds = 0;
+        while started.elapsed() < attack {
+            let (out, closed) = send_and_read(addr, &big, Duration::from_secs(15));
+            assert!(closed, "a 1 MiB header kept its connection open");
+            let head = String::from_utf8_lossy(&out);
+            assert!(
+                out.is_empty() || head.starts_with("HTTP/1.1 431"),
+                "a 1 MiB header was answered: {}",
+                head.lines().next().unwrap_or("")
+            );
+            rounds += 1;
+        }
+        format!("{rounds} requests with a 1 MiB header")
+    }));
+    // Slowloris: more connections than the listener serves at once, each trickling a
+    // header that never ends. Every one is closed by the server: at once when all slots are
+    // taken, else within its header timeout.
+    let mut slowloris = Vec::new();
+    for n in 0..40 {
+        slowloris.push(std::thread::spawn(move || {
+            let Ok(mut tcp) = TcpStream::connect(addr) else {
+                return Duration::ZERO;
+            };
+            tcp.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let header = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+            let opened = Instant::now();
+            let mut sent = 0;
+            let mut buf = [0u8; 1024];
+            loop {
+                let byte = header.get(sent).copied().unwrap_or(b'a');
+                if tcp.write_all(&[byte]).is_err() {
+                    break;
+                }
+                sent += 1;
+                match tcp.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break,
+                }
+                assert!(
+                    opened.elapsed() < Duration::from_secs(30),
+                    "slowloris {n} kept its connection for 30 s"
+                );
+            }
+            opened.elapsed()
+        }));
+    }
+    // Meanwhile, and after: requests through the proxy are served, every one. Five a
+    // second, within the sender's rate limit (10/s).
+    let mut served = 0;
+    let mut slowest = Duration::ZERO;
+    let mut next = Instant::now();
+    while started.elapsed() < attack + Duration::from_secs(2) {
+        tokio::time::sleep_until(next.into()).await;
+        next += Duration::from_millis(200);
+        let t = Instant::now();
+        round_trip(&mut user, &mut imp, &format!("during{served}")).await;
+        slowest = slowest.max(t.elapsed());
+        served += 1;
+    }
+    let mut reports = Vec::new();
+    for a in attackers {
+        reports.push(a.join().expect("an attacker's assertion failed"));
+    }
+    let held: Vec<Duration> = slowloris
+        .into_iter()
+        .map(|s| s.join().expect("a slowloris connection was never closed"))
+        .collect();
+    let at_once = held.iter().filter(|d| **d < Duration::from_secs(1)).count();
+    let longest = held.iter().max().copied().unwrap_or_default();
+    for i in 0..5 {
+        round_trip(&mut user, &mut imp, &format!("after{i}")).await;
+    }
+    assert_eq!(d.proxy.sessions(), 1, "the XMPP session was never lost");
+    // The listener serves again once the attackers are gone.
+    wait_health(addr, 200, "\"resources\":1", Duration::from_secs(20));
+    let text = http::get(addr, "/metrics")
+        .expect("metrics after the attack")
+        .body;
+    assert_eq!(
+        sample(&text, "jat_proxy_reconnects_total"),
+        Some(0.0),
+        "{text}"
+    );
+    testkit::report(&format!(
+        "during {attack:?} of HTTP abuse ({}; {}; 40 slowloris connections: {at_once} closed at \
+         once, the others after {longest:.1?} at most): {served} requests served through the \
+         proxy, slowest round trip {slowest:.1?} (without abuse: {quiet:.1?})",
+        reports[0], reports[1],
+    ));
+}
