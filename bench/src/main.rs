@@ -58,6 +58,10 @@ struct Args {
     /// The jat-proxy binary (build it with `cargo build --release`).
     #[arg(long, default_value = "target/release/jat-proxy")]
     proxy_bin: PathBuf,
+    /// Alternate direct and proxied phases this many times (each with its share of the
+    /// requests) and report them summed: on a shared machine, both then see the same load.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -168,6 +172,7 @@ struct Report<'a> {
     machine: String,
     server: ServerKind,
     instances: usize,
+    rounds: usize,
     senders: usize,
     resources: usize,
     window: usize,
@@ -251,33 +256,42 @@ async fn main() {
     let direct_targets: Vec<String> = (0..args.resources)
         .map(|r| format!("impl@localhost/r{r}"))
         .collect();
-    let (mut senders, direct) = run_phase(
-        "direct",
-        senders,
-        &direct_targets,
-        &args,
-        args.requests,
-        server.pid(),
-        &proxy_pids,
-    )
-    .await;
     let proxied_n = args.proxied_requests.unwrap_or(args.requests);
-    let (_senders, proxied) = {
-        let s = std::mem::take(&mut senders);
-        run_phase(
+    let rounds = args.rounds.max(1);
+    let (mut directs, mut proxieds) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (s, direct) = run_phase(
+            "direct",
+            senders,
+            &direct_targets,
+            &args,
+            args.requests / rounds,
+            server.pid(),
+            &proxy_pids,
+        )
+        .await;
+        let (s, proxied) = run_phase(
             "proxied",
             s,
             &[COMPONENT.to_string()],
             &args,
-            proxied_n,
+            proxied_n / rounds,
             server.pid(),
             &proxy_pids,
         )
-        .await
-    };
+        .await;
+        senders = s;
+        directs.push(direct);
+        proxieds.push(proxied);
+    }
     stop.store(true, Ordering::Relaxed);
+    let per_round: Vec<String> = directs
+        .iter()
+        .zip(&proxieds)
+        .map(|(d, p)| format!("{:.2}", p.requests_per_second / d.requests_per_second))
+        .collect();
 
-    let phases = [direct, proxied];
+    let phases = [merge(directs), merge(proxieds)];
     let ratio_tput = phases[1].requests_per_second / phases[0].requests_per_second;
     let server_per_req = phases[1].server_cpu_s_per_1000;
     let ratio_cpu = if server_per_req > 0.0 {
@@ -306,10 +320,17 @@ async fn main() {
         "jat-proxy RSS over the proxied phase:        {} KiB at start, {} KiB at end, {} KiB max",
         phases[1].proxy_rss_kib_start, phases[1].proxy_rss_kib_end, phases[1].proxy_rss_kib_max
     );
+    if rounds > 1 {
+        println!(
+            "proxied / direct throughput by round:        {}",
+            per_round.join(" ")
+        );
+    }
     let report = Report {
         machine: machine(),
         server: args.server,
         instances: args.instances,
+        rounds,
         senders: args.senders,
         resources: args.resources,
         window: args.window,
@@ -507,11 +528,6 @@ async fn run_phase(
     let _ = sampler.await;
     all.sort_unstable();
     let done = all.len();
-    let pct = |p: f64| {
-        all.get(((done as f64 * p) as usize).min(done.saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
     let total = done + errors + lost;
     let phase = Phase {
         name: name.to_owned(),
@@ -520,12 +536,7 @@ async fn run_phase(
         lost,
         seconds,
         requests_per_second: done as f64 / seconds,
-        latency_us: Percentiles {
-            p50: pct(0.50),
-            p90: pct(0.90),
-            p99: pct(0.99),
-            max: all.last().copied().unwrap_or(0),
-        },
+        latency_us: percentiles(&all),
         server_cpu_s_per_1000: server_cpu / total as f64 * 1000.0,
         proxy_cpu_s_per_1000: proxy_cpu / total as f64 * 1000.0,
         proxy_rss_kib_start: rss_start,
@@ -535,6 +546,53 @@ async fn run_phase(
     };
     eprintln!("{name}: done");
     (clients, phase)
+}
+
+fn percentiles(sorted: &[u64]) -> Percentiles {
+    let n = sorted.len();
+    let pct = |p: f64| {
+        sorted
+            .get(((n as f64 * p) as usize).min(n.saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    Percentiles {
+        p50: pct(0.50),
+        p90: pct(0.90),
+        p99: pct(0.99),
+        max: sorted.last().copied().unwrap_or(0),
+    }
+}
+
+/// The rounds of one phase as one: counts, time and CPU summed, latencies pooled.
+fn merge(parts: Vec<Phase>) -> Phase {
+    let sum = |f: fn(&Phase) -> f64| parts.iter().map(f).sum::<f64>();
+    let requests: usize = parts.iter().map(|p| p.requests).sum();
+    let errors: usize = parts.iter().map(|p| p.errors).sum();
+    let lost: usize = parts.iter().map(|p| p.lost).sum();
+    let seconds = sum(|p| p.seconds);
+    let server_cpu = sum(|p| p.server_cpu_s_per_1000 * p.requests as f64 / 1000.0);
+    let proxy_cpu = sum(|p| p.proxy_cpu_s_per_1000 * p.requests as f64 / 1000.0);
+    let mut all: Vec<u64> = parts
+        .iter()
+        .flat_map(|p| p.sorted_latencies_us.iter().copied())
+        .collect();
+    all.sort_unstable();
+    Phase {
+        name: parts[0].name.clone(),
+        requests,
+        errors,
+        lost,
+        seconds,
+        requests_per_second: all.len() as f64 / seconds,
+        latency_us: percentiles(&all),
+        server_cpu_s_per_1000: server_cpu / requests as f64 * 1000.0,
+        proxy_cpu_s_per_1000: proxy_cpu / requests as f64 * 1000.0,
+        proxy_rss_kib_start: parts[0].proxy_rss_kib_start,
+        proxy_rss_kib_end: parts[parts.len() - 1].proxy_rss_kib_end,
+        proxy_rss_kib_max: parts.iter().map(|p| p.proxy_rss_kib_max).max().unwrap_or(0),
+        sorted_latencies_us: all,
+    }
 }
 
 fn print_table(phases: &[Phase]) {
