@@ -5,10 +5,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use jat_proxy::{config, keys, random::OsRandom, session, upgrade};
 use tracing::{error, info, warn};
+
+mod log_json;
 
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -16,11 +19,21 @@ struct Cli {
     /// The configuration file (TOML).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// How log lines on stderr are written: text, or json (one object per line with
+    /// timestamp, level, target, message and fields; for journald and log shippers).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
     /// Set by the process itself when it execs a new binary for an in-place upgrade.
     #[arg(long, hide = true, value_name = "PID:SOCKET:RECORD")]
     handover: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -44,20 +57,28 @@ enum KeysAction {
 
 const EXIT_CONFIG: u8 = 2;
 
+/// Whether log lines are JSON: then a configuration error is a log line too.
+static JSON_LOGS: AtomicBool = AtomicBool::new(false);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // First, before anything opens a descriptor: what an in-place upgrade handed over.
     let handover = cli.handover.as_deref().map(upgrade::adopt);
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        );
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => {
+            JSON_LOGS.store(true, Ordering::Relaxed);
+            logs.event_format(log_json::Json).init();
+        }
+    }
     let Some(path) = cli.config else {
-        eprintln!("jat-proxy: --config FILE is required (see --help)");
-        return ExitCode::from(EXIT_CONFIG);
+        return config_error("--config FILE is required (see --help)");
     };
     let mut rng = OsRandom::new();
     let now = session::unix_now();
@@ -186,6 +207,10 @@ fn keys_command(
 
 /// A mistake in the configuration or key file: one message, exit status 2.
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("jat-proxy: {e}");
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        error!("{e}");
+    } else {
+        eprintln!("jat-proxy: {e}");
+    }
     ExitCode::from(EXIT_CONFIG)
 }

@@ -191,6 +191,11 @@ modules:
         }
     }
 
+    /// The process id of `ejabberdctl foreground` (the Erlang VM runs in its process tree).
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().map(|p| p.pid()).unwrap_or(0)
+    }
+
     /// Creates an account.
     pub fn register(&self, user: &str, password: &str) {
         let (ok, out) = self.ctl(&["register", user, "localhost", password]);
