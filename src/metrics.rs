@@ -16,7 +16,10 @@
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 use xmpp_parsers::minidom::Element;
 
 use crate::keys::KeySet;
@@ -84,6 +87,12 @@ fn rejection_index(r: Rejected) -> usize {
     }
 }
 
+/// Reply latency buckets, in seconds: an implementing client answering from memory takes
+/// milliseconds; common clients give up after 30–120 s; tokens last 300 s by default.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
 /// The label values of `jat_proxy_rate_limited_total`: a request refused for its sender's
 /// (or domain's) rate, an error not sent for its recipient's budget, a reply dropped for its
 /// recipient's rate.
@@ -117,6 +126,7 @@ pub struct Metrics {
     outbound_requests: IntCounter,
     outbound_messages: IntCounter,
     routed: IntCounter,
+    reply_latency: Histogram,
     held: IntCounter,
     presence: IntCounter,
     refused: [IntCounter; CONDITIONS.len()],
@@ -292,6 +302,17 @@ impl Metrics {
                 "outbound_replies_routed_total",
                 "Peers' replies to requests the implementing client started, routed back to it.",
             ),
+            reply_latency: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "reply_latency_seconds",
+                        "From a request's forwarding (the issue time sealed in its token, on the forwarding instance's clock) to its reply's reversal.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .expect("valid histogram"),
+            ),
             held: counter(
                 "requests_held_total",
                 "Requests that waited for a resource of the implementing client to become known.",
@@ -322,6 +343,9 @@ impl Metrics {
     #[inline]
     pub fn record(&self, outcome: &Outcome) {
         self.count(outcome.verdict, outcome.stanza);
+        if let Some(ms) = outcome.reply_latency_ms {
+            self.reply_latency.observe(ms as f64 / 1000.0);
+        }
     }
 
     /// Counts one verdict on a stanza of this kind.

@@ -82,6 +82,17 @@ async fn prometheus_scrapes_forwarded_and_reversed_counts() {
         Some(N as f64),
         "{text}"
     );
+    // Every reversed reply's latency is observed, from the time sealed in its token (the
+    // values depend on the machine: printed, not asserted).
+    assert_eq!(
+        sample(&text, "jat_proxy_reply_latency_seconds_count"),
+        Some(N as f64),
+        "{text}"
+    );
+    println!(
+        "[measured] reply latency through Prosody and a test client: sum {:?} s over {N} replies",
+        sample(&text, "jat_proxy_reply_latency_seconds_sum")
+    );
     assert_eq!(sample(&text, "jat_proxy_session_up"), Some(1.0), "{text}");
     assert_eq!(
         sample(&text, "jat_proxy_resources_online"),

@@ -124,6 +124,9 @@ pub struct Outcome {
     pub verdict: Verdict,
     /// Which kind of stanza the input was.
     pub stanza: Stanza,
+    /// For a reply reversed: milliseconds from its request's forwarding (the issue time in
+    /// its token, on the clock of the instance that forwarded it) to now.
+    pub reply_latency_ms: Option<u64>,
 }
 
 /// The kind of stanza an input was (for counters: a verdict per kind is a flow).
@@ -160,6 +163,7 @@ impl Outcome {
             transmit,
             verdict,
             stanza: Stanza::Other,
+            reply_latency_ms: None,
         }
     }
 }

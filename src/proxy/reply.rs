@@ -89,7 +89,12 @@ impl Proxy {
                 _ => {}
             }
         }
-        self.deliver(el, reversal, clock)
+        let issued_ms = reversal.issued_ms;
+        let mut out = self.deliver(el, reversal, clock);
+        if out.verdict == Verdict::Reversed {
+            out.reply_latency_ms = Some(clock.unix_ms.saturating_sub(issued_ms));
+        }
+        out
     }
 
     /// Opens `token` for `binding`; on success, where the reversed stanza goes and comes from;

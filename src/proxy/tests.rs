@@ -1291,3 +1291,19 @@ fn xep_0106_unescaping() {
     assert_eq!(unescape("\\4"), Some("\\4".to_owned()));
     assert_eq!(unescape(""), None);
 }
+
+#[test]
+fn a_reversed_reply_carries_its_latency_from_the_token() {
+    let mut w = World::new().online(&["a"]);
+    let fwd = w.send(&get("lat", "user@example/abc")).unwrap();
+    w.advance(1234);
+    let reply = format!(
+        "<iq type='result' id='lat' to='{}' from='impl@example/a'/>",
+        attr(&fwd, "from")
+    );
+    let inbound = read_one(reply.as_bytes(), Limits::default()).unwrap();
+    let out = w.proxy.handle(inbound, w.clock, &mut w.rng);
+    assert_eq!(out.verdict, Verdict::Reversed);
+    assert_eq!(out.stanza, Stanza::Iq);
+    assert_eq!(out.reply_latency_ms, Some(1234));
+}
