@@ -25,11 +25,12 @@
 //! | tag        | 16    | –        | Poly1305 tag                                     |
 //!
 //! The plaintext of an IQ or message token is `sender` or `sender 0x00 original_to`, an IQ
-//! token's preceded by the first 16 bytes of SHA-256 of the request's id. The associated data
+//! token's preceded by an id tag: the request id's length and the id itself when it has at
+//! most 16 bytes, else `0xFF` and the first 16 bytes of its SHA-256. The associated data
 //! is `header || len16(component) || component`: a token opens only for the component and
 //! the kind of stanza it was made for (a message token never routes an IQ reply), and nobody
 //! can change its kind, key id, issue time or salt. A reply opens an IQ token only if its
-//! id has the digest sealed inside; a *new* stanza the implementing client sends to a token
+//! id matches the tag sealed inside; a *new* stanza the implementing client sends to a token
 //! address (`[proxy] outbound`) opens any IQ or message token without an id to compare —
 //! the token names its peer, whatever the new stanza's id.
 //!
@@ -75,10 +76,13 @@ pub const TAG_LEN: usize = 16;
 pub const MAX_TOKEN_LEN: usize = 1023;
 /// The most bytes whose unpadded base64 fits in [`MAX_TOKEN_LEN`] characters.
 pub const MAX_RAW_LEN: usize = MAX_TOKEN_LEN * 3 / 4;
-/// Bytes of the id digest an IQ token carries.
-pub const DIGEST_LEN: usize = 16;
+/// An IQ id of at most this many bytes is sealed as it is; a longer one as this many bytes
+/// of its SHA-256 digest.
+pub const ID_INLINE_LEN: usize = 16;
+/// Bytes of an IQ token's id tag at most: a length byte, then the id or its digest.
+pub const ID_TAG_LEN: usize = 1 + ID_INLINE_LEN;
 /// The longest plaintext (sender, and original `to` when present) a token can carry.
-pub const MAX_PLAINTEXT_LEN: usize = MAX_RAW_LEN - HEADER_LEN - TAG_LEN - DIGEST_LEN;
+pub const MAX_PLAINTEXT_LEN: usize = MAX_RAW_LEN - HEADER_LEN - TAG_LEN - ID_TAG_LEN;
 /// How far in the future a token's issue time may be (clock skew between instances; the key
 /// file's pruning allows for the same).
 pub use crate::keys::MAX_CLOCK_SKEW;
@@ -178,12 +182,32 @@ fn kind_of(byte: u8) -> Kind {
     }
 }
 
-/// The first [`DIGEST_LEN`] bytes of SHA-256 of an IQ id.
-fn id_digest(id: &str) -> [u8; DIGEST_LEN] {
-    let d = ring::digest::digest(&ring::digest::SHA256, id.as_bytes());
-    d.as_ref()[..DIGEST_LEN]
-        .try_into()
-        .expect("SHA-256 is longer")
+/// An IQ token's id tag: the id's length and the id itself when it has at most
+/// [`ID_INLINE_LEN`] bytes (most clients' ids: no hashing on the hot path), else `0xFF` and the
+/// first [`ID_INLINE_LEN`] bytes of its SHA-256. Returns the buffer and the tag's length.
+fn id_tag(id: &str) -> ([u8; ID_TAG_LEN], usize) {
+    let mut tag = [0u8; ID_TAG_LEN];
+    let id = id.as_bytes();
+    if id.len() <= ID_INLINE_LEN {
+        tag[0] = id.len() as u8;
+        tag[1..=id.len()].copy_from_slice(id);
+        (tag, 1 + id.len())
+    } else {
+        let d = ring::digest::digest(&ring::digest::SHA256, id);
+        tag[0] = 0xFF;
+        tag[1..].copy_from_slice(&d.as_ref()[..ID_INLINE_LEN]);
+        (tag, ID_TAG_LEN)
+    }
+}
+
+/// The length of the id tag at the start of an IQ token's plaintext, if well-formed.
+fn id_tag_len(plain: &[u8]) -> Option<usize> {
+    let n = match *plain.first()? {
+        0xFF => ID_TAG_LEN,
+        n if usize::from(n) <= ID_INLINE_LEN => 1 + usize::from(n),
+        _ => return None,
+    };
+    (plain.len() >= n).then_some(n)
 }
 
 /// What a token carries.
@@ -339,8 +363,8 @@ fn seal_as(
     if plain_len > MAX_PLAINTEXT_LEN {
         return Err(TooLong { len: plain_len });
     }
-    let digest = match binding {
-        Binding::Iq { id, .. } if version != VERSION_1 => Some(id_digest(id)),
+    let id_tag = match binding {
+        Binding::Iq { id, .. } if version != VERSION_1 => Some(id_tag(id)),
         _ => None,
     };
     let key = keys.get(key_id).expect("sealing with a key of the set");
@@ -356,8 +380,8 @@ fn seal_as(
     }
     buf.extend_from_slice(&salt);
     let header_len = buf.len();
-    if let Some(d) = digest {
-        buf.extend_from_slice(&d);
+    if let Some((tag, len)) = &id_tag {
+        buf.extend_from_slice(&tag[..*len]);
     }
     buf.extend_from_slice(contents.sender.as_bytes());
     if let Some(to) = contents.original_to {
@@ -451,17 +475,16 @@ pub fn open(
         )
         .map_err(|_| Rejected::Authentication)?;
     let plain: &[u8] = if kind == Kind::Iq && version != VERSION_1 {
-        if plain.len() < DIGEST_LEN {
-            return Err(Rejected::Contents);
-        }
-        let (digest, rest) = plain.split_at(DIGEST_LEN);
+        let n = id_tag_len(plain).ok_or(Rejected::Contents)?;
+        let (tag, rest) = plain.split_at(n);
         // A reply must carry the request's id; a new stanza to the token names only its peer.
-        // (No need for a constant-time comparison: the digest was authenticated, and who
-        // offers the id knows it.)
-        if let Binding::Iq { id, .. } = binding
-            && digest != id_digest(id)
-        {
-            return Err(Rejected::Authentication);
+        // (No need for a constant-time comparison: the tag was authenticated, and who offers
+        // the id knows it.)
+        if let Binding::Iq { id, .. } = binding {
+            let (expected, len) = id_tag(id);
+            if tag != &expected[..len] {
+                return Err(Rejected::Authentication);
+            }
         }
         rest
     } else {
@@ -486,9 +509,9 @@ pub fn open(
     })
 }
 
-/// Length in characters of the IQ token for a plaintext of `plain_len` bytes.
-pub fn encoded_len(plain_len: usize) -> usize {
-    (4 * (HEADER_LEN + DIGEST_LEN + plain_len + TAG_LEN)).div_ceil(3)
+/// Length in characters of the IQ token for the id `id` and a plaintext of `plain_len` bytes.
+pub fn encoded_len(id: &str, plain_len: usize) -> usize {
+    (4 * (HEADER_LEN + id_tag(id).1 + plain_len + TAG_LEN)).div_ceil(3)
 }
 
 /// Where the reply to an IQ jat-proxy sent to a peer for the implementing client goes: what
@@ -614,7 +637,7 @@ mod tests {
         assert_eq!(o.sender, "user@example/abc");
         assert_eq!(o.original_to, None);
         assert_eq!(o.key_id, 7);
-        assert_eq!(t.len(), encoded_len("user@example/abc".len()));
+        assert_eq!(t.len(), encoded_len("1234", "user@example/abc".len()));
     }
 
     #[test]
@@ -791,6 +814,34 @@ mod tests {
             ),
             Err(Rejected::Kind)
         );
+    }
+
+    #[test]
+    fn short_ids_are_sealed_whole_and_long_ones_as_a_digest() {
+        let c = Contents {
+            sender: "user@example/abc",
+            original_to: None,
+        };
+        let long = "0123456789abcdef-and-then-some";
+        for (id, other) in [
+            ("", "x"),
+            ("0123456789abcdef", "0123456789abcdeg"),
+            (long, "0123456789abcdef"),
+            (long, "0123456789abcdef-and-then-somf"),
+        ] {
+            let t = seal(&keys(), binding(id), &c, NOW, [4; SALT_LEN]).unwrap();
+            assert_eq!(t.len(), encoded_len(id, c.sender.len()), "{id}");
+            assert!(open(&keys(), binding(id), &t, NOW, LIFE).is_ok(), "{id}");
+            assert_eq!(
+                open(&keys(), binding(other), &t, NOW, LIFE),
+                Err(Rejected::Authentication),
+                "{id} vs {other}"
+            );
+            let peer = Binding::Peer {
+                component: "proxy.example",
+            };
+            assert_eq!(open(&keys(), peer, &t, NOW, LIFE).unwrap().sender, c.sender);
+        }
     }
 
     #[test]
