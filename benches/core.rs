@@ -218,5 +218,58 @@ fn metrics(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, tokens, core, limiter, metrics);
+/// The flows beside the IQ request and reply: a message each way, a request the implementing
+/// client starts, and its peer's reply routed back (stanza in, stanza out; no serialising).
+fn flows(c: &mut Criterion) {
+    let mut proxy = Proxy::new(settings_unlimited(), keys());
+    let mut rng = SeededRandom::new(3);
+    let handle = |proxy: &mut Proxy, xml: &str, rng: &mut SeededRandom| {
+        proxy
+            .handle(
+                read_one(xml.as_bytes(), Limits::default()).unwrap(),
+                CLOCK,
+                rng,
+            )
+            .transmit
+            .unwrap()
+    };
+    let _ = proxy.handle(
+        read_one(
+            b"<presence from='impl@example/a' to='proxy.example'/>",
+            Limits::default(),
+        )
+        .unwrap(),
+        CLOCK,
+        &mut rng,
+    );
+    let message = "<message type='chat' id='m-7a2b' to='proxy.example' from='user@example.org/phone-4f3a'><body>hello there</body><active xmlns='http://jabber.org/protocol/chatstates'/></message>";
+    let fwd = handle(&mut proxy, message, &mut rng);
+    let token_addr = fwd.attr("from").unwrap().to_owned();
+    let answer = format!(
+        "<message type='chat' id='r-1' to='{token_addr}' from='impl@example/a'><body>hello</body></message>"
+    );
+    let push = format!(
+        "<iq type='get' id='push-1' to='{token_addr}' from='impl@example/a'><query xmlns='urn:x:ask'/></iq>"
+    );
+    let sent = handle(&mut proxy, &push, &mut rng);
+    let routed = format!(
+        "<iq type='result' id='{}' to='proxy.example' from='user@example.org/phone-4f3a'><answer xmlns='urn:x:ask'/></iq>",
+        sent.attr("id").unwrap()
+    );
+    let mut g = c.benchmark_group("flows");
+    g.throughput(Throughput::Elements(1));
+    for (name, input) in [
+        ("message_in_forwarded_out", message.to_owned()),
+        ("message_in_reversed_out", answer),
+        ("outbound_request_in_sent_out", push),
+        ("routed_reply_in_out", routed),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| handle(&mut proxy, black_box(&input), &mut rng))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, tokens, core, flows, limiter, metrics);
 criterion_main!(benches);
