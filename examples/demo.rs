@@ -38,9 +38,12 @@ async fn main() {
     let config =
         jat_proxy::config::parse(Path::new("demo.toml"), &config_text).expect("demo configuration");
     let mut rng = jat_proxy::random::OsRandom::new();
-    let (keys, _) =
-        jat_proxy::keys::load_or_create(&config.key_file, &mut rng, jat_proxy::session::unix_now())
-            .expect("key file");
+    let (keys, _) = jat_proxy::keys::load_or_create(
+        &config.keys.key_file,
+        &mut rng,
+        jat_proxy::session::unix_now(),
+    )
+    .expect("key file");
     let start = jat_proxy::session::Start::fresh("demo.toml".into()).expect("the running binary");
     tokio::spawn(jat_proxy::session::run(config, keys, start));
 

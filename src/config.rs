@@ -18,9 +18,24 @@ use crate::tomldiag;
 /// Name of the environment variable that may hold the component secret.
 pub const SECRET_ENV: &str = "JAT_PROXY_SECRET";
 
-/// A validated configuration.
+/// A validated configuration: one section per layer, each handed to the layer that uses it.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The session's connection to the server (`[component]`, and the probe interval).
+    pub component: Component,
+    /// The sans-IO core's settings (`[proxy]`, the rates of `[limits]`, `[policy]`).
+    pub proxy: Settings,
+    /// The key file (`[keys]`, and the longest token lifetime, for pruning).
+    pub keys: KeysConfig,
+    /// The stream reader's limits on stanzas (`[limits]`).
+    pub limits: Limits,
+    /// The HTTP listener (`[metrics]`).
+    pub metrics: MetricsConfig,
+}
+
+/// The session's connection to the server.
+#[derive(Debug, Clone)]
+pub struct Component {
     /// The component's domain, normalised (`proxy.example`).
     pub jid: String,
     /// `host:port` of the server's XEP-0114 listener.
@@ -34,42 +49,18 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// How long the server may take to answer it before the session is declared dead.
     pub keepalive_timeout: Duration,
-    /// Where keepalive pings are sent.
-    pub keepalive_to: String,
     /// Longest wait between reconnection attempts.
     pub reconnect_max: Duration,
-    /// How often the target's presence is probed (jittered by ±20%).
+    /// How often the target's presence is probed (jittered by ±20%; `[proxy]
+    /// probe_interval_secs`, a timer of the session).
     pub probe_interval: Duration,
-    /// The implementing client's account.
-    pub target: BareJid,
-    /// Token lifetime in seconds.
-    pub token_lifetime: u64,
-    /// Most target resources tracked.
-    pub max_resources: usize,
-    /// How long a request waits for a resource when none is known (0: refused at once).
-    pub hold: Duration,
-    /// How many requests may wait at once.
-    pub max_held: usize,
-    /// Which resources of the target may be chosen, and how.
-    pub selection: Selection,
-    /// Whether messages are forwarded or refused.
-    pub messages: Messages,
-    /// Message token lifetime in seconds.
-    pub message_token_lifetime: u64,
-    /// Which stanzas the implementing client may start.
-    pub outbound: Outbound,
-    /// The key file.
-    pub key_file: PathBuf,
-    /// How often the key file is checked for a rotation.
-    pub key_reload_interval: Duration,
-    /// Limits on stanzas read.
-    pub limits: Limits,
-    /// Per-sender rate limit.
-    pub rate: RateLimit,
-    /// Allow/deny lists.
-    pub policy: Policy,
-    /// Where `/metrics` and `/healthz` are served (`[metrics] listen`); off if `None`.
-    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// The HTTP listener of `/metrics` and `/healthz`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Where they are served (`[metrics] listen`); off if `None`.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// Where the component secret is read from.
@@ -92,7 +83,7 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<(), ConfigError> {
         let err = |key: &str, message: String| ConfigError::new(file, Some(key), message);
-        let secret = match &self.secret_source {
+        let secret = match &self.component.secret_source {
             SecretSource::Inline => return Ok(()),
             SecretSource::File(f) => {
                 let what = format!("the secret file {}", f.display());
@@ -110,27 +101,8 @@ impl Config {
         if secret.is_empty() {
             return Err(err("component.secret", "the secret is empty".into()));
         }
-        self.secret = secret;
+        self.component.secret = secret;
         Ok(())
-    }
-
-    /// The settings of the sans-IO proxy.
-    pub fn settings(&self) -> Settings {
-        Settings {
-            component: self.jid.clone(),
-            target: self.target.clone(),
-            token_lifetime: self.token_lifetime,
-            max_resources: self.max_resources,
-            keepalive_to: self.keepalive_to.clone(),
-            rate: self.rate,
-            policy: self.policy.clone(),
-            hold_ms: self.hold.as_millis() as u64,
-            max_held: self.max_held,
-            selection: self.selection.clone(),
-            messages: self.messages,
-            message_token_lifetime: self.message_token_lifetime,
-            outbound: self.outbound,
-        }
     }
 }
 
@@ -406,7 +378,7 @@ pub struct KeysConfig {
     /// The key file.
     pub key_file: PathBuf,
     /// How often running instances check the key file.
-    pub key_reload_interval: Duration,
+    pub reload_interval: Duration,
     /// The longest lifetime of the tokens instances seal, in seconds: the IQ token lifetime,
     /// or the message token lifetime when messages are forwarded. A superseded key is kept
     /// that long.
@@ -454,7 +426,7 @@ pub fn parse_keys(path: &Path, text: &str) -> Result<KeysConfig, ConfigError> {
     let err = |key: &str, message: String| ConfigError::new(path, Some(key), message).placed(text);
     Ok(KeysConfig {
         key_file: key_file(&raw.keys, &err)?,
-        key_reload_interval: key_reload_interval(&raw.keys, &err)?,
+        reload_interval: key_reload_interval(&raw.keys, &err)?,
         token_lifetime: {
             let iq = token_lifetime(raw.proxy.token_lifetime_secs, &err)?;
             match raw.proxy.messages {
@@ -719,40 +691,54 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ),
     };
 
+    let keys_lifetime = match raw.proxy.messages {
+        Messages::Refuse => token_lifetime,
+        Messages::Forward => token_lifetime.max(message_token_lifetime),
+    };
     Ok(Config {
-        jid,
-        server,
-        secret,
-        secret_source,
-        keepalive_interval,
-        keepalive_timeout,
-        keepalive_to,
-        reconnect_max,
-        probe_interval,
-        target,
-        token_lifetime,
-        max_resources: raw.proxy.max_resources,
-        hold: Duration::from_millis(raw.proxy.hold_ms),
-        max_held: raw.proxy.max_held,
-        selection,
-        messages: raw.proxy.messages,
-        message_token_lifetime,
-        outbound: raw.proxy.outbound,
-        key_file,
-        key_reload_interval,
+        component: Component {
+            jid: jid.clone(),
+            server,
+            secret,
+            secret_source,
+            keepalive_interval,
+            keepalive_timeout,
+            reconnect_max,
+            probe_interval,
+        },
+        proxy: Settings {
+            component: jid,
+            target,
+            token_lifetime,
+            max_resources: raw.proxy.max_resources,
+            keepalive_to,
+            rate: RateLimit {
+                per_second: l.rate_per_sender,
+                burst: l.rate_burst,
+                max_senders: l.max_senders,
+                per_domain: l.rate_per_domain,
+                domain_burst: l.domain_burst,
+            },
+            policy,
+            hold_ms: raw.proxy.hold_ms,
+            max_held: raw.proxy.max_held,
+            selection,
+            messages: raw.proxy.messages,
+            message_token_lifetime,
+            outbound: raw.proxy.outbound,
+        },
+        keys: KeysConfig {
+            key_file,
+            reload_interval: key_reload_interval,
+            token_lifetime: keys_lifetime,
+        },
         limits: Limits {
             max_bytes: l.max_stanza_bytes,
             max_depth: l.max_depth,
         },
-        rate: RateLimit {
-            per_second: l.rate_per_sender,
-            burst: l.rate_burst,
-            max_senders: l.max_senders,
-            per_domain: l.rate_per_domain,
-            domain_burst: l.domain_burst,
+        metrics: MetricsConfig {
+            listen: metrics_listen,
         },
-        policy,
-        metrics_listen,
     })
 }
 
@@ -782,11 +768,11 @@ file = "/var/lib/jat-proxy/keys.toml"
     #[test]
     fn documented_example_parses_with_defaults() {
         let c = parse_str(GOOD).unwrap();
-        assert_eq!(c.jid, "proxy.localhost");
-        assert_eq!(c.target.to_string(), "impl@localhost");
-        assert_eq!(c.token_lifetime, 300);
-        assert_eq!(c.keepalive_to, "localhost");
-        assert_eq!(&*c.secret, "s3cret");
+        assert_eq!(c.component.jid, "proxy.localhost");
+        assert_eq!(c.proxy.target.to_string(), "impl@localhost");
+        assert_eq!(c.proxy.token_lifetime, 300);
+        assert_eq!(c.proxy.keepalive_to, "localhost");
+        assert_eq!(&*c.component.secret, "s3cret");
     }
 
     #[test]
@@ -843,7 +829,7 @@ file = "/var/lib/jat-proxy/keys.toml"
         let k = parse_keys(Path::new("t"), only).unwrap();
         assert_eq!(k.key_file, Path::new("/k.toml"));
         assert_eq!(k.token_lifetime, 300);
-        assert_eq!(k.key_reload_interval, Duration::from_secs(10));
+        assert_eq!(k.reload_interval, Duration::from_secs(10));
         assert!(parse(Path::new("t"), only).is_err());
         // Incomplete or unresolvable other sections do not matter; the lifetime does.
         let text = GOOD
@@ -900,28 +886,29 @@ file = "/var/lib/jat-proxy/keys.toml"
     #[test]
     fn selection() {
         let c = parse_str(GOOD).unwrap();
-        assert_eq!(c.selection, Selection::default());
+        assert_eq!(c.proxy.selection, Selection::default());
         let text = GOOD.replace(
             "[proxy]",
             "[proxy]\nbalance = \"sticky\"\nresources = [\"focus\", \"worker-*\"]",
         );
         let c = parse_str(&text).unwrap();
-        assert_eq!(c.selection.balance, Balance::Sticky);
-        assert!(c.selection.admits("focus") && c.selection.admits("worker-7"));
-        assert!(!c.selection.admits("phone") && !c.selection.admits("focus2"));
+        assert_eq!(c.proxy.selection.balance, Balance::Sticky);
+        assert!(c.proxy.selection.admits("focus") && c.proxy.selection.admits("worker-7"));
+        assert!(!c.proxy.selection.admits("phone") && !c.proxy.selection.admits("focus2"));
     }
 
     #[test]
     fn metrics_listener_is_off_unless_set() {
-        assert_eq!(parse_str(GOOD).unwrap().metrics_listen, None);
+        assert_eq!(parse_str(GOOD).unwrap().metrics.listen, None);
         let c = parse_str(&format!("{GOOD}\n[metrics]\nlisten = \"127.0.0.1:9798\"\n")).unwrap();
-        assert_eq!(c.metrics_listen, Some("127.0.0.1:9798".parse().unwrap()));
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9798".parse().unwrap()));
         let c = parse_str(&format!("{GOOD}\n[metrics]\nlisten = \"[::1]:9798\"\n")).unwrap();
-        assert_eq!(c.metrics_listen, Some("[::1]:9798".parse().unwrap()));
+        assert_eq!(c.metrics.listen, Some("[::1]:9798".parse().unwrap()));
         assert_eq!(
             parse_str(&format!("{GOOD}\n[metrics]\n"))
                 .unwrap()
-                .metrics_listen,
+                .metrics
+                .listen,
             None
         );
         for bad in [
@@ -948,7 +935,7 @@ file = "/var/lib/jat-proxy/keys.toml"
             (n == SECRET_ENV).then(|| "from-env".to_owned())
         })
         .unwrap();
-        assert_eq!(&*c.secret, "from-env");
+        assert_eq!(&*c.component.secret, "from-env");
         let e = parse_str(&text).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("component.secret_env"));
     }

@@ -107,14 +107,18 @@ pub fn token(data: &[u8]) {
 pub fn config(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     if let Ok(c) = crate::config::parse(Path::new("fuzz.toml"), &text) {
-        assert!((10..=86400).contains(&c.token_lifetime));
-        assert!((1..=4096).contains(&c.max_resources));
+        let p = &c.proxy;
+        assert!((10..=86400).contains(&p.token_lifetime));
+        assert!((10..=30 * 86400).contains(&p.message_token_lifetime));
+        assert!(c.keys.token_lifetime >= p.token_lifetime);
+        assert!((1..=4096).contains(&p.max_resources));
         assert!(c.limits.max_depth >= 4 && c.limits.max_bytes >= 4096);
-        assert!(c.rate.per_second > 0.0 && c.rate.burst >= 1.0 && c.rate.max_senders >= 1);
-        assert!(c.rate.per_domain > 0.0 && c.rate.domain_burst >= 1.0);
-        assert!(c.target.node().is_some());
-        assert!(BareJid::new(&c.jid).is_ok_and(|j| j.node().is_none()));
-        assert_ne!(c.target.domain().as_str(), c.jid);
+        assert!(p.rate.per_second > 0.0 && p.rate.burst >= 1.0 && p.rate.max_senders >= 1);
+        assert!(p.rate.per_domain > 0.0 && p.rate.domain_burst >= 1.0);
+        assert!(p.target.node().is_some());
+        assert!(BareJid::new(&p.component).is_ok_and(|j| j.node().is_none()));
+        assert_eq!(p.component, c.component.jid);
+        assert_ne!(p.target.domain().as_str(), p.component);
     }
 }
 

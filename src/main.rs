@@ -99,7 +99,7 @@ fn main() -> ExitCode {
         Err(e) => return config_error(e),
     };
     if let Some(Command::Check) = command {
-        return match keys::load_or_create(&config.key_file, &mut rng, now) {
+        return match keys::load_or_create(&config.keys.key_file, &mut rng, now) {
             Ok(_) => {
                 println!("configuration and key file OK");
                 ExitCode::SUCCESS
@@ -130,10 +130,10 @@ fn main() -> ExitCode {
         resuming = handover.is_some(),
         "jat-proxy starting"
     );
-    let keys = match keys::load_or_create(&config.key_file, &mut rng, now) {
+    let keys = match keys::load_or_create(&config.keys.key_file, &mut rng, now) {
         Ok((set, created)) => {
             if created {
-                info!(file = %config.key_file.display(), "created a new key file");
+                info!(file = %config.keys.key_file.display(), "created a new key file");
             }
             set
         }
@@ -176,7 +176,7 @@ fn keys_command(
             rng,
             now,
             config.token_lifetime,
-            config.key_reload_interval.as_secs(),
+            config.reload_interval.as_secs(),
         ) {
             Ok(r) => {
                 if r.created {

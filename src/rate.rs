@@ -520,13 +520,19 @@ mod tests {
         let good = "[component]\njid = \"proxy.localhost\"\nserver = \"127.0.0.1:5347\"\nsecret = \"s\"\n\n[proxy]\ntarget_address = \"impl@localhost\"\n\n[keys]\nfile = \"/k.toml\"\n";
         let parse = |t: &str| crate::config::parse(std::path::Path::new("t.toml"), t);
         let c = parse(good).unwrap();
-        assert_eq!(c.rate, RateLimit::default());
-        assert_eq!((c.rate.per_domain, c.rate.domain_burst), (100.0, 500.0));
+        assert_eq!(c.proxy.rate, RateLimit::default());
+        assert_eq!(
+            (c.proxy.rate.per_domain, c.proxy.rate.domain_burst),
+            (100.0, 500.0)
+        );
         let c = parse(&format!(
             "{good}[limits]\nrate_per_domain = 2.5\ndomain_burst = 7\n"
         ))
         .unwrap();
-        assert_eq!((c.rate.per_domain, c.rate.domain_burst), (2.5, 7.0));
+        assert_eq!(
+            (c.proxy.rate.per_domain, c.proxy.rate.domain_burst),
+            (2.5, 7.0)
+        );
         for (text, key) in [
             ("rate_per_domain = 0.0", "limits.rate_per_domain"),
             ("rate_per_domain = -1.0", "limits.rate_per_domain"),

@@ -172,13 +172,13 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
     let mut signals = Signals::new()?;
     let notifier = Notifier::from_env();
     let mut rng = OsRandom::new();
-    let mut proxy = Proxy::new(config.settings(), keys);
+    let mut proxy = Proxy::new(config.proxy.clone(), keys);
     crate::metrics::global().keys(proxy.keys());
-    if let Some(addr) = config.metrics_listen {
+    if let Some(addr) = config.metrics.listen {
         crate::http::spawn(addr);
     }
-    let mut watch = KeyWatch::new(&config.key_file);
-    let mut backoff = Backoff::new(Duration::from_millis(500), config.reconnect_max);
+    let mut watch = KeyWatch::new(&config.keys.key_file);
+    let mut backoff = Backoff::new(Duration::from_millis(500), config.component.reconnect_max);
     let mut resumed = start.handover.and_then(|h| resume(h, &config));
     let upgrader = Upgrader {
         program: start.program,
@@ -187,7 +187,7 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
     };
     loop {
         // Also while disconnected: an instance that takes over must know every key in use.
-        watch.reload_if_changed(&config.key_file, &mut proxy, false);
+        watch.reload_if_changed(&config.keys.key_file, &mut proxy, false);
         let session = match resumed.take() {
             Some((conn, record)) => {
                 let mut conn = conn;
@@ -197,7 +197,7 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
                 Some((conn, record.established_unix_ms, record.upgrades))
             }
             None => {
-                notifier.status(&format!("connecting to {}", config.server));
+                notifier.status(&format!("connecting to {}", config.component.server));
                 let login = tokio::select! {
                     r = kept_alive(login(&config), &notifier) => r,
                     _ = shutdown(&mut signals.term, &mut signals.int) => return Ok(stopped(&notifier)),
@@ -208,7 +208,7 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
                 };
                 match login {
                     Ok(mut conn) => {
-                        info!(component = %config.jid, server = %config.server, "session established");
+                        info!(component = %config.component.jid, server = %config.component.server, "session established");
                         crate::metrics::global().logged_in();
                         for el in proxy.connected() {
                             conn.queue(&el);
@@ -216,7 +216,7 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
                         Some((conn, unix_now_ms(), 0))
                     }
                     Err(e) => {
-                        warn!(server = %config.server, "cannot log in: {e}");
+                        warn!(server = %config.component.server, "cannot log in: {e}");
                         crate::metrics::global().login_failed();
                         None
                     }
@@ -255,7 +255,7 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
         info!("reconnecting in {} ms", delay.as_millis());
         notifier.status(&format!(
             "reconnecting to {} in {} ms",
-            config.server,
+            config.component.server,
             delay.as_millis()
         ));
         tokio::select! {
@@ -300,12 +300,12 @@ fn resume(h: Handover, config: &Config) -> Option<(Conn, Record)> {
         Ok(r) => r,
         Err(e) => return unusable(h.socket, e.to_string()),
     };
-    if record.component != config.jid || record.server != config.server {
+    if record.component != config.component.jid || record.server != config.component.server {
         return unusable(
             h.socket,
             format!(
                 "it is for {} at {}, the configuration now says {} at {}",
-                record.component, record.server, config.jid, config.server
+                record.component, record.server, config.component.jid, config.component.server
             ),
         );
     }
@@ -318,7 +318,7 @@ fn resume(h: Handover, config: &Config) -> Option<(Conn, Record)> {
             Conn::resumed(
                 tcp,
                 config.limits,
-                config.keepalive_timeout,
+                config.component.keepalive_timeout,
                 &record.header,
                 &record.pending,
             )
@@ -327,8 +327,8 @@ fn resume(h: Handover, config: &Config) -> Option<(Conn, Record)> {
     match conn {
         Ok(conn) => {
             info!(
-                component = %config.jid,
-                server = %config.server,
+                component = %config.component.jid,
+                server = %config.component.server,
                 from_build = %record.build,
                 resources = record.resources.len(),
                 pending_bytes = record.pending.len(),
@@ -541,10 +541,11 @@ impl Conn {
 async fn login(config: &Config) -> io::Result<Conn> {
     let refused = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, why);
     let attempt = async {
-        let tcp = TcpStream::connect(&config.server).await?;
+        let tcp = TcpStream::connect(&config.component.server).await?;
         tcp.set_nodelay(true)?;
-        let mut conn = Conn::new(tcp, config.limits, config.keepalive_timeout);
-        conn.writer.header(&[("to", &config.jid)], &mut conn.out);
+        let mut conn = Conn::new(tcp, config.limits, config.component.keepalive_timeout);
+        conn.writer
+            .header(&[("to", &config.component.jid)], &mut conn.out);
         conn.flush().await.map_err(io::Error::other)?;
         let id = loop {
             match conn.next_frame().await.map_err(io::Error::other)? {
@@ -560,7 +561,7 @@ async fn login(config: &Config) -> io::Result<Conn> {
                 Frame::Stanza(_) => continue,
             }
         };
-        let handshake = Handshake::from_stream_id_and_password(id, &config.secret);
+        let handshake = Handshake::from_stream_id_and_password(id, &config.component.secret);
         conn.queue(&Element::from(handshake));
         conn.flush().await.map_err(io::Error::other)?;
         loop {
@@ -610,9 +611,9 @@ async fn serve(
     upgrader: &Upgrader,
     stream: Stream,
 ) -> End {
-    let mut reload = tokio::time::interval(config.key_reload_interval);
+    let mut reload = tokio::time::interval(config.keys.reload_interval);
     reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut next_probe = Instant::now() + jittered(config.probe_interval, rng);
+    let mut next_probe = Instant::now() + jittered(config.component.probe_interval, rng);
     let mut last_read = Instant::now();
     let mut ping_sent: Option<Instant> = None;
     let watchdog_every = notifier.watchdog_every();
@@ -643,10 +644,11 @@ async fn serve(
                 hand_over(&conn, pending, config, proxy, upgrader, stream);
                 // Still here: exec failed, and this process goes on serving.
                 ready_sent = false;
-            } else if since.elapsed() >= HANDOVER_WAIT + config.hold {
+            } else if since.elapsed() >= HANDOVER_WAIT + Duration::from_millis(config.proxy.hold_ms)
+            {
                 warn!(
                     "upgrade abandoned: the stream was never at a point it could be handed over at (a stanza over the limit streaming in, or requests held for a resource) within {} ms; still serving",
-                    (HANDOVER_WAIT + config.hold).as_millis()
+                    (HANDOVER_WAIT + Duration::from_millis(config.proxy.hold_ms)).as_millis()
                 );
                 handover_since = None;
                 ready_sent = false;
@@ -656,10 +658,10 @@ async fn serve(
         if checking.is_none() && handover_since.is_none() {
             let now = format!(
                 "connected to {} as {}; {} resource(s) of {} online; key {}",
-                config.server,
-                config.jid,
+                config.component.server,
+                config.component.jid,
                 proxy.resources().len(),
-                config.target,
+                config.proxy.target,
                 proxy.keys().current().id()
             );
             if !ready_sent {
@@ -673,8 +675,8 @@ async fn serve(
         }
         // Idle for keepalive_interval: ping; no byte for keepalive_timeout after that: dead.
         let wake = match ping_sent {
-            None => last_read + config.keepalive_interval,
-            Some(at) => at + config.keepalive_timeout,
+            None => last_read + config.component.keepalive_interval,
+            Some(at) => at + config.component.keepalive_timeout,
         };
         tokio::select! {
             r = conn.read() => {
@@ -688,7 +690,7 @@ async fn serve(
                 if ping_sent.is_some() {
                     return End::Lost(format!(
                         "no answer to a keepalive ping within {} s",
-                        config.keepalive_timeout.as_secs()
+                        config.component.keepalive_timeout.as_secs()
                     ));
                 }
                 debug!("idle: sending keepalive ping");
@@ -696,7 +698,7 @@ async fn serve(
                 ping_sent = Some(Instant::now());
             }
             _ = sleep_until(next_probe.into()) => {
-                next_probe = Instant::now() + jittered(config.probe_interval, rng);
+                next_probe = Instant::now() + jittered(config.component.probe_interval, rng);
                 conn.queue(&proxy.probe());
             }
             _ = sleep_until(core_due(proxy)), if proxy.poll_timeout().is_some() => {
@@ -714,7 +716,7 @@ async fn serve(
             }
             _ = signals.hup.recv() => {
                 info!("SIGHUP: reloading the key file");
-                watch.reload_if_changed(&config.key_file, proxy, true);
+                watch.reload_if_changed(&config.keys.key_file, proxy, true);
             }
             _ = signals.usr2.recv() => {
                 if checking.is_some() || handover_since.is_some() {
@@ -736,7 +738,7 @@ async fn serve(
                 }
             }
             _ = reload.tick() => {
-                watch.reload_if_changed(&config.key_file, proxy, false);
+                watch.reload_if_changed(&config.keys.key_file, proxy, false);
             }
         }
     }
@@ -755,8 +757,8 @@ fn hand_over(
         return;
     };
     let record = Record {
-        component: config.jid.clone(),
-        server: config.server.clone(),
+        component: config.component.jid.clone(),
+        server: config.component.server.clone(),
         header: header.to_vec(),
         pending,
         resources: proxy

@@ -490,7 +490,7 @@ fn a_symlinked_secret_file_is_refused() {
     assert_eq!((e.line, e.column), (Some(4), Some(15)), "{e}");
     std::fs::write(&cfg, text_for(&real)).unwrap();
     let c = config::load(&cfg).unwrap();
-    assert_eq!(&*c.secret, SECRET);
+    assert_eq!(&*c.component.secret, SECRET);
     // Group-readable: refused, and the secret is not shown.
     std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
     let e = config::load(&cfg).unwrap_err().to_string();

@@ -450,7 +450,9 @@ fn key_id(req: &testkit::client::Element) -> u32 {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)
         .unwrap();
-    u32::from_be_bytes(raw[1..5].try_into().unwrap())
+    // Version 2: version, kind, key id; version 1 had no kind byte.
+    let at = if raw[0] == 1 { 1 } else { 2 };
+    u32::from_be_bytes(raw[at..at + 4].try_into().unwrap())
 }
 
 #[test]
