@@ -58,6 +58,11 @@ struct Args {
     /// The jat-proxy binary (build it with `cargo build --release`).
     #[arg(long, default_value = "target/release/jat-proxy")]
     proxy_bin: PathBuf,
+    /// What is sent: IQ requests answered with results, or messages answered with messages
+    /// (`[proxy] messages = "forward"`; the implementing client writes back to the token
+    /// address it got each message from).
+    #[arg(long, value_enum, default_value_t = Flow::Iq)]
+    flow: Flow,
     /// Alternate direct and proxied phases this many times (each with its share of the
     /// requests) and report them summed: on a shared machine, both then see the same load.
     #[arg(long, default_value_t = 1)]
@@ -68,6 +73,13 @@ struct Args {
     /// Draw the latency distribution of both phases as SVG here.
     #[arg(long)]
     svg: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Flow {
+    Iq,
+    Message,
 }
 
 #[derive(clap::ValueEnum, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +183,7 @@ struct Percentiles {
 struct Report<'a> {
     machine: String,
     server: ServerKind,
+    flow: Flow,
     instances: usize,
     rounds: usize,
     senders: usize,
@@ -209,7 +222,7 @@ async fn main() {
             secret: SECRET,
             target: "impl@localhost",
             key_file: &server.dir().join("keys.toml"),
-            proxy_extra: "",
+            proxy_extra: "messages = \"forward\"",
             extra: "\n[limits]\nrate_per_sender = 1000000.0\nrate_burst = 1000000\n",
         },
     );
@@ -300,8 +313,9 @@ async fn main() {
         f64::NAN
     };
     println!(
-        "{}, {} jat-proxy instance(s), {} senders, {} resources, window {}",
+        "{}, {:?}, {} jat-proxy instance(s), {} senders, {} resources, window {}",
         server.name(),
+        args.flow,
         args.instances,
         args.senders,
         args.resources,
@@ -336,6 +350,7 @@ async fn main() {
     let report = Report {
         machine: machine(),
         server: args.server,
+        flow: args.flow,
         instances: args.instances,
         rounds,
         senders: args.senders,
@@ -376,8 +391,20 @@ fn wait_for_login(server: &Server, instances: usize) {
 
 async fn respond(mut c: Client, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
-        if let Some(req) = c.recv_request(Duration::from_millis(500)).await {
-            c.send(reply_to(&req, "result", ""));
+        let Some(el) = c.recv(Duration::from_millis(500)).await else {
+            continue;
+        };
+        match (el.name(), el.attr("type")) {
+            ("iq", Some("get" | "set")) => c.send(reply_to(&el, "result", "")),
+            // Write back to whoever wrote (a token address, or the sender when direct).
+            ("message", t) if t != Some("error") => {
+                if let (Some(id), Some(from)) = (el.attr("id"), el.attr("from")) {
+                    c.send_xml(&format!(
+                        "<message type='chat' id='{id}' to='{from}'><body>ok</body></message>"
+                    ));
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -484,6 +511,7 @@ async fn run_phase(
     for (si, mut c) in senders.into_iter().enumerate() {
         let targets = targets.to_vec();
         let name = name.to_owned();
+        let flow = args.flow;
         tasks.push(tokio::spawn(async move {
             let mut in_flight: HashMap<String, Instant> = HashMap::new();
             let mut latencies = Vec::with_capacity(per_sender);
@@ -492,16 +520,21 @@ async fn run_phase(
                 while sent < per_sender && in_flight.len() < window {
                     let id = format!("{name}-{si}-{sent}");
                     let to = &targets[sent % targets.len()];
-                    c.send_xml(&format!(
-                        "<iq type='get' id='{id}' to='{to}'><ping xmlns='urn:xmpp:ping'/></iq>"
-                    ));
+                    c.send_xml(&match flow {
+                        Flow::Iq => format!(
+                            "<iq type='get' id='{id}' to='{to}'><ping xmlns='urn:xmpp:ping'/></iq>"
+                        ),
+                        Flow::Message => format!(
+                            "<message type='chat' id='{id}' to='{to}'><body>{id}</body></message>"
+                        ),
+                    });
                     in_flight.insert(id, Instant::now());
                     sent += 1;
                 }
                 match c.recv(Duration::from_secs(30)).await {
-                    Some(r) if r.name() == "iq" => {
+                    Some(r) if r.name() == "iq" || r.name() == "message" => {
                         if let Some(t0) = r.attr("id").and_then(|id| in_flight.remove(id)) {
-                            if r.attr("type") == Some("result") {
+                            if matches!(r.attr("type"), Some("result") | Some("chat")) {
                                 latencies.push(t0.elapsed().as_micros() as u64);
                             } else {
                                 errors += 1;
