@@ -58,9 +58,11 @@ struct Args {
     /// The jat-proxy binary (build it with `cargo build --release`).
     #[arg(long, default_value = "target/release/jat-proxy")]
     proxy_bin: PathBuf,
-    /// What is sent: IQ requests answered with results, or messages answered with messages
+    /// What is sent: IQ requests answered with results; messages answered with messages
     /// (`[proxy] messages = "forward"`; the implementing client writes back to the token
-    /// address it got each message from).
+    /// address it got each message from); or `outbound`, IQs the implementing client's
+    /// resources start, to each sender's full JID directly, and through the proxy to its
+    /// XEP-0106-escaped address (`[proxy] outbound = "any"`), answered by the senders.
     #[arg(long, value_enum, default_value_t = Flow::Iq)]
     flow: Flow,
     /// Alternate direct and proxied phases this many times (each with its share of the
@@ -80,6 +82,7 @@ struct Args {
 enum Flow {
     Iq,
     Message,
+    Outbound,
 }
 
 #[derive(clap::ValueEnum, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +225,7 @@ async fn main() {
             secret: SECRET,
             target: "impl@localhost",
             key_file: &server.dir().join("keys.toml"),
-            proxy_extra: "messages = \"forward\"",
+            proxy_extra: "messages = \"forward\"\noutbound = \"any\"",
             extra: "\n[limits]\nrate_per_sender = 1000000.0\nrate_burst = 1000000\n",
         },
     );
@@ -235,6 +238,7 @@ async fn main() {
     // The implementing client: every resource answers every request at once.
     let stop = Arc::new(AtomicBool::new(false));
     let mut responders = Vec::new();
+    let mut resources = Vec::new();
     for r in 0..args.resources {
         let c = Client::login(
             server.c2s(),
@@ -245,7 +249,11 @@ async fn main() {
             Answer::Subscriptions,
         )
         .await;
-        responders.push(tokio::spawn(respond(c, stop.clone())));
+        if args.flow == Flow::Outbound {
+            resources.push(c);
+        } else {
+            responders.push(tokio::spawn(respond(c, stop.clone())));
+        }
     }
     let mut senders = Vec::new();
     for i in 0..args.senders {
@@ -261,14 +269,39 @@ async fn main() {
             .await,
         );
     }
-    // Until an instance knows a resource, it holds requests (then service-unavailable): warm
-    // up both paths, and every instance (the server picks one at random per stanza).
-    warm_up(&mut senders[0], COMPONENT, 20 * args.instances).await;
-    warm_up(&mut senders[0], "impl@localhost/r0", 1).await;
-
-    let direct_targets: Vec<String> = (0..args.resources)
-        .map(|r| format!("impl@localhost/r{r}"))
-        .collect();
+    let (mut senders, direct_targets, proxied_targets) = if args.flow == Flow::Outbound {
+        // The implementing client's resources drive; the senders answer.
+        let peers: Vec<String> = (0..args.senders)
+            .map(|i| format!("s{i}@localhost/bench"))
+            .collect();
+        let escaped: Vec<String> = peers
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}@{COMPONENT}",
+                    p.replace('@', "\\40").replace('/', "\\2f")
+                )
+            })
+            .collect();
+        for c in senders {
+            responders.push(tokio::spawn(respond(c, stop.clone())));
+        }
+        let mut resources = resources;
+        for (i, to) in [&peers[0], &escaped[0]].into_iter().enumerate() {
+            warm_up(&mut resources[0], to, 1 + 20 * args.instances * i).await;
+        }
+        (resources, peers, escaped)
+    } else {
+        // Until an instance knows a resource, it holds requests (then service-unavailable):
+        // warm up both paths, and every instance (the server picks one at random per
+        // stanza).
+        warm_up(&mut senders[0], COMPONENT, 20 * args.instances).await;
+        warm_up(&mut senders[0], "impl@localhost/r0", 1).await;
+        let direct = (0..args.resources)
+            .map(|r| format!("impl@localhost/r{r}"))
+            .collect();
+        (senders, direct, vec![COMPONENT.to_string()])
+    };
     let proxied_n = args.proxied_requests.unwrap_or(args.requests);
     let rounds = args.rounds.max(1);
     let (mut directs, mut proxieds) = (Vec::new(), Vec::new());
@@ -286,7 +319,7 @@ async fn main() {
         let (s, proxied) = run_phase(
             "proxied",
             s,
-            &[COMPONENT.to_string()],
+            &proxied_targets,
             &args,
             proxied_n / rounds,
             server.pid(),
@@ -521,7 +554,7 @@ async fn run_phase(
                     let id = format!("{name}-{si}-{sent}");
                     let to = &targets[sent % targets.len()];
                     c.send_xml(&match flow {
-                        Flow::Iq => format!(
+                        Flow::Iq | Flow::Outbound => format!(
                             "<iq type='get' id='{id}' to='{to}'><ping xmlns='urn:xmpp:ping'/></iq>"
                         ),
                         Flow::Message => format!(
