@@ -81,6 +81,65 @@ pub fn token(data: &[u8]) {
             assert!(token::open(&keys, other, &text, NOW * 1000, lifetime).is_err());
         }
     }
+    // As a route (for one peer) and as a token a new stanza is sent to: only the keys' own
+    // output opens, a route for its peer only, and never as a token.
+    const PEER: &str = "peer@example/r";
+    let route = Binding::Route {
+        component: COMPONENT,
+        peer: PEER,
+    };
+    if let Ok(opened) = token::open(&keys, route, &text, NOW_MS, 300) {
+        assert_eq!(opened.kind, token::Kind::Route);
+        let single = key_alone(opened.key_id).expect("opened with a known key");
+        let resealed = token::reseal(&single, route, &opened)
+            .expect("the key is in the set")
+            .expect("what was sealed fits");
+        assert_eq!(
+            resealed, text,
+            "an accepted route must be exactly the keys' output"
+        );
+        let other = Binding::Route {
+            component: COMPONENT,
+            peer: "peer@example/s",
+        };
+        assert!(token::open(&keys, other, &text, NOW_MS, 300).is_err());
+    }
+    let peer = Binding::Peer {
+        component: COMPONENT,
+    };
+    if let Ok(opened) = token::open(&keys, peer, &text, NOW_MS, MESSAGE_LIFETIME) {
+        assert!(matches!(
+            opened.kind,
+            token::Kind::Iq | token::Kind::Message
+        ));
+        assert_eq!(
+            opened.version,
+            token::VERSION,
+            "version 1 tokens only answer"
+        );
+    }
+    if !text.contains('\0') && !id.contains('\0') {
+        let r = token::Route {
+            client: "impl@example/a".into(),
+            client_to: format!("{COMPONENT}/x"),
+            id: id.to_string(),
+        };
+        if let Ok(sealed) = token::seal_route(&keys, COMPONENT, &text, &r, NOW_MS, [3; 16]) {
+            let open = |component: &str, peer: &str, now: u64| {
+                token::open_route(&keys, component, peer, &sealed, now, 300)
+            };
+            assert_eq!(open(COMPONENT, &text, NOW_MS).as_ref(), Ok(&r));
+            assert!(open(COMPONENT, &format!("{text}x"), NOW_MS).is_err());
+            assert!(open("other.example", &text, NOW_MS).is_err());
+            assert_eq!(
+                open(COMPONENT, &text, NOW_MS + 300_000),
+                Err(token::Rejected::Expired)
+            );
+            for b in [binding, message, peer] {
+                assert!(token::open(&keys, b, &sealed, NOW_MS, MESSAGE_LIFETIME).is_err());
+            }
+        }
+    }
     // Roundtrip with the input as the sender's address.
     if !text.contains('\0') {
         let contents = Contents {
@@ -202,7 +261,14 @@ fn jid(s: Option<&str>) -> Option<Jid> {
 /// back by `n` seconds (the monotonic clock does not move); [`TOKEN_PLACEHOLDER`] stands for
 /// the last token issued.
 pub fn proxy(data: &[u8]) {
-    let settings = settings();
+    // Which flows are on varies with the input's length, so that every combination is run.
+    let mut settings = settings();
+    (settings.messages, settings.outbound) = match data.len() % 4 {
+        0 => (Messages::Forward, Outbound::Any),
+        1 => (Messages::Forward, Outbound::Known),
+        2 => (Messages::Refuse, Outbound::None),
+        _ => (Messages::Refuse, Outbound::Known),
+    };
     let mut budgets = Budgets::new(settings.rate);
     let mut proxy = Proxy::new(settings, keys());
     let mut rng = SeededRandom::new(data.len() as u64);
@@ -262,8 +328,15 @@ pub fn proxy(data: &[u8]) {
         let Some(out) = out else {
             continue;
         };
-        if let Some(t) = check_output(&h, &out, verdict, &resources_before, &target, clock.unix_ms)
-        {
+        let flows = proxy.settings();
+        if let Some(t) = check_output(
+            &h,
+            &out,
+            verdict,
+            &resources_before,
+            (&target, flows.messages, flows.outbound),
+            clock.unix_ms,
+        ) {
             last_token = t.into_bytes();
         }
         budgets.charge(&h, &out, verdict, &target, clock.mono_ms);
@@ -298,7 +371,7 @@ fn check_output(
     out: &Element,
     verdict: Verdict,
     resources_before: &[String],
-    target: &BareJid,
+    (target, messages, outbound): (&BareJid, Messages, Outbound),
     now_ms: u64,
 ) -> Option<String> {
     let xml = String::from(out);
@@ -368,9 +441,21 @@ fn check_output(
         // from the component; an IQ's id is a route back to the target's resource.
         assert!(from_target, "only the target starts stanzas: {xml}");
         assert_ne!(out_to.to_bare(), *target, "{xml}");
-        let peer = match in_to.node() {
-            Some(node) => {
-                jid(crate::proxy::unescape(node.as_str()).as_deref()).expect("an escaped address")
+        assert!(
+            outbound != Outbound::None,
+            "started with outbound = none: {xml}"
+        );
+        let (peer, peer_from) = match in_to.node() {
+            Some(_) => {
+                assert_eq!(outbound, Outbound::Any, "escaped needs `any`: {xml}");
+                // The node as written (the core reads it before JID preparation folds it).
+                let raw =
+                    h.to.as_deref()
+                        .and_then(|t| t.split_once('@'))
+                        .map(|(n, _)| n);
+                let peer = jid(raw.and_then(crate::proxy::unescape).as_deref())
+                    .expect("an escaped address");
+                (peer, COMPONENT.to_owned())
             }
             None => {
                 let opened = opened_in(
@@ -380,10 +465,23 @@ fn check_output(
                     MESSAGE_LIFETIME,
                 )
                 .unwrap_or_else(|| panic!("started without a valid token: {xml}"));
-                jid(Some(&opened.sender)).unwrap()
+                // An IQ token names its peer only within the IQ lifetime.
+                if opened.kind == token::Kind::Iq {
+                    assert!(
+                        now_ms < opened.issued_ms + 300_000,
+                        "expired IQ token: {xml}"
+                    );
+                }
+                let from = opened.original_to.unwrap_or_else(|| COMPONENT.to_owned());
+                (jid(Some(&opened.sender)).unwrap(), from)
             }
         };
         assert_eq!(out_to, peer, "{xml}");
+        assert_eq!(Some(&out_from), jid(Some(&peer_from)).as_ref(), "{xml}");
+        assert!(
+            !out_to.domain().as_str().ends_with("spam.example"),
+            "a peer refused by policy: {xml}"
+        );
         assert_eq!(out.name(), h.name, "{xml}");
         if h.name == "iq" {
             let route_id = out.attr("id").expect("a routed IQ has an id");
@@ -393,10 +491,14 @@ fn check_output(
             assert_eq!(jid(Some(&route.client)).as_ref(), Some(&in_from), "{xml}");
             assert_eq!(jid(Some(&route.client_to)).as_ref(), Some(&in_to), "{xml}");
             assert_eq!(Some(route.id.as_str()), h.id.as_deref(), "{xml}");
+            // The route stands in for TOKEN next, so a replayed (or another peer's) reply
+            // carrying it is tried.
+            return Some(route_id.to_owned());
         }
         return None;
     }
     if h.name == "message" && verdict == Verdict::Reversed {
+        assert_eq!(messages, Messages::Forward, "reversed a message: {xml}");
         // The target's message to a message token (an error too), to the sender it holds.
         assert!(from_target, "reversed a message from outside: {xml}");
         let opened = opened_in(Binding::message(COMPONENT), MESSAGE_LIFETIME)
@@ -423,7 +525,10 @@ fn check_output(
                     let id = h.id.as_deref().expect("forwarded requests have ids");
                     Binding::iq(COMPONENT, id)
                 }
-                "message" => Binding::message(COMPONENT),
+                "message" => {
+                    assert_eq!(messages, Messages::Forward, "forwarded a message: {xml}");
+                    Binding::message(COMPONENT)
+                }
                 other => panic!("forwarded a {other}: {xml}"),
             };
             assert!(!from_target, "the target's own stanzas are not forwarded");
@@ -813,12 +918,13 @@ impl Wire {
                 self.held.held(&h, 0);
             }
             if let Some(out) = out {
+                let flows = self.proxy.settings();
                 check_output(
                     &h,
                     &out,
                     verdict,
                     &resources_before,
-                    &self.target,
+                    (&self.target, flows.messages, flows.outbound),
                     NOW * 1000,
                 );
                 self.writer

@@ -817,6 +817,47 @@ mod tests {
     }
 
     #[test]
+    fn a_route_opens_for_its_peer_and_component_only() {
+        let r = Route {
+            client: "impl@example/a".into(),
+            client_to: "proxy.example/TOKEN".into(),
+            id: "push-1".into(),
+        };
+        let peer = "user@example/abc";
+        let id = seal_route(&keys(), "proxy.example", peer, &r, NOW, [6; SALT_LEN]).unwrap();
+        let open = |component, peer, now| open_route(&keys(), component, peer, &id, now, LIFE);
+        assert_eq!(open("proxy.example", peer, NOW), Ok(r.clone()));
+        assert_eq!(
+            open("proxy.example", "user@example/other", NOW),
+            Err(Rejected::Authentication)
+        );
+        assert_eq!(
+            open("other.example", peer, NOW),
+            Err(Rejected::Authentication)
+        );
+        assert_eq!(
+            open("proxy.example", peer, NOW + LIFE * 1000),
+            Err(Rejected::Expired)
+        );
+        // A route is no token, and no token is a route.
+        let peer_binding = Binding::Peer {
+            component: "proxy.example",
+        };
+        for b in [
+            binding("push-1"),
+            Binding::message("proxy.example"),
+            peer_binding,
+        ] {
+            assert_eq!(super::open(&keys(), b, &id, NOW, LIFE), Err(Rejected::Kind));
+        }
+        let token = sealed("user@example/abc");
+        assert_eq!(
+            open_route(&keys(), "proxy.example", peer, &token, NOW, LIFE),
+            Err(Rejected::Kind)
+        );
+    }
+
+    #[test]
     fn short_ids_are_sealed_whole_and_long_ones_as_a_digest() {
         let c = Contents {
             sender: "user@example/abc",

@@ -40,6 +40,16 @@ impl Proxy {
             return dropped("message with missing or invalid addresses");
         };
         let error = el.attr("type") == Some("error");
+        // A message the implementing client starts (`outbound`) is not one it is sent:
+        // `messages` does not govern it.
+        if self.is_target(&from)
+            && self.settings.outbound != Outbound::None
+            && !error
+            && !matches!(to, To::Bare)
+        {
+            let raw_to = el.attr("to").unwrap_or_default().to_owned();
+            return self.outbound_message(el, &to, &raw_to, clock);
+        }
         if self.settings.messages == Messages::Refuse {
             return if error {
                 dropped("message error")
@@ -74,12 +84,6 @@ impl Proxy {
     /// A message of the implementing client: to a message token, reversed to the sender it
     /// names; anywhere else at the component, refused (errors dropped).
     fn message_from_target(&mut self, el: Element, from: &Jid, to: &To, clock: Clock) -> Outcome {
-        if self.settings.outbound != Outbound::None
-            && el.attr("type") != Some("error")
-            && !matches!(to, To::Bare)
-        {
-            return self.outbound_message(el, to, clock);
-        }
         let token = match token_of(to) {
             Ok(t) => t,
             Err(why) => {

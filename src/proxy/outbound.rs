@@ -43,10 +43,27 @@ pub(super) struct Peer {
 }
 
 impl Proxy {
-    /// The peer that `to` names for a stanza the implementing client starts, or why none.
-    pub(super) fn peer_of(&self, to: &To, clock: Clock) -> Result<Peer, &'static str> {
+    /// The peer that `to` (as written: `raw_to`) names for a stanza the implementing client
+    /// starts, or why none. The peer must pass `[policy]` as a sender would.
+    pub(super) fn peer_of(
+        &self,
+        to: &To,
+        raw_to: &str,
+        clock: Clock,
+    ) -> Result<Peer, &'static str> {
+        let peer = self.peer_named(to, raw_to, clock)?;
+        let Ok(jid) = Jid::new(&peer.to) else {
+            return Err("not an address");
+        };
+        if !self.settings.policy.permits(&jid) {
+            return Err("refused by policy");
+        }
+        Ok(peer)
+    }
+
+    fn peer_named(&self, to: &To, raw_to: &str, clock: Clock) -> Result<Peer, &'static str> {
         if let To::Other(j) = to
-            && let Some(node) = j.node()
+            && j.node().is_some()
         {
             if self.settings.outbound != Outbound::Any {
                 return Err("an escaped address needs outbound = \"any\"");
@@ -54,7 +71,10 @@ impl Proxy {
             if j.resource().is_some() {
                 return Err("an escaped address has no resource");
             }
-            let peer = unescape(node.as_str())
+            // The node as written, before JID preparation case-folds it (a resource is
+            // case-sensitive). The server may have folded it already: see README.
+            let node = raw_to.split_once('@').map_or("", |(n, _)| n);
+            let peer = unescape(node)
                 .and_then(|s| Jid::new(&s).ok())
                 .ok_or("not a JID escaped as XEP-0106 says")?;
             if peer.domain().as_str() == self.settings.component || self.is_target(&peer) {
@@ -77,11 +97,6 @@ impl Proxy {
         if reversal.kind == Kind::Iq && clock.unix_ms >= reversal.issued_ms + iq_life * 1000 {
             debug!("outbound stanza dropped: token expired");
             return Err("token rejected");
-        }
-        // Only senders other than the target are ever sealed; a token that names the target
-        // would loop its stanza back to it.
-        if Jid::new(&reversal.sender).is_ok_and(|j| self.is_target(&j)) {
-            return Err("token names the implementing client");
         }
         Ok(Peer {
             to: reversal.sender,
@@ -119,7 +134,8 @@ impl Proxy {
                 clock,
             );
         }
-        let peer = match self.peer_of(to, clock) {
+        let raw_to = el.attr("to").unwrap_or_default().to_owned();
+        let peer = match self.peer_of(to, &raw_to, clock) {
             Ok(p) => p,
             Err(why) => {
                 debug!(id, why, "outbound request refused");
@@ -132,22 +148,19 @@ impl Proxy {
                 );
             }
         };
+        // Over the recipient's budget: dropped silently, as a reversed reply would be. An
+        // answer would tell the implementing client that two tokens name one account.
         if !self.limiter.reply(bare_str(&peer.to), clock.mono_ms) {
             debug!(
                 id,
-                "outbound request refused: over the recipient's rate limit"
+                "outbound request dropped: over the recipient's rate limit"
             );
-            return self.refuse(
-                &el,
-                from,
-                Condition::ResourceConstraint,
-                "too many stanzas to this address: slow down",
-                clock,
-            );
+            return dropped("over the recipient's reply rate limit");
         }
+        // The reply comes from the address exactly as the implementing client wrote it.
         let route = Route {
             client: from.to_string(),
-            client_to: to.address(&self.settings.component),
+            client_to: raw_to,
             id,
         };
         let mut salt = [0u8; SALT_LEN];
@@ -180,8 +193,14 @@ impl Proxy {
 
     /// A message of the implementing client to a token or escaped address, with outbound
     /// stanzas allowed.
-    pub(super) fn outbound_message(&mut self, mut el: Element, to: &To, clock: Clock) -> Outcome {
-        let peer = match self.peer_of(to, clock) {
+    pub(super) fn outbound_message(
+        &mut self,
+        mut el: Element,
+        to: &To,
+        raw_to: &str,
+        clock: Clock,
+    ) -> Outcome {
+        let peer = match self.peer_of(to, raw_to, clock) {
             Ok(p) => p,
             Err(why) => {
                 debug!(why, "outbound message dropped");
@@ -204,6 +223,22 @@ impl Proxy {
         let Some(id) = el.attr("id") else {
             return dropped("reply without id");
         };
+        if !self.settings.policy.permits(from) {
+            return dropped("reply from a peer refused by policy");
+        }
+        // Charged to the peer's account as a request would be, before any key derivation: a
+        // flood of forged routes, or replays of a genuine reply, is bounded like a request
+        // flood.
+        let domain =
+            (from.domain() != self.settings.target.domain()).then(|| from.domain().as_str());
+        if self
+            .limiter
+            .request(bare(from), domain, clock.mono_ms)
+            .is_err()
+        {
+            debug!("reply from outside the target account dropped: over the sender's rate limit");
+            return dropped("over the peer's rate limit");
+        }
         let route = match token::open_route(
             &self.keys,
             &self.settings.component,
@@ -224,21 +259,6 @@ impl Proxy {
         };
         if !self.is_target(&client) || client_to.domain().as_str() != self.settings.component {
             return dropped("route outside the target account or the component");
-        }
-        // A peer may replay its reply within the route's lifetime: charged to its account as
-        // a request would be, so a replay flood is bounded like a request flood.
-        let domain =
-            (from.domain() != self.settings.target.domain()).then(|| from.domain().as_str());
-        if self
-            .limiter
-            .request(bare(from), domain, clock.mono_ms)
-            .is_err()
-        {
-            debug!(
-                id = route.id,
-                "routed reply dropped: over the peer's rate limit"
-            );
-            return dropped("over the peer's rate limit");
         }
         debug!(id = route.id, "outbound reply routed");
         stanza::set_attr(&mut el, "id", route.id);

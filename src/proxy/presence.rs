@@ -60,10 +60,10 @@ impl Proxy {
     }
 }
 
-/// The presence's `<priority/>` (RFC 6121 §4.7.2.3): an integer from -128 to 127, 0 when
-/// absent or not one.
+/// The presence's `<priority/>` (RFC 6121 §4.7.2.3): an integer from -128 to 127 (one out
+/// of range is clamped into it, keeping its sign), 0 when absent or not an integer.
 fn priority(el: &Element) -> i8 {
     el.get_child("priority", stanza::NS)
-        .and_then(|p| p.text().trim().parse().ok())
-        .unwrap_or(0)
+        .and_then(|p| p.text().trim().parse::<i64>().ok())
+        .map_or(0, |p| p.clamp(-128, 127) as i8)
 }

@@ -123,6 +123,11 @@ impl Proxy {
         if sender.domain().as_str() == self.settings.component {
             return Err(NotOpened::Other("token addressed to the component itself"));
         }
+        // Only senders other than the target are ever sealed; a token naming the target would
+        // loop its stanza back to it.
+        if self.is_target(&sender) {
+            return Err(NotOpened::Other("token names the implementing client"));
+        }
         // The answer comes from where the stanza went: an address at the component, never
         // anything else, whatever a token may hold.
         let reply_from = match opened.original_to.as_deref() {

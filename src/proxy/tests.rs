@@ -1307,3 +1307,61 @@ fn a_reversed_reply_carries_its_latency_from_the_token() {
     assert_eq!(out.stanza, Stanza::Iq);
     assert_eq!(out.reply_latency_ms, Some(1234));
 }
+
+#[test]
+fn outbound_details_from_review() {
+    // Messages the implementing client starts do not depend on `messages`.
+    let mut w = World::with(|s| s.outbound = Outbound::Any).online(&["a"]);
+    let token_addr = token_of_request(&mut w, "q1", "user@example/abc");
+    let m = w
+        .send(&format!(
+            "<message id='m' to='{token_addr}' from='impl@example/a'><body>x</body></message>"
+        ))
+        .unwrap();
+    assert_eq!(attr(&m, "to"), "user@example/abc");
+    // An escaped resource keeps its case (a resource is case-sensitive), and the reply comes
+    // from the address exactly as written.
+    let escaped = "someone\\40example.org\\2fGajim@proxy.example";
+    let out = w
+        .send(&format!(
+            "<iq type='get' id='g' to='{escaped}' from='impl@example/a'><q xmlns='x'/></iq>"
+        ))
+        .unwrap();
+    assert_eq!(attr(&out, "to"), "someone@example.org/Gajim");
+    let res = w
+        .send(&format!(
+            "<iq type='result' id='{}' to='proxy.example' from='someone@example.org/Gajim'/>",
+            attr(&out, "id")
+        ))
+        .unwrap();
+    assert_eq!(attr(&res, "from"), escaped);
+    // A peer refused by policy is not reached.
+    let e = w
+        .send("<iq type='get' id='p' to='x\\40spam.example@proxy.example' from='impl@example/a'><q xmlns='x'/></iq>")
+        .unwrap();
+    assert_eq!(condition(&e), "item-not-found");
+    // Over the recipient's budget (burst 50): dropped without an answer, like a reversed
+    // reply, so that the implementing client cannot tell two tokens of one account apart.
+    let mut answered = 0;
+    let mut silent = 0;
+    for i in 0..80 {
+        match w.send_verdict(&format!(
+            "<iq type='get' id='b{i}' to='{token_addr}' from='impl@example/a'><q xmlns='x'/></iq>"
+        )) {
+            (Some(out), Verdict::Outbound) => {
+                assert_eq!(attr(&out, "to"), "user@example/abc");
+                answered += 1;
+            }
+            (None, Verdict::Dropped(_)) => silent += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        answered <= 50 && silent >= 30,
+        "{answered} sent, {silent} dropped"
+    );
+    // A priority out of range keeps its sign.
+    let mut w = World::new();
+    w.send("<presence from='impl@example/idle' to='proxy.example'><priority>-200</priority></presence>");
+    assert!(!w.proxy.resources().any_eligible());
+}
