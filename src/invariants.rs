@@ -62,8 +62,24 @@ pub fn token(data: &[u8]) {
     let binding = Binding::iq(COMPONENT, &id);
     let keys = keys();
     let message = Binding::message(COMPONENT);
-    for (b, lifetime) in [(binding, 300), (message, MESSAGE_LIFETIME)] {
-        if let Ok(opened) = token::open(&keys, b, &text, NOW * 1000, lifetime) {
+    // As an IQ token, a message token, and a route (for one peer): only the keys' own output
+    // opens, for one kind only, a route for its peer only.
+    const PEER: &str = "peer@example/r";
+    let route = Binding::Route {
+        component: COMPONENT,
+        peer: PEER,
+    };
+    let other_peer = Binding::Route {
+        component: COMPONENT,
+        peer: "peer@example/s",
+    };
+    for (b, lifetime, other) in [
+        (binding, 300, message),
+        (message, MESSAGE_LIFETIME, binding),
+        (route, 300, other_peer),
+    ] {
+        if let Ok(opened) = token::open(&keys, b, &text, NOW_MS, lifetime) {
+            assert_eq!(opened.kind, b.kind());
             let single = key_alone(opened.key_id).expect("opened with a known key");
             let resealed = token::reseal(&single, b, &opened)
                 .expect("the key is in the set")
@@ -72,38 +88,10 @@ pub fn token(data: &[u8]) {
                 resealed, text,
                 "an accepted token must be exactly the keys' output"
             );
-            // A token opens for one kind only.
-            let other = if b.kind() == token::Kind::Iq {
-                message
-            } else {
-                binding
-            };
-            assert!(token::open(&keys, other, &text, NOW * 1000, lifetime).is_err());
+            assert!(token::open(&keys, other, &text, NOW_MS, lifetime).is_err());
         }
     }
-    // As a route (for one peer) and as a token a new stanza is sent to: only the keys' own
-    // output opens, a route for its peer only, and never as a token.
-    const PEER: &str = "peer@example/r";
-    let route = Binding::Route {
-        component: COMPONENT,
-        peer: PEER,
-    };
-    if let Ok(opened) = token::open(&keys, route, &text, NOW_MS, 300) {
-        assert_eq!(opened.kind, token::Kind::Route);
-        let single = key_alone(opened.key_id).expect("opened with a known key");
-        let resealed = token::reseal(&single, route, &opened)
-            .expect("the key is in the set")
-            .expect("what was sealed fits");
-        assert_eq!(
-            resealed, text,
-            "an accepted route must be exactly the keys' output"
-        );
-        let other = Binding::Route {
-            component: COMPONENT,
-            peer: "peer@example/s",
-        };
-        assert!(token::open(&keys, other, &text, NOW_MS, 300).is_err());
-    }
+    // As a token a new stanza is sent to: only IQ and message tokens of version 2.
     let peer = Binding::Peer {
         component: COMPONENT,
     };

@@ -271,24 +271,6 @@ pub enum Rejected {
     Contents,
 }
 
-impl Rejected {
-    /// A short stable name, for logs and counters.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Rejected::TooLong => "too_long",
-            Rejected::Encoding => "encoding",
-            Rejected::Truncated => "truncated",
-            Rejected::Version(_) => "version",
-            Rejected::UnknownKey(_) => "unknown_key",
-            Rejected::Expired => "expired",
-            Rejected::FromFuture => "from_future",
-            Rejected::Kind => "kind",
-            Rejected::Authentication => "authentication",
-            Rejected::Contents => "contents",
-        }
-    }
-}
-
 impl std::fmt::Display for Rejected {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use testkit::client::{Answer, Client, Element, xml};
 use testkit::deployment::{
-    COMPONENT, Deployment, QUIET, WAIT, ejabberd_with_proxies, error_condition, request,
-    wait_resource,
+    COMPONENT, Deployment, QUIET, WAIT, ejabberd_with_proxies, error_condition, implementing_at,
+    request,
 };
 use testkit::proxy::ProxyProcess;
 
@@ -148,12 +148,8 @@ async fn a_conversation_through_ejabberd_with_two_instances() {
         "messages = \"forward\"\nprobe_interval_secs = 1",
         "",
     );
-    let a = login(ejabberd.c2s, "impl", "a", Answer::Subscriptions).await;
-    let b = login(ejabberd.c2s, "impl", "b", Answer::Subscriptions).await;
-    for p in &proxies {
-        wait_resource(p, "a");
-        wait_resource(p, "b");
-    }
+    let a = implementing_at(ejabberd.c2s, "a", &proxies).await;
+    let b = implementing_at(ejabberd.c2s, "b", &proxies).await;
     conversation(ejabberd.c2s, a, b).await;
     let forwarded: Vec<usize> = proxies
         .iter()

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use testkit::client::{Answer, Client, Element, reply_to, xml};
 use testkit::deployment::{
-    COMPONENT, Deployment, QUIET, WAIT, ejabberd_with_proxies, error_condition, request,
-    wait_resource,
+    COMPONENT, Deployment, QUIET, WAIT, ejabberd_with_proxies, error_condition, implementing_at,
+    request,
 };
 
 fn binary() -> PathBuf {
@@ -136,18 +136,7 @@ async fn the_implementing_client_starts_requests_through_ejabberd_with_two_insta
         "",
     );
     ejabberd.register("mallory", "pw");
-    let imp = Client::login(
-        ejabberd.c2s,
-        "localhost",
-        "impl",
-        "pw",
-        "a",
-        Answer::Subscriptions,
-    )
-    .await;
-    for p in &proxies {
-        wait_resource(p, "a");
-    }
+    let imp = implementing_at(ejabberd.c2s, "a", &proxies).await;
     exchange(ejabberd.c2s, imp).await;
     let sent: Vec<usize> = proxies
         .iter()

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use testkit::client::{Answer, Client, reply_to};
 use testkit::deployment::{
-    COMPONENT, Deployment, WAIT, ejabberd_with_proxies, error_condition, request, wait_resource,
+    COMPONENT, Deployment, WAIT, ejabberd_with_proxies, error_condition, implementing_at, request,
+    wait_resource,
 };
 use testkit::proxy::ProxyProcess;
 
@@ -148,13 +149,8 @@ async fn sticky_picks_the_same_resource_on_every_instance_on_ejabberd() {
         let (user, resource) = (user.to_owned(), resource.to_owned());
         async move { Client::login(c2s, "localhost", &user, "pw", &resource, answer).await }
     };
-    let mut a = login("impl", "a", Answer::Subscriptions).await;
-    let mut b = login("impl", "b", Answer::Subscriptions).await;
-    // Each presence reaches one instance; the periodic probes teach the other.
-    for p in &proxies {
-        wait_resource(p, "a");
-        wait_resource(p, "b");
-    }
+    let mut a = implementing_at(c2s, "a", &proxies).await;
+    let mut b = implementing_at(c2s, "b", &proxies).await;
     let mut clients = Vec::new();
     for u in &users {
         clients.push(login(u, "phone", Answer::Nothing).await);

@@ -17,7 +17,7 @@ use tracing::debug;
 use xmpp_parsers::minidom::Element;
 
 use super::reply::token_of;
-use super::{Clock, Outcome, Proxy, To, Verdict, bare, dropped};
+use super::{Clock, Outcome, Proxy, To, Verdict, bare, bare_str, dropped};
 use crate::random::Random;
 use crate::stanza::{self, Condition};
 use crate::token::{self, Binding, Kind, Route, SALT_LEN};
@@ -266,11 +266,6 @@ impl Proxy {
         stanza::set_attr(&mut el, "to", route.client);
         Outcome::send(el, Verdict::Routed)
     }
-}
-
-/// The bare part of a JID's text (what precedes the first '/').
-fn bare_str(jid: &str) -> &str {
-    jid.split('/').next().unwrap_or_default()
 }
 
 /// XEP-0106: `\20` space, `\22` `"`, `\26` `&`, `\27` `'`, `\2f` `/`, `\3a` `:`, `\3c` `<`,

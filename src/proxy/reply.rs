@@ -5,7 +5,7 @@ use jid::Jid;
 use tracing::{debug, trace};
 use xmpp_parsers::minidom::Element;
 
-use super::{Clock, Outbound, Outcome, Proxy, To, Verdict, dropped};
+use super::{Clock, Outbound, Outcome, Proxy, To, Verdict, bare_str, dropped};
 use crate::stanza;
 use crate::token::{self, Binding, Opened};
 
@@ -155,8 +155,7 @@ impl Proxy {
     /// implementing client may replay a genuine stanza as often as it likes within the
     /// token's lifetime, bounded per recipient account.
     pub(super) fn deliver(&mut self, mut el: Element, r: Reversal, clock: Clock) -> Outcome {
-        // The bare JID: what precedes the first '/' (a localpart or domain cannot hold one).
-        let recipient = r.sender.split('/').next().unwrap_or_default();
+        let recipient = bare_str(&r.sender);
         let iq = el.name() == "iq";
         if !self.limiter.reply(recipient, clock.mono_ms) {
             if iq {

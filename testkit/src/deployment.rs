@@ -76,18 +76,37 @@ impl Deployment {
     /// A resource of the implementing client, once the proxy knows it is online. It accepts
     /// the proxy's subscription request as a real implementing client must.
     pub async fn implementing(&self, resource: &str) -> Client {
-        let c = Client::login(
+        implementing_at(
             self.prosody.c2s,
-            "localhost",
-            "impl",
-            "pw",
             resource,
-            Answer::Subscriptions,
+            std::slice::from_ref(&self.proxy),
         )
-        .await;
-        wait_resource(&self.proxy, resource);
-        c
+        .await
     }
+}
+
+/// A resource of the implementing client logged in at `c2s` (accepting the component's
+/// subscription request as a real implementing client must), once every one of `proxies`
+/// knows it is online (behind ejabberd, periodic probes teach the instances a presence did
+/// not reach).
+pub async fn implementing_at(
+    c2s: std::net::SocketAddr,
+    resource: &str,
+    proxies: &[ProxyProcess],
+) -> Client {
+    let c = Client::login(
+        c2s,
+        "localhost",
+        "impl",
+        "pw",
+        resource,
+        Answer::Subscriptions,
+    )
+    .await;
+    for p in proxies {
+        wait_resource(p, resource);
+    }
+    c
 }
 
 /// Waits until `proxy` has seen `resource` of the implementing client come online in its
