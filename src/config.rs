@@ -38,8 +38,10 @@ pub struct Config {
 pub struct Component {
     /// The component's domain, normalised (`proxy.example`).
     pub jid: String,
-    /// `host:port` of the server's XEP-0114 listener.
-    pub server: String,
+    /// `host:port` of each XEP-0114 listener the session keeps a connection to, all serving
+    /// the component's domain: one server, or every node of an ejabberd cluster (`server`
+    /// is a string or a list).
+    pub servers: Vec<String>,
     /// The component secret shared with the server (empty until [`Config::resolve_secret`]
     /// when it comes from a file or the environment).
     pub secret: Zeroizing<String>,
@@ -203,11 +205,22 @@ struct RawPolicy {
     deny: Vec<String>,
 }
 
+/// `server = "host:port"` or `server = ["host:port", ...]`.
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "a string or a list of strings")]
+enum RawServers {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Most listeners one instance connects to (a cluster's nodes).
+pub const MAX_SERVERS: usize = 16;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawComponent {
     jid: String,
-    server: String,
+    server: RawServers,
     secret: Option<Zeroizing<String>>,
     secret_file: Option<PathBuf>,
     #[serde(default)]
@@ -497,14 +510,33 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         })?
         .to_string();
 
-    let server = raw.component.server.clone();
-    match server.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
-        _ => {
-            return Err(err(
-                "component.server",
-                "not host:port (expected e.g. \"127.0.0.1:5347\")".into(),
-            ));
+    let (servers, listed) = match &raw.component.server {
+        RawServers::One(s) => (vec![s.clone()], false),
+        RawServers::Many(v) => (v.clone(), true),
+    };
+    if servers.is_empty() || servers.len() > MAX_SERVERS {
+        return Err(err(
+            "component.server",
+            format!("give one to {MAX_SERVERS} listeners (host:port)"),
+        ));
+    }
+    for (i, server) in servers.iter().enumerate() {
+        let key = if listed {
+            format!("component.server[{i}]")
+        } else {
+            "component.server".to_owned()
+        };
+        match server.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => {
+                return Err(err(
+                    &key,
+                    "not host:port (expected e.g. \"127.0.0.1:5347\")".into(),
+                ));
+            }
+        }
+        if servers[..i].contains(server) {
+            return Err(err(&key, "listed twice".into()));
         }
     }
 
@@ -698,7 +730,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     Ok(Config {
         component: Component {
             jid: jid.clone(),
-            server,
+            servers,
             secret,
             secret_source,
             keepalive_interval,
@@ -847,6 +879,44 @@ file = "/var/lib/jat-proxy/keys.toml"
         let e =
             parse_keys(Path::new("t"), &format!("{GOOD}reload_interval_secs = 0\n")).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("keys.reload_interval_secs"), "{e}");
+    }
+
+    #[test]
+    fn server_is_one_listener_or_a_list() {
+        let c = parse_str(GOOD).unwrap();
+        assert_eq!(c.component.servers, ["127.0.0.1:5347"]);
+        let two = GOOD.replace(
+            "server = \"127.0.0.1:5347\"",
+            "server = [\"127.0.0.1:5347\", \"10.0.0.2:5347\"]",
+        );
+        let c = parse_str(&two).unwrap();
+        assert_eq!(c.component.servers, ["127.0.0.1:5347", "10.0.0.2:5347"]);
+        for (to, key, line, says) in [
+            (
+                "server = [\"127.0.0.1:5347\",\n  \"nope\"]",
+                "component.server[1]",
+                5,
+                "not host:port",
+            ),
+            (
+                "server = [\"127.0.0.1:5347\", \"127.0.0.1:5347\"]",
+                "component.server[1]",
+                4,
+                "listed twice",
+            ),
+            ("server = []", "component.server", 4, "give one to 16"),
+            (
+                "server = 5347",
+                "component.server",
+                4,
+                "a string or a list of strings",
+            ),
+        ] {
+            let e = parse_str(&GOOD.replace("server = \"127.0.0.1:5347\"", to)).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert_eq!(e.line, Some(line), "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
     }
 
     #[test]

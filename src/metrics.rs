@@ -111,6 +111,7 @@ const TOKEN_REJECTED: &str = "token rejected";
 pub struct Metrics {
     registry: Registry,
     up: IntGauge,
+    streams_up: IntGauge,
     logins: IntCounter,
     login_failures: IntCounter,
     reconnects: IntCounter,
@@ -252,6 +253,10 @@ impl Metrics {
                 "session_up",
                 "1 while the component session with the server is up.",
             ),
+            streams_up: gauge(
+                "streams_up",
+                "Component streams up: one per configured server (`[component] server`) at most.",
+            ),
             logins: counter(
                 "logins_total",
                 "Component logins (handshakes) that succeeded.",
@@ -262,7 +267,7 @@ impl Metrics {
             ),
             reconnects: counter(
                 "reconnects_total",
-                "Sessions lost (after which jat-proxy logs in again).",
+                "Streams lost (after which jat-proxy logs in again).",
             ),
             uptime: gauge(
                 "session_uptime_seconds",
@@ -426,11 +431,18 @@ impl Metrics {
         self.up.set(1);
     }
 
-    /// The session ended; `lost` unless it was closed on purpose (shutdown).
-    pub fn session_down(&self, lost: bool) {
-        if lost {
-            self.reconnects.inc();
-        }
+    /// A stream was lost (not closed on purpose): jat-proxy logs in to its server again.
+    pub fn stream_lost(&self) {
+        self.reconnects.inc();
+    }
+
+    /// How many streams are up.
+    pub fn streams(&self, up: usize) {
+        self.streams_up.set(up as i64);
+    }
+
+    /// The session ended: no stream is up.
+    pub fn session_down(&self) {
         self.up.set(0);
         self.resources.set(0);
         self.connected.store(false, Ordering::Relaxed);
@@ -504,6 +516,7 @@ mod tests {
         for name in [
             "jat_proxy_build_info{",
             "jat_proxy_session_up 0",
+            "jat_proxy_streams_up 0",
             "jat_proxy_logins_total 0",
             "jat_proxy_login_failures_total 0",
             "jat_proxy_reconnects_total 0",
@@ -634,7 +647,8 @@ mod tests {
         m.resources(0);
         assert!(!m.health().ok());
         m.resources(1);
-        m.session_down(true);
+        m.stream_lost();
+        m.session_down();
         assert!(!m.health().ok());
         assert_eq!(m.health().resources, 0);
         let t = text(&m);

@@ -143,16 +143,14 @@ impl<'a> Binding<'a> {
         Binding::Message { component }
     }
 
-    /// The kind a token sealed for this binding has.
-    ///
-    /// # Panics
-    /// For [`Binding::Peer`], which only opens.
-    pub fn kind(&self) -> Kind {
+    /// The kind a token sealed for this binding has; none for [`Binding::Peer`], which only
+    /// opens.
+    pub fn kind(&self) -> Option<Kind> {
         match self {
-            Binding::Iq { .. } => Kind::Iq,
-            Binding::Message { .. } => Kind::Message,
-            Binding::Route { .. } => Kind::Route,
-            Binding::Peer { .. } => panic!("a peer binding only opens tokens"),
+            Binding::Iq { .. } => Some(Kind::Iq),
+            Binding::Message { .. } => Some(Kind::Message),
+            Binding::Route { .. } => Some(Kind::Route),
+            Binding::Peer { .. } => None,
         }
     }
 
@@ -160,7 +158,7 @@ impl<'a> Binding<'a> {
     fn accepts(&self, kind: u8) -> bool {
         match self {
             Binding::Peer { .. } => kind == Kind::Iq as u8 || kind == Kind::Message as u8,
-            _ => kind == self.kind() as u8,
+            _ => self.kind().is_some_and(|k| k as u8 == kind),
         }
     }
 
@@ -239,11 +237,16 @@ pub struct Opened {
     pub salt: [u8; SALT_LEN],
 }
 
-/// The sender (with `original_to`) is longer than [`MAX_PLAINTEXT_LEN`].
+/// Why a token was not sealed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TooLong {
-    /// Bytes needed.
-    pub len: usize,
+pub enum SealError {
+    /// The sender (with `original_to`) is longer than [`MAX_PLAINTEXT_LEN`]: bytes needed.
+    TooLong {
+        /// Bytes needed.
+        len: usize,
+    },
+    /// [`Binding::Peer`] only opens tokens: it names no kind to seal.
+    OpenOnly,
 }
 
 /// Why a token was not accepted. Only logged (at debug): a rejected token gets no reply.
@@ -296,7 +299,7 @@ pub fn seal(
     contents: &Contents<'_>,
     issued_ms: u64,
     salt: [u8; SALT_LEN],
-) -> Result<String, TooLong> {
+) -> Result<String, SealError> {
     seal_as(
         keys,
         keys.current().id(),
@@ -315,7 +318,7 @@ pub fn reseal(
     keys: &KeySet,
     binding: Binding<'_>,
     opened: &Opened,
-) -> Option<Result<String, TooLong>> {
+) -> Option<Result<String, SealError>> {
     keys.get(opened.key_id)?;
     let contents = Contents {
         sender: &opened.sender,
@@ -340,11 +343,12 @@ fn seal_as(
     contents: &Contents<'_>,
     issued_ms: u64,
     salt: [u8; SALT_LEN],
-) -> Result<String, TooLong> {
+) -> Result<String, SealError> {
     let plain_len = contents.sender.len() + contents.original_to.map_or(0, |t| 1 + t.len());
     if plain_len > MAX_PLAINTEXT_LEN {
-        return Err(TooLong { len: plain_len });
+        return Err(SealError::TooLong { len: plain_len });
     }
+    let kind = binding.kind().ok_or(SealError::OpenOnly)?;
     let id_tag = match binding {
         Binding::Iq { id, .. } if version != VERSION_1 => Some(id_tag(id)),
         _ => None,
@@ -356,7 +360,7 @@ fn seal_as(
         buf.extend_from_slice(&key.id().to_be_bytes());
         buf.extend_from_slice(&(issued_ms / 1000).to_be_bytes());
     } else {
-        buf.push(binding.kind() as u8);
+        buf.push(kind as u8);
         buf.extend_from_slice(&key.id().to_be_bytes());
         buf.extend_from_slice(&issued_ms.to_be_bytes());
     }
@@ -516,7 +520,7 @@ pub fn seal_route(
     route: &Route,
     issued_ms: u64,
     salt: [u8; SALT_LEN],
-) -> Result<String, TooLong> {
+) -> Result<String, SealError> {
     let rest = format!("{}\0{}", route.client_to, route.id);
     let contents = Contents {
         sender: &route.client,
@@ -728,9 +732,25 @@ mod tests {
         };
         assert_eq!(
             seal(&keys(), binding("1"), &c, NOW, [0; SALT_LEN]),
-            Err(TooLong {
+            Err(SealError::TooLong {
                 len: MAX_PLAINTEXT_LEN + 1
             })
+        );
+    }
+
+    #[test]
+    fn a_peer_binding_seals_nothing() {
+        let c = Contents {
+            sender: "u@e/r",
+            original_to: None,
+        };
+        let peer = Binding::Peer {
+            component: "proxy.example",
+        };
+        assert_eq!(peer.kind(), None);
+        assert_eq!(
+            seal(&keys(), peer, &c, NOW, [0; SALT_LEN]),
+            Err(SealError::OpenOnly)
         );
     }
 

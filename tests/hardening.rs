@@ -465,6 +465,7 @@ fn readable_key_or_secret_file_is_refused() {
         &testkit::proxy::ConfigSpec {
             component: COMPONENT,
             server: "127.0.0.1:9".parse().unwrap(),
+            also: &[],
             secret: "s",
             target: "impl@localhost",
             key_file: &keys,

@@ -50,6 +50,7 @@ async fn json_logs_are_one_object_per_line() {
         &ConfigSpec {
             component: COMPONENT,
             server: prosody.component,
+            also: &[],
             secret: SECRET,
             target: "impl@localhost",
             key_file: &prosody.dir().join("keys.toml"),

@@ -320,6 +320,7 @@ fn config_errors_name_the_key_and_exit_2() {
         &ConfigSpec {
             component: COMPONENT,
             server: "127.0.0.1:5347".parse().unwrap(),
+            also: &[],
             secret: SECRET,
             target: "impl@localhost",
             key_file: &dir.join("keys.toml"),

@@ -88,6 +88,7 @@ fn a_server_that_stops_reading_ends_the_session_and_sigterm_still_exits() {
         &ConfigSpec {
             component: COMPONENT,
             server: listener.local_addr().unwrap(),
+            also: &[],
             secret: "s",
             target: "impl@localhost",
             key_file: &keys,

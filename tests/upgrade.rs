@@ -556,6 +556,7 @@ fn a_record_of_another_format_means_a_footer_and_a_new_login() {
         &testkit::proxy::ConfigSpec {
             component: COMPONENT,
             server: listener.local_addr().unwrap(),
+            also: &[],
             secret: "s",
             target: "impl@localhost",
             key_file: &dir.join("keys.toml"),

@@ -222,6 +222,7 @@ async fn main() {
         &ConfigSpec {
             component: COMPONENT,
             server: server.component(),
+            also: &[],
             secret: SECRET,
             target: "impl@localhost",
             key_file: &server.dir().join("keys.toml"),

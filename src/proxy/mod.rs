@@ -271,6 +271,16 @@ impl Proxy {
         vec![self.probe()]
     }
 
+    /// One of the session's streams was lost while others are up: the presence learnt
+    /// through it may be stale (on an ejabberd cluster, a resource's presence comes through
+    /// the stream to its node, which may be gone with it), so nothing is assumed; the
+    /// returned probe relearns what is online. Held requests wait on; requests that arrive
+    /// meanwhile are held (see [`Settings::hold_ms`]).
+    pub fn stream_lost(&mut self) -> Element {
+        self.resources.clear();
+        self.probe()
+    }
+
     /// The session lost its stream: nothing is known about presence any more, and nothing
     /// queued can be sent (what was held is lost with the stream, as what was in it).
     pub fn disconnected(&mut self) {

@@ -108,11 +108,13 @@ impl Proxy {
         let token = match token::seal(&self.keys, binding, &contents, clock.unix_ms, salt) {
             Ok(t) => t,
             Err(e) => {
-                let text = format!(
-                    "sender address too long to be proxied ({} bytes, at most {})",
-                    e.len,
-                    token::MAX_PLAINTEXT_LEN
-                );
+                let text = match e {
+                    token::SealError::TooLong { len } => format!(
+                        "sender address too long to be proxied ({len} bytes, at most {})",
+                        token::MAX_PLAINTEXT_LEN
+                    ),
+                    token::SealError::OpenOnly => "the request cannot be proxied".to_owned(),
+                };
                 return self.refuse(&el, from, Condition::NotAcceptable, &text, clock);
             }
         };

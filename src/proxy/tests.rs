@@ -1365,3 +1365,27 @@ fn outbound_details_from_review() {
     w.send("<presence from='impl@example/idle' to='proxy.example'><priority>-200</priority></presence>");
     assert!(!w.proxy.resources().any_eligible());
 }
+
+#[test]
+fn a_stream_lost_beside_others_relearns_presence_and_keeps_held_requests() {
+    let mut w = World::holding(2000, 8).online(&["a"]);
+    let probe = w.proxy.stream_lost();
+    assert_eq!(probe.name(), "presence");
+    assert_eq!(attr(&probe, "type"), "probe");
+    assert_eq!(attr(&probe, "to"), "impl@example");
+    // Nothing is assumed online: a request waits for the probe's answers.
+    let (_, v) = w.send_verdict(HELD_REQUEST);
+    assert_eq!(v, Verdict::Held);
+    assert_eq!(
+        w.send("<presence from='impl@example/a' to='proxy.example'/>"),
+        None
+    );
+    let out = transmitted(&mut w);
+    let forwarded: Vec<&Element> = out.iter().filter(|e| e.name() == "iq").collect();
+    assert_eq!(
+        forwarded.len(),
+        1,
+        "released once a resource is known again"
+    );
+    assert_eq!(attr(forwarded[0], "to"), "impl@example/a");
+}

@@ -110,6 +110,8 @@ pub struct Framer {
     summary: bool,
     /// In `summary`, the current attribute is too long and is being dropped.
     skip_attr: bool,
+    /// Where in `buf` the top-level start tag's attribute before the current one begins.
+    prev_attr_start: usize,
     closed: bool,
     out: VecDeque<Piece>,
 }
@@ -130,6 +132,7 @@ impl Framer {
             attr_start: 0,
             summary: false,
             skip_attr: false,
+            prev_attr_start: 0,
             closed: false,
             out: VecDeque::new(),
         }
@@ -216,8 +219,9 @@ impl Framer {
                 if self.exceeded.is_some() {
                     if self.summary && !self.skip_attr {
                         self.buf.extend_from_slice(bytes);
+                        // Below the limit, not at it: the summary is closed with a `>`.
                         if self.buf.len() - self.attr_start > SUMMARY_ATTR_BYTES
-                            || self.buf.len() > self.limits.max_bytes
+                            || self.buf.len() >= self.limits.max_bytes
                         {
                             self.buf.truncate(self.attr_start);
                             self.skip_attr = true;
@@ -244,6 +248,11 @@ impl Framer {
             Some(end) => self.buf.truncate(end),
             // Inside the top-level start tag, past its name: summarise it.
             None if self.attr_start > 0 => {
+                // The attributes complete so far, if they leave room for the summary's `>`;
+                // otherwise all but the last (which began below the limit).
+                if self.attr_start >= self.limits.max_bytes {
+                    self.attr_start = self.prev_attr_start;
+                }
                 self.buf.truncate(self.attr_start);
                 self.summary = true;
                 self.skip_attr = true;
@@ -262,6 +271,7 @@ impl Framer {
     fn attribute_done(&mut self) {
         if self.in_root_tag() && (self.exceeded.is_none() || self.summary) {
             self.skip_attr = false;
+            self.prev_attr_start = self.attr_start;
             self.attr_start = self.buf.len();
         }
     }
@@ -394,6 +404,7 @@ impl Framer {
                 {
                     // The top-level element's name is complete.
                     self.attr_start = self.buf.len() - 1;
+                    self.prev_attr_start = self.attr_start;
                 }
                 match b {
                     b'\'' | b'"' => {
@@ -465,6 +476,7 @@ impl Framer {
         self.attr_start = 0;
         self.summary = false;
         self.skip_attr = false;
+        self.prev_attr_start = 0;
         self.collecting = match self.depth {
             0 => Collecting::Header,
             1 => Collecting::Element,

@@ -389,6 +389,40 @@ fn a_start_tag_over_the_limit_keeps_its_short_attributes() {
     }
 }
 
+#[test]
+fn a_start_tag_whose_attributes_end_at_the_limit_is_held_within_it() {
+    // Found by the wire_raw fuzz target: attributes complete at exactly the byte limit, then
+    // more of the tag; its summary, closed with a `>`, was held one byte over the limit.
+    let small = Limits {
+        max_bytes: 256,
+        max_depth: 8,
+    };
+    for pad in 180..260 {
+        let a = "a".repeat(pad);
+        let bytes = stream_of(&[
+            format!("<iq type='get' id='x' from='u@e/r' p='{a}' q='1' r='2'><c/></iq>"),
+            format!("<iq type='get' id='y' from='u@e/r' p='{a}'  q='{a}'/>"),
+            "<iq type='get' id='after' to='proxy.example'/>".into(),
+        ]);
+        for chunk in [1, 3, 4096] {
+            // `read_all` checks that what is held never exceeds the limit.
+            let frames = read_all(&bytes, chunk, small).unwrap();
+            let s = stanzas(&frames);
+            assert_eq!(s.len(), 3, "pad {pad}");
+            for (i, id) in ["x", "y"].into_iter().enumerate() {
+                match s[i] {
+                    Inbound::Oversized(o) => {
+                        assert_eq!(o.name, "iq", "pad {pad}");
+                        assert_eq!(o.id.as_deref(), Some(id), "pad {pad}");
+                    }
+                    Inbound::Element(e) => assert_eq!(e.attr("id"), Some(id), "pad {pad}"),
+                }
+            }
+            assert_eq!(element(s[2]).attr("id"), Some("after"));
+        }
+    }
+}
+
 fn render(f: &Frame) -> String {
     match f {
         Frame::Header(h) => format!("header {h:?}"),

@@ -1,11 +1,13 @@
 //! In-place upgrade: the running process `exec`s the binary installed at the path it was
-//! started from, handing over the connected socket and a [`Record`] of the stream's state,
-//! so that the new code goes on with the same stream — no new handshake, no footer, same PID.
+//! started from, handing over its connected sockets and a [`Record`] of the streams' state,
+//! so that the new code goes on with the same streams — no new handshake, no footer, same
+//! PID.
 //!
-//! The socket and the record (a memfd) cross `exec` as two inherited file descriptors,
-//! named to the new process by a hidden argument `--handover PID:SOCKET:RECORD`. The PID
-//! guards against the argument being replayed by hand: only the process that wrote it (the
-//! same PID after `exec`) adopts the descriptors.
+//! The sockets and the record (a memfd) cross `exec` as inherited file descriptors, named
+//! to the new process by a hidden argument `--handover PID:SOCKET[,SOCKET...]:RECORD` (the
+//! sockets in the order of the record's streams). The PID guards against the argument being
+//! replayed by hand: only the process that wrote it (the same PID after `exec`) adopts the
+//! descriptors.
 
 mod record;
 
@@ -18,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::io::{FdFlags, fcntl_setfd};
 
-pub use record::{MAX_RECORD_BYTES, Record, RecordError, VERSION};
+pub use record::{MAX_RECORD_BYTES, Record, RecordError, StreamRecord, VERSION};
 
 /// The hidden command-line option that names the handed-over descriptors.
 pub const HANDOVER_ARG: &str = "--handover";
@@ -70,31 +72,41 @@ impl Program {
     }
 
     /// Replaces this process with the binary at [`Program::path`], run with the same
-    /// arguments, handing over `stream` (the connected socket and the record) if given.
-    /// Returns only if `exec` failed; the socket is then as it was (closed on exec again),
-    /// and this process goes on serving.
-    pub fn exec(&self, stream: Option<(BorrowedFd<'_>, &Record)>) -> io::Error {
+    /// arguments, handing over `streams` (the connected sockets, in the order of the
+    /// record's streams, and the record) if given. Returns only if `exec` failed; the
+    /// sockets are then as they were (closed on exec again), and this process goes on
+    /// serving.
+    pub fn exec(&self, streams: Option<(&[BorrowedFd<'_>], &Record)>) -> io::Error {
         let mut cmd = std::process::Command::new(&self.path);
         cmd.args(&self.args);
-        let Some((socket, record)) = stream else {
+        let Some((sockets, record)) = streams.filter(|(s, _)| !s.is_empty()) else {
             return cmd.exec();
         };
         let memfd = match write_record(record) {
             Ok(f) => f,
             Err(e) => return e,
         };
-        if let Err(e) = fcntl_setfd(socket, FdFlags::empty()) {
-            return e.into();
+        let restore = || {
+            // The sockets must not leak into the children this process spawns later.
+            for s in sockets {
+                let _ = fcntl_setfd(s, FdFlags::CLOEXEC);
+            }
+        };
+        for s in sockets {
+            if let Err(e) = fcntl_setfd(s, FdFlags::empty()) {
+                restore();
+                return e.into();
+            }
         }
+        let fds: Vec<String> = sockets.iter().map(|s| s.as_raw_fd().to_string()).collect();
         cmd.arg(HANDOVER_ARG).arg(format!(
             "{}:{}:{}",
             std::process::id(),
-            socket.as_raw_fd(),
+            fds.join(","),
             memfd.as_raw_fd()
         ));
         let e = cmd.exec();
-        // Still here: the socket must not leak into the children this process spawns later.
-        let _ = fcntl_setfd(socket, FdFlags::CLOEXEC);
+        restore();
         e
     }
 }
@@ -111,9 +123,9 @@ fn write_record(record: &Record) -> io::Result<File> {
 /// What the previous process handed over.
 #[derive(Debug)]
 pub struct Handover {
-    /// The connected socket of the component stream (close-on-exec again, blocking mode
-    /// as it was).
-    pub socket: std::net::TcpStream,
+    /// The connected sockets of the component streams, in the order of the record's
+    /// streams (close-on-exec again, blocking mode as they were).
+    pub sockets: Vec<std::net::TcpStream>,
     /// The state record, or why it cannot be used (the socket is then closed properly and
     /// an ordinary login follows).
     pub record: Result<Record, RecordError>,
@@ -122,7 +134,7 @@ pub struct Handover {
 /// Why `--handover` could not be honoured.
 #[derive(Debug)]
 pub enum AdoptError {
-    /// The argument is not `PID:FD:FD`.
+    /// The argument is not `PID:FD[,FD...]:FD`.
     Syntax,
     /// Written by another process (a stale or hand-written argument): nothing adopted.
     NotOurs(u32),
@@ -135,7 +147,9 @@ pub enum AdoptError {
 impl std::fmt::Display for AdoptError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AdoptError::Syntax => write!(f, "{HANDOVER_ARG} takes PID:SOCKET:RECORD"),
+            AdoptError::Syntax => {
+                write!(f, "{HANDOVER_ARG} takes PID:SOCKET[,SOCKET...]:RECORD")
+            }
             AdoptError::NotOurs(pid) => write!(
                 f,
                 "{HANDOVER_ARG} was written for process {pid}, not this one: ignored"
@@ -151,22 +165,36 @@ impl std::error::Error for AdoptError {}
 /// Takes over what the process before the `exec` handed over. Call once, first thing in
 /// `main`, before anything opens a file descriptor.
 pub fn adopt(arg: &str) -> Result<Handover, AdoptError> {
-    let mut parts = arg.split(':');
-    let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok());
-    let (Some(pid), Some(sock), Some(rec)) = (next(), next(), next()) else {
+    let parts: Vec<&str> = arg.split(':').collect();
+    let [pid, socks, rec] = parts[..] else {
+        return Err(AdoptError::Syntax);
+    };
+    let fd = |p: &str| p.parse::<u32>().ok();
+    let (Some(pid), Some(rec)) = (fd(pid), fd(rec)) else {
+        return Err(AdoptError::Syntax);
+    };
+    let socks: Option<Vec<u32>> = socks.split(',').map(fd).collect();
+    let Some(socks) = socks else {
         return Err(AdoptError::Syntax);
     };
     if pid != std::process::id() {
         return Err(AdoptError::NotOurs(pid));
     }
-    if sock < 3 || rec < 3 || sock == rec || sock > i32::MAX as u32 || rec > i32::MAX as u32 {
+    let mut all = socks.clone();
+    all.push(rec);
+    all.sort_unstable();
+    all.dedup();
+    if socks.len() > crate::config::MAX_SERVERS
+        || all.len() != socks.len() + 1
+        || all.iter().any(|&fd| fd < 3 || fd > i32::MAX as u32)
+    {
         return Err(AdoptError::Syntax);
     }
-    let socket = claim(sock as RawFd);
+    let sockets: Vec<OwnedFd> = socks.iter().map(|&s| claim(s as RawFd)).collect();
     let record = claim(rec as RawFd);
     // Closed on any later exec, and never inherited by the children spawned to check a
     // configuration.
-    for fd in [&socket, &record] {
+    for fd in sockets.iter().chain([&record]) {
         fcntl_setfd(fd, FdFlags::CLOEXEC).map_err(|e| AdoptError::Io(e.into()))?;
     }
     let kind = |fd: &OwnedFd| {
@@ -174,11 +202,17 @@ pub fn adopt(arg: &str) -> Result<Handover, AdoptError> {
             .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode))
             .map_err(|e| AdoptError::Io(e.into()))
     };
-    if kind(&socket)? != rustix::fs::FileType::Socket {
-        return Err(AdoptError::Descriptors("the first is not a socket"));
+    for s in &sockets {
+        if kind(s)? != rustix::fs::FileType::Socket {
+            return Err(AdoptError::Descriptors(
+                "a socket descriptor is not a socket",
+            ));
+        }
     }
     if kind(&record)? != rustix::fs::FileType::RegularFile {
-        return Err(AdoptError::Descriptors("the second is not a file"));
+        return Err(AdoptError::Descriptors(
+            "the record descriptor is not a file",
+        ));
     }
     let mut bytes = Vec::new();
     File::from(record)
@@ -191,7 +225,7 @@ pub fn adopt(arg: &str) -> Result<Handover, AdoptError> {
         Record::decode(&bytes)
     };
     Ok(Handover {
-        socket: std::net::TcpStream::from(socket),
+        sockets: sockets.into_iter().map(std::net::TcpStream::from).collect(),
         record,
     })
 }

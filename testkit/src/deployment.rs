@@ -186,10 +186,12 @@ pub fn ejabberd_with_proxies(
 
 /// An ejabberd cluster of `per_node.len()` nodes (`server_extra` appended to each node's
 /// `ejabberd.yml`) with the accounts `impl` and `user` (password `pw`), and `per_node[i]`
-/// jat-proxy instances connected to node `i + 1`: one configuration file per node (its
-/// `server` is that node's component listener), all naming one key file (in node 1's
+/// jat-proxy instances of node `i + 1`, as README recommends for a cluster: each connected
+/// to every node, its own node first (one configuration file per node: its `server` lists
+/// that node's component listener, then the others'), all naming one key file (in node 1's
 /// directory). `proxy_extra` goes into the `[proxy]` section, `extra` is appended. Returns
-/// the cluster, the instances of each node, and each node's configuration file.
+/// the cluster, the instances of each node (each logged in to every node), and each node's
+/// configuration file.
 pub fn ejabberd_cluster_with_proxies(
     binary: &Path,
     per_node: &[usize],
@@ -214,12 +216,19 @@ pub fn ejabberd_cluster_with_proxies(
         .nodes
         .iter()
         .map(|node| {
+            let others: Vec<std::net::SocketAddr> = cluster
+                .nodes
+                .iter()
+                .map(|n| n.component)
+                .filter(|c| *c != node.component)
+                .collect();
             write_config(
                 node.dir(),
                 "jat-proxy.toml",
                 &ConfigSpec {
                     component: COMPONENT,
                     server: node.component,
+                    also: &others,
                     secret: SECRET,
                     target: "impl@localhost",
                     key_file: &keys,
@@ -239,7 +248,7 @@ pub fn ejabberd_cluster_with_proxies(
         })
         .collect();
     for p in proxies.iter().flatten() {
-        p.wait_sessions(1, Duration::from_secs(30));
+        p.wait_sessions(per_node.len(), Duration::from_secs(30));
     }
     (cluster, proxies, configs)
 }
@@ -259,6 +268,7 @@ fn standard_config(
         &ConfigSpec {
             component: COMPONENT,
             server,
+            also: &[],
             secret: SECRET,
             target: "impl@localhost",
             key_file: &keys,

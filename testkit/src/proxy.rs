@@ -12,6 +12,8 @@ pub struct ConfigSpec<'a> {
     pub component: &'a str,
     /// The server's component listener.
     pub server: std::net::SocketAddr,
+    /// More listeners the instance also connects to (the other nodes of a cluster).
+    pub also: &'a [std::net::SocketAddr],
     /// Component secret.
     pub secret: &'a str,
     /// The implementing client's account.
@@ -30,10 +32,18 @@ pub fn write_config(dir: &Path, name: &str, spec: &ConfigSpec<'_>) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[component]\njid = \"{}\"\nserver = \"{}\"\nsecret = \"{}\"\n\
+            "[component]\njid = \"{}\"\nserver = {}\nsecret = \"{}\"\n\
              reconnect_max_secs = 2\n\n[proxy]\ntarget_address = \"{}\"\n{}\n[keys]\nfile = \"{}\"\n{}",
             spec.component,
-            spec.server,
+            if spec.also.is_empty() {
+                format!("\"{}\"", spec.server)
+            } else {
+                let all: Vec<String> = std::iter::once(&spec.server)
+                    .chain(spec.also)
+                    .map(|s| format!("\"{s}\""))
+                    .collect();
+                format!("[{}]", all.join(", "))
+            },
             spec.secret,
             spec.target,
             spec.proxy_extra,

@@ -1,0 +1,221 @@
+//! The session's side of an in-place upgrade: checking the new binary, handing the streams
+//! over, and going on with the streams the previous process handed over.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tracing::{info, warn};
+
+use super::Stream;
+use super::conn::Conn;
+use crate::config::Config;
+use crate::upgrade::{Handover, Program, Record, StreamRecord};
+
+/// How long the new binary may take to check the configuration before an upgrade.
+const CHECK_LIMIT: Duration = Duration::from_secs(20);
+
+/// What an upgrade needs: the command to `exec`, the configuration the new binary checks.
+pub(super) struct Upgrader {
+    pub(super) program: Program,
+    pub(super) config_path: PathBuf,
+    pub(super) build: crate::upgrade::BuildId,
+}
+
+pub(super) type Check = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+impl Upgrader {
+    /// Has the binary now installed at the program's path check the configuration and the
+    /// key file it will run with: the new code judges them, and a binary that does not run
+    /// at all is found out here, while this process still serves.
+    pub(super) fn check(&self) -> Check {
+        let mut cmd = tokio::process::Command::new(self.program.path());
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .arg("check")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let path = self.program.path().to_owned();
+        Box::pin(async move {
+            let out = match timeout(CHECK_LIMIT, cmd.output()).await {
+                Ok(Ok(out)) => out,
+                Ok(Err(e)) => return Err(format!("cannot run {}: {e}", path.display())),
+                Err(_) => {
+                    return Err(format!(
+                        "{} check did not finish within {} s",
+                        path.display(),
+                        CHECK_LIMIT.as_secs()
+                    ));
+                }
+            };
+            if out.status.success() {
+                return Ok(());
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let why = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no message");
+            Err(format!(
+                "{} check failed ({}): {why}",
+                path.display(),
+                out.status
+            ))
+        })
+    }
+
+    /// `exec`s the new binary with `streams` (each: its server, connection, the bytes of its
+    /// element not yet complete, and its history) and the resources known: returns only if
+    /// that failed (logged).
+    pub(super) fn hand_over(
+        &self,
+        component: &str,
+        streams: &[(&str, &Conn, Vec<u8>, Stream)],
+        resources: Vec<String>,
+    ) {
+        let mut records = Vec::with_capacity(streams.len());
+        for (server, conn, pending, stream) in streams {
+            let Some(header) = conn.reader.header_bytes() else {
+                return;
+            };
+            records.push(StreamRecord {
+                server: (*server).to_owned(),
+                header: header.to_vec(),
+                pending: pending.clone(),
+                established_unix_ms: stream.established_ms,
+                upgrades: stream.upgrades + 1,
+            });
+        }
+        let record = Record {
+            component: component.to_owned(),
+            streams: records,
+            resources,
+            build: self.build.get().to_owned(),
+        };
+        info!(
+            binary = %self.program.path().display(),
+            streams = record.streams.len(),
+            pending_bytes = record.streams.iter().map(|s| s.pending.len()).sum::<usize>(),
+            resources = record.resources.len(),
+            "handing the stream over to the new binary"
+        );
+        let sockets: Vec<_> = streams.iter().map(|(_, c, _, _)| c.socket()).collect();
+        let e = self.program.exec(Some((&sockets, &record)));
+        warn!(
+            binary = %self.program.path().display(),
+            "upgrade failed: cannot exec: {e}; still serving"
+        );
+    }
+}
+
+/// A stream an upgrade handed over, ready to be served.
+pub(super) struct Resumed {
+    /// Its server, as configured.
+    pub(super) server: String,
+    pub(super) conn: Conn,
+    pub(super) stream: Stream,
+}
+
+/// The streams an upgrade handed over that can be used, and the resources known then. A
+/// stream is closed with a footer (and its server logged in to again, if configured) when
+/// it cannot be used: the record is of another format, or the configuration now names
+/// another component or no longer that server.
+pub(super) fn resume(h: Handover, config: &Config) -> (Vec<Resumed>, Vec<String>) {
+    let unusable = |sockets: Vec<std::net::TcpStream>, why: String| {
+        warn!("cannot go on with the stream handed over: {why}; closing it and logging in again");
+        for s in sockets {
+            close_handed_over(s);
+        }
+        (Vec::new(), Vec::new())
+    };
+    let record = match h.record {
+        Ok(r) => r,
+        Err(e) => return unusable(h.sockets, e.to_string()),
+    };
+    if record.streams.len() != h.sockets.len() {
+        let why = format!(
+            "{} sockets for {} streams",
+            h.sockets.len(),
+            record.streams.len()
+        );
+        return unusable(h.sockets, why);
+    }
+    if record.component != config.component.jid {
+        let why = format!(
+            "it is for {}, the configuration now says {}",
+            record.component, config.component.jid
+        );
+        return unusable(h.sockets, why);
+    }
+    let mut resumed = Vec::new();
+    for (socket, st) in h.sockets.into_iter().zip(record.streams) {
+        if !config.component.servers.contains(&st.server) {
+            warn!(
+                server = %st.server,
+                "cannot go on with the stream handed over: the configuration no longer names its server; closing it"
+            );
+            close_handed_over(socket);
+            continue;
+        }
+        let conn = socket
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(socket))
+            .map_err(|e| e.to_string())
+            .and_then(|tcp| {
+                Conn::resumed(
+                    tcp,
+                    config.limits,
+                    config.component.keepalive_timeout,
+                    &st.header,
+                    &st.pending,
+                )
+                .map_err(|e| e.to_string())
+            });
+        match conn {
+            Ok(conn) => {
+                info!(
+                    server = %st.server,
+                    pending_bytes = st.pending.len(),
+                    upgrades = st.upgrades,
+                    "going on with the stream handed over"
+                );
+                resumed.push(Resumed {
+                    server: st.server,
+                    conn,
+                    stream: Stream {
+                        established_ms: st.established_unix_ms,
+                        upgrades: st.upgrades,
+                    },
+                });
+            }
+            Err(e) => {
+                warn!(server = %st.server, "cannot go on with the stream handed over: {e}; logging in again");
+            }
+        }
+    }
+    if !resumed.is_empty() {
+        info!(
+            component = %config.component.jid,
+            streams = resumed.len(),
+            from_build = %record.build,
+            resources = record.resources.len(),
+            "upgraded in place: going on with the same stream"
+        );
+    }
+    (resumed, record.resources)
+}
+
+/// Ends a handed-over stream this build cannot go on with: our footer, bounded in time.
+fn close_handed_over(socket: std::net::TcpStream) {
+    use std::io::Write;
+    let _ = socket.set_nonblocking(false);
+    let _ = socket.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = (&socket).write_all(b"</stream:stream>");
+    let _ = socket.shutdown(std::net::Shutdown::Both);
+}
