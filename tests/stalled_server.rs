@@ -138,3 +138,79 @@ fn a_server_that_stops_reading_ends_the_session_and_sigterm_still_exits() {
     ));
     testkit::discard_work_dir(&dir, "stall");
 }
+
+/// With several servers listed, one that stops reading (and floods), one that is down and
+/// one that accepts connections but never answers do not hold up the stream to a real
+/// server: every request through Prosody is answered while the stalled stream's output
+/// waits (for up to its write timeout, 30 s here), and the dead ones are retried on their
+/// own. With one stream awaited after another, each request would wait for the stalled
+/// server's write timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_or_dead_server_in_the_list_does_not_hold_up_the_others() {
+    let stalling = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stall_addr = stalling.local_addr().unwrap();
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let flood = std::thread::spawn(move || accept_and_stall(&stalling));
+    let d = testkit::deployment::Deployment::start_listing(
+        &binary(),
+        &[stall_addr, closed, silent.local_addr().unwrap()],
+        "",
+        // One user sends requests back to back: no rate limit in the way.
+        "\n[limits]\nrate_per_sender = 100000.0\nrate_burst = 100000\n",
+    );
+    let stop = flood
+        .join()
+        .expect("the stalling server logged jat-proxy in");
+    let stalled = Instant::now();
+    let mut imp = d.implementing("a").await;
+    let mut user = d.client("user", "u").await;
+    let n = 200;
+    let mut slowest = Duration::ZERO;
+    for i in 0..n {
+        let id = format!("m{i}");
+        let sent = Instant::now();
+        user.send_xml(&testkit::deployment::request(&id));
+        let req = imp
+            .recv_request(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("request {id} never forwarded:\n{}", d.proxy.log()));
+        imp.send(testkit::client::reply_to(&req, "result", ""));
+        let r = user
+            .recv_iq(&id, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("request {id} never answered:\n{}", d.proxy.log()));
+        assert_eq!(
+            r.attr("type"),
+            Some("result"),
+            "{}",
+            testkit::client::xml(&r)
+        );
+        slowest = slowest.max(sent.elapsed());
+    }
+    let log = d.proxy.log();
+    let still_stalled = !log
+        .lines()
+        .any(|l| l.contains("session lost") && l.contains(&stall_addr.to_string()));
+    stop.store(true, Ordering::Relaxed);
+    let refused = format!("server={closed}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cannot log in") && l.contains(&refused)),
+        "the server that is down is tried:\n{log}"
+    );
+    testkit::report(&format!(
+        "several servers: {n} requests through Prosody answered while another listed server \
+         took nothing we sent ({:.1} s into it, its stream {}), one was down and one never \
+         answered; slowest round trip {slowest:.1?}",
+        stalled.elapsed().as_secs_f64(),
+        if still_stalled {
+            "still waiting for its write timeout"
+        } else {
+            "already given up"
+        }
+    ));
+}

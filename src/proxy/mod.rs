@@ -249,6 +249,17 @@ impl Proxy {
         ]
     }
 
+    /// Another stream came up beside those already up (the session's servers are the nodes
+    /// of one cluster): the probe and subscription request of [`Proxy::connected`] on it
+    /// too, so that neither depends on one stream's server, and nothing is forgotten.
+    pub fn joined(&self) -> Vec<Element> {
+        let from = &self.settings.component;
+        vec![
+            stanza::presence(Some("probe"), from, &self.target),
+            stanza::presence(Some("subscribe"), from, &self.target),
+        ]
+    }
+
     /// A periodic probe of the target's presence. With one instance it only refreshes what
     /// presence broadcasts already said. With several instances behind a server that
     /// spreads a component domain over connections (ejabberd), each presence stanza of the

@@ -4,9 +4,9 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::timeout;
@@ -27,14 +27,23 @@ pub(super) const CLOSE_WRITE_LIMIT: Duration = Duration::from_secs(5);
 /// How long the server may take to send its footer after ours.
 const FOOTER_WAIT: Duration = Duration::from_secs(2);
 
-/// One connection to the server. Every write is bounded in time: a server that stops
-/// reading ends the stream instead of hanging the session.
+/// Queued output past which a stream is not read until the server takes some: a server
+/// that stops reading but keeps sending cannot make the session buffer without bound.
+pub(super) const PAUSE_READING_AT: usize = 1024 * 1024;
+
+/// One connection to the server. Writes never block the session (the session writes what
+/// the socket takes and polls for the rest), and are bounded in time: a server that takes
+/// nothing for `write_timeout` ends the stream.
 pub(super) struct Conn {
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     pub(super) reader: Reader,
     pub(super) writer: Writer,
-    pub(super) out: Vec<u8>,
+    /// Output: `out[sent..]` is still to be written.
+    out: Vec<u8>,
+    sent: usize,
+    /// Since when the output waiting has made no progress (`None` while nothing waits).
+    waiting_since: Option<Instant>,
     buf: Vec<u8>,
     pub(super) write_timeout: Duration,
 }
@@ -48,6 +57,8 @@ impl Conn {
             reader: Reader::new(limits),
             writer: Writer::new(),
             out: Vec::with_capacity(4096),
+            sent: 0,
+            waiting_since: None,
             buf: vec![0; READ_CHUNK],
             write_timeout,
         }
@@ -80,26 +91,114 @@ impl Conn {
         if let Err(e) = self.writer.element(el, &mut self.out) {
             warn!("{e}: not sent");
         }
+        self.queued();
     }
 
-    /// Sends the output buffer.
+    /// Our stream footer, into the output buffer.
+    fn queue_footer(&mut self) {
+        self.writer.footer(&mut self.out);
+        self.queued();
+    }
+
+    fn queued(&mut self) {
+        if self.waiting_since.is_none() && self.out.len() > self.sent {
+            self.waiting_since = Some(Instant::now());
+        }
+    }
+
+    /// A mark in the output: what is queued after it (see [`Conn::whole_since`]).
+    pub(super) fn mark(&self) -> usize {
+        self.out.len()
+    }
+
+    /// The whole elements queued since `mark` and not yet written (none if writing has
+    /// reached past the mark: the first of them may be partly written).
+    pub(super) fn whole_since(&self, mark: usize) -> Option<Vec<u8>> {
+        (self.sent <= mark && self.out.len() > mark).then(|| self.out[mark..].to_vec())
+    }
+
+    /// Queues bytes of whole elements serialised by another stream's writer (the same
+    /// namespaces: every stream is the component's).
+    pub(super) fn queue_bytes(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+        self.queued();
+    }
+
+    /// Bytes queued and not yet written.
+    pub(super) fn unsent(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    /// When the output waiting will have made no progress for `write_timeout`, if any
+    /// waits.
+    pub(super) fn write_deadline(&self) -> Option<Instant> {
+        self.waiting_since.map(|t| t + self.write_timeout)
+    }
+
+    /// The error of a stream whose server took nothing for `write_timeout`.
+    pub(super) fn stalled(&self) -> String {
+        format!(
+            "the server took nothing we sent for {} s",
+            self.write_timeout.as_secs()
+        )
+    }
+
+    fn wrote(&mut self, n: usize) {
+        self.sent += n;
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+            self.waiting_since = None;
+            if self.out.capacity() > 1024 * 1024 {
+                self.out = Vec::with_capacity(4096);
+            }
+        } else {
+            self.waiting_since = Some(Instant::now());
+        }
+    }
+
+    /// Writes what the socket takes now, without waiting.
+    pub(super) fn write_now(&mut self) -> Result<(), String> {
+        while self.unsent() > 0 {
+            match self.wr.try_write(&self.out[self.sent..]) {
+                Ok(0) => return Err("cannot send: connection closed".into()),
+                Ok(n) => self.wrote(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(format!("cannot send: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls the socket for room and writes what waits. Ready when nothing waits any more
+    /// (or on an error); pending (with the waker registered) while output waits.
+    pub(super) fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
+        while self.unsent() > 0 {
+            match Pin::new(&mut self.wr).poll_write(cx, &self.out[self.sent..]) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err("cannot send: connection closed".into()));
+                }
+                Poll::Ready(Ok(n)) => self.wrote(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("cannot send: {e}"))),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends everything queued, waiting at most `write_timeout` (login and close only).
     pub(super) async fn flush(&mut self) -> Result<(), String> {
-        if self.out.is_empty() {
+        if self.unsent() == 0 {
             return Ok(());
         }
-        match timeout(self.write_timeout, self.wr.write_all(&self.out)).await {
-            Ok(Ok(())) => {
-                self.out.clear();
-                if self.out.capacity() > 1024 * 1024 {
-                    self.out = Vec::with_capacity(4096);
-                }
-                Ok(())
-            }
-            Ok(Err(e)) => Err(format!("cannot send: {e}")),
-            Err(_) => Err(format!(
-                "the server took nothing we sent for {} s",
-                self.write_timeout.as_secs()
-            )),
+        match timeout(
+            self.write_timeout,
+            std::future::poll_fn(|cx| self.poll_write(cx)),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(self.stalled()),
         }
     }
 
@@ -164,7 +263,7 @@ impl Conn {
     /// reading of it can no longer be answered; such stanzas are counted and logged.
     pub(super) async fn finish(mut self, server: &str) {
         self.write_timeout = self.write_timeout.min(CLOSE_WRITE_LIMIT);
-        self.writer.footer(&mut self.out);
+        self.queue_footer();
         if let Err(e) = self.flush().await {
             debug!(server, "closing the stream: {e}");
             return;
@@ -212,6 +311,7 @@ pub(super) async fn login(server: String, p: LoginParams) -> io::Result<Conn> {
         tcp.set_nodelay(true)?;
         let mut conn = Conn::new(tcp, p.limits, p.write_timeout);
         conn.writer.header(&[("to", &p.jid)], &mut conn.out);
+        conn.queued();
         conn.flush().await.map_err(io::Error::other)?;
         let id = loop {
             match conn.next_frame().await.map_err(io::Error::other)? {

@@ -82,6 +82,7 @@ impl Upgrader {
         let mut records = Vec::with_capacity(streams.len());
         for (server, conn, pending, stream) in streams {
             let Some(header) = conn.reader.header_bytes() else {
+                warn!(server = %server, "upgrade failed: the stream's header is not known; still serving");
                 return;
             };
             records.push(StreamRecord {

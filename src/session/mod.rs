@@ -21,7 +21,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::time::{sleep, sleep_until};
+use tokio::time::sleep_until;
 use tracing::{debug, info, trace, warn};
 
 use crate::backoff::Backoff;
@@ -34,7 +34,7 @@ use crate::random::OsRandom;
 use crate::stanza::STREAM_NS;
 use crate::stream::Frame;
 use crate::upgrade::{Handover, Program};
-use conn::{CLOSE_WRITE_LIMIT, Conn, LoginParams, login, stream_error};
+use conn::{CLOSE_WRITE_LIMIT, Conn, LoginParams, PAUSE_READING_AT, login, stream_error};
 use handover::{Check, Resumed, Upgrader, resume};
 
 /// A stream shorter than this does not reset its backoff: a server that accepts and then
@@ -254,17 +254,22 @@ impl Up {
     }
 
     /// Idle for keepalive_interval: ping; no byte for keepalive_timeout after that: dead.
+    /// Output that waits: the server must take some of it within the write timeout.
     fn wake(&self, c: &crate::config::Component) -> Instant {
-        match self.ping_sent {
+        let keepalive = match self.ping_sent {
             None => self.last_read + c.keepalive_interval,
             Some(at) => at + c.keepalive_timeout,
-        }
+        };
+        self.conn
+            .write_deadline()
+            .map_or(keepalive, |w| w.min(keepalive))
     }
 }
 
 /// What happened on the links.
 enum LinkEvent {
-    /// Bytes were read (given to the stream's reader), or the stream failed.
+    /// Bytes were read (given to the stream's reader), or the stream failed (reading or
+    /// writing).
     Read(usize, Result<(), String>),
     /// A login finished.
     LoggedIn(usize, io::Result<Box<Conn>>),
@@ -348,7 +353,9 @@ impl Shell {
         if self.up {
             // Presence answers come on the node of each resource: ask again, now that this
             // stream's node can route them here too.
-            up.conn.queue(&self.proxy.probe());
+            for el in self.proxy.joined() {
+                up.conn.queue(&el);
+            }
             self.links[i].state = State::Up(up);
         } else {
             for el in self.proxy.connected() {
@@ -451,22 +458,42 @@ impl Shell {
         }
     }
 
-    /// Handles what every stream read, then sends what was queued; a stream that fails is
-    /// lost (and logs in again).
-    async fn pump(&mut self) {
+    /// Handles what every stream read, then writes what was queued, as far as each socket
+    /// takes it now (the rest is written as the event loop finds room: a server that reads
+    /// slowly holds up its own stream only); a stream that fails is lost (and logs in
+    /// again).
+    fn pump(&mut self) {
         for i in 0..self.links.len() {
-            if let Err(why) = self.handle_frames(i) {
-                self.lost(i, why);
-            }
-        }
-        for i in 0..self.links.len() {
-            let State::Up(up) = &mut self.links[i].state else {
+            let Some(mark) = self.up_mut(i).map(|up| up.conn.mark()) else {
                 continue;
             };
-            // The watchdog is fed while a slow server takes what we send (bounded by the
-            // write timeout, which may exceed the watchdog's).
-            if let Err(why) = kept_alive(up.conn.flush(), &self.notifier).await {
+            if let Err(why) = self.handle_frames(i) {
+                // The server ended the stream after stanzas this round answered: those
+                // answers go out on another stream rather than with this one (any stream
+                // reaches the whole cluster).
+                let answers = self.up_mut(i).and_then(|up| up.conn.whole_since(mark));
                 self.lost(i, why);
+                if let (Some(answers), Some(first)) = (answers, self.first_up())
+                    && let Some(up) = self.up_mut(first)
+                {
+                    up.conn.queue_bytes(&answers);
+                }
+            }
+        }
+        // Again while a stream failed: what its loss queued (a probe) goes out now too.
+        loop {
+            let mut failed = false;
+            for i in 0..self.links.len() {
+                let State::Up(up) = &mut self.links[i].state else {
+                    continue;
+                };
+                if let Err(why) = up.conn.write_now() {
+                    self.lost(i, why);
+                    failed = true;
+                }
+            }
+            if !failed {
+                break;
             }
         }
     }
@@ -474,20 +501,21 @@ impl Shell {
     /// Starts the logins that are due.
     fn connect_due(&mut self) {
         let now = Instant::now();
-        let ups = self.ups();
+        let mut connecting = Vec::new();
         for link in &mut self.links {
             if let State::Down { retry_at } = link.state
                 && retry_at <= now
             {
-                if ups == 0 {
-                    self.notifier
-                        .status(&format!("connecting to {}", link.server));
-                }
+                connecting.push(link.server.clone());
                 let (server, params) = (link.server.clone(), self.login.clone());
                 link.state = State::Connecting(Box::pin(async {
                     login(server, params).await.map(Box::new)
                 }));
             }
+        }
+        if !connecting.is_empty() && self.ups() == 0 {
+            self.notifier
+                .status(&format!("connecting to {}", connecting.join(", ")));
         }
     }
 
@@ -525,11 +553,31 @@ impl Shell {
             if up.wake(c) > now {
                 continue;
             }
+            if up.conn.write_deadline().is_some_and(|d| d <= now) {
+                let why = up.conn.stalled();
+                self.lost(i, why);
+                continue;
+            }
             if up.ping_sent.is_some() {
                 let why = format!(
                     "no answer to a keepalive ping within {} s",
                     c.keepalive_timeout.as_secs()
                 );
+                // Bytes that arrived but were not read yet count (the loop was busy).
+                if let State::Up(up) = &mut self.links[i].state {
+                    match up.conn.read_ready() {
+                        Ok(0) => {}
+                        Ok(_) => {
+                            up.last_read = now;
+                            up.ping_sent = None;
+                            continue;
+                        }
+                        Err(e) => {
+                            self.lost(i, e);
+                            continue;
+                        }
+                    }
+                }
                 self.lost(i, why);
                 continue;
             }
@@ -576,7 +624,13 @@ impl Shell {
             .iter()
             .enumerate()
             .filter_map(|(i, l)| match &l.state {
-                State::Up(up) => Some(up.conn.reader.pending().map(|p| (i, p))),
+                State::Up(up) => Some(
+                    up.conn
+                        .reader
+                        .pending()
+                        .filter(|_| up.conn.unsent() == 0)
+                        .map(|p| (i, p)),
+                ),
                 _ => None,
             })
             .collect()
@@ -631,7 +685,7 @@ impl Shell {
         loop {
             self.connect_due();
             // Everything complete that was read is handled before anything is sent.
-            self.pump().await;
+            self.pump();
             if let Some(since) = handover_since {
                 let limit = HANDOVER_WAIT + Duration::from_millis(self.config.proxy.hold_ms);
                 if let Some(pending) = self.handover_point() {
@@ -667,7 +721,6 @@ impl Shell {
             let keepalive = self.next_keepalive();
             let retry = self.next_retry();
             let turn = self.turn;
-            self.turn = self.turn.wrapping_add(1);
             let links = &mut self.links;
             let event = std::future::poll_fn(|cx| {
                 let n = links.len();
@@ -675,7 +728,16 @@ impl Shell {
                     let i = (turn + k) % n;
                     match &mut links[i].state {
                         State::Up(up) => {
-                            if let Poll::Ready(r) = up.conn.poll_read(cx) {
+                            if up.conn.unsent() > 0
+                                && let Poll::Ready(Err(e)) = up.conn.poll_write(cx)
+                            {
+                                return Poll::Ready(LinkEvent::Read(i, Err(e)));
+                            }
+                            // A server that does not take what we send is not read either
+                            // (past a bound), as the server applies back-pressure to us.
+                            if up.conn.unsent() < PAUSE_READING_AT
+                                && let Poll::Ready(r) = up.conn.poll_read(cx)
+                            {
                                 return Poll::Ready(LinkEvent::Read(i, r));
                             }
                         }
@@ -692,6 +754,8 @@ impl Shell {
             tokio::select! {
                 ev = event => match ev {
                     LinkEvent::Read(i, Ok(())) => {
+                        // The next poll starts after this link: none starves the others.
+                        self.turn = (i + 1) % self.links.len();
                         if let Some(up) = self.up_mut(i) {
                             up.last_read = Instant::now();
                             up.ping_sent = None;
@@ -731,6 +795,8 @@ impl Shell {
                         self.notifier.stopping("closing the stream");
                         self.close().await;
                     }
+                    crate::metrics::global().streams(0);
+                    crate::metrics::global().session_down();
                     return Exit::Signal;
                 }
                 _ = signals.hup.recv() => {
@@ -794,6 +860,7 @@ impl Shell {
                 };
                 if Instant::now() >= deadline || drained >= DRAIN_BYTES {
                     warn!(
+                        server = %self.links[i].server,
                         drained,
                         "still receiving at shutdown: closing without reading further"
                     );
@@ -827,21 +894,6 @@ impl Shell {
             }
         }
         futures::future::join_all(ends).await;
-    }
-}
-
-/// Runs `f`, sending `WATCHDOG=1` meanwhile if the service manager asked for it: a slow
-/// write or a check of the new binary is the serving loop's work too.
-async fn kept_alive<F: Future>(f: F, notifier: &Notifier) -> F::Output {
-    let Some(every) = notifier.watchdog_every() else {
-        return f.await;
-    };
-    tokio::pin!(f);
-    loop {
-        tokio::select! {
-            r = &mut f => return r,
-            _ = sleep(every) => notifier.watchdog(),
-        }
     }
 }
 

@@ -190,6 +190,14 @@ pub fn adopt(arg: &str) -> Result<Handover, AdoptError> {
     {
         return Err(AdoptError::Syntax);
     }
+    // Only descriptors that are open are claimed (an `OwnedFd` of a closed one would be
+    // closed again when dropped).
+    if all
+        .iter()
+        .any(|fd| std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err())
+    {
+        return Err(AdoptError::Descriptors("a named descriptor is not open"));
+    }
     let sockets: Vec<OwnedFd> = socks.iter().map(|&s| claim(s as RawFd)).collect();
     let record = claim(rec as RawFd);
     // Closed on any later exec, and never inherited by the children spawned to check a
@@ -236,8 +244,8 @@ pub fn adopt(arg: &str) -> Result<Handover, AdoptError> {
 /// be open and owned by nothing else. Both hold here: the descriptor was left open for us by
 /// this same process before its `exec` (`adopt` checked that the argument carries our own
 /// PID, which `exec` keeps), and `adopt` runs once, first in `main`, before anything in this
-/// process image has opened or claimed a descriptor. A closed descriptor would make the
-/// `fstat` that follows fail with `EBADF`: an error, not undefined behaviour.
+/// process image has opened or claimed a descriptor; `adopt` also checked that each one is
+/// open (listed in `/proc/self/fd`).
 #[allow(unsafe_code)]
 fn claim(fd: RawFd) -> OwnedFd {
     // SAFETY: see above — open, inherited for this purpose, claimed exactly once.

@@ -44,14 +44,39 @@ impl Deployment {
     /// Starts everything; `proxy_extra` goes into the `[proxy]` section, `extra_config` is
     /// appended.
     pub fn start_configured(binary: &Path, proxy_extra: &str, extra_config: &str) -> Deployment {
+        Self::start_listing(binary, &[], proxy_extra, extra_config)
+    }
+
+    /// Starts everything, the proxy's `server` listing Prosody's listener first, then `also`
+    /// (each may be anything, down or not a server at all); returns once the proxy has a
+    /// stream to Prosody.
+    pub fn start_listing(
+        binary: &Path,
+        also: &[std::net::SocketAddr],
+        proxy_extra: &str,
+        extra_config: &str,
+    ) -> Deployment {
         let prosody = Prosody::start(&[(COMPONENT, SECRET)]);
         for user in ["impl", "user", "mallory", "flood"] {
             prosody.register(user, "pw");
         }
-        let (config, keys) =
-            standard_config(prosody.dir(), prosody.component, proxy_extra, extra_config);
+        let (config, keys) = standard_config(
+            prosody.dir(),
+            prosody.component,
+            also,
+            proxy_extra,
+            extra_config,
+        );
         let proxy = ProxyProcess::start(binary, &config);
-        proxy.wait_sessions(1, WAIT);
+        let server = format!("server={}", prosody.component);
+        let up = crate::wait_until(WAIT, || {
+            proxy
+                .log()
+                .lines()
+                .any(|l| l.contains("session established") && l.contains(&server))
+                .then_some(())
+        });
+        assert!(up.is_some(), "no stream to Prosody:\n{}", proxy.log());
         Deployment {
             prosody,
             proxy,
@@ -173,7 +198,7 @@ pub fn ejabberd_with_proxies(
     for u in ["impl", "user"] {
         ejabberd.register(u, "pw");
     }
-    let (config, _) = standard_config(ejabberd.dir(), ejabberd.component, proxy_extra, extra);
+    let (config, _) = standard_config(ejabberd.dir(), ejabberd.component, &[], proxy_extra, extra);
     let proxies: Vec<ProxyProcess> = (0..n)
         .map(|_| ProxyProcess::start(binary, &config))
         .collect();
@@ -258,6 +283,7 @@ pub fn ejabberd_cluster_with_proxies(
 fn standard_config(
     dir: &Path,
     server: std::net::SocketAddr,
+    also: &[std::net::SocketAddr],
     proxy_extra: &str,
     extra: &str,
 ) -> (PathBuf, PathBuf) {
@@ -268,7 +294,7 @@ fn standard_config(
         &ConfigSpec {
             component: COMPONENT,
             server,
-            also: &[],
+            also,
             secret: SECRET,
             target: "impl@localhost",
             key_file: &keys,
