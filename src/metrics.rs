@@ -112,6 +112,7 @@ pub struct Metrics {
     registry: Registry,
     up: IntGauge,
     streams_up: IntGauge,
+    streams_configured: IntGauge,
     logins: IntCounter,
     login_failures: IntCounter,
     reconnects: IntCounter,
@@ -256,6 +257,10 @@ impl Metrics {
             streams_up: gauge(
                 "streams_up",
                 "Component streams up: one per configured server (`[component] server`) at most.",
+            ),
+            streams_configured: gauge(
+                "streams_configured",
+                "Servers configured (`[component] server`): one stream to each.",
             ),
             logins: counter(
                 "logins_total",
@@ -441,6 +446,11 @@ impl Metrics {
         self.streams_up.set(up as i64);
     }
 
+    /// How many servers are configured (one stream to each).
+    pub fn servers(&self, n: usize) {
+        self.streams_configured.set(n as i64);
+    }
+
     /// The session ended: no stream is up.
     pub fn session_down(&self) {
         self.up.set(0);
@@ -517,6 +527,7 @@ mod tests {
             "jat_proxy_build_info{",
             "jat_proxy_session_up 0",
             "jat_proxy_streams_up 0",
+            "jat_proxy_streams_configured 0",
             "jat_proxy_logins_total 0",
             "jat_proxy_login_failures_total 0",
             "jat_proxy_reconnects_total 0",

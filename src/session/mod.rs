@@ -169,6 +169,7 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
     let mut signals = Signals::new()?;
     let proxy = Proxy::new(config.proxy.clone(), keys);
     crate::metrics::global().keys(proxy.keys());
+    crate::metrics::global().servers(config.component.servers.len());
     if let Some(addr) = config.metrics.listen {
         crate::http::spawn(addr);
     }
