@@ -365,7 +365,8 @@ async fn two_node_ejabberd_cluster() {
         }
     }
     let mut spread = Vec::new();
-    let mut cross_instance = 0;
+    // An instance's node is the one it connects to first (k / 2).
+    let (mut cross_instance, mut cross_node) = (0, 0);
     for (k, i) in inst.iter().enumerate() {
         let log = i.log();
         let fwd = ids_in(&log, "request forwarded");
@@ -376,6 +377,7 @@ async fn two_node_ejabberd_cluster() {
             .collect();
         for id in &reversed {
             cross_instance += usize::from(sealed_by[id] != k);
+            cross_node += usize::from(sealed_by[id] / 2 != k / 2);
         }
         spread.push(format!(
             "{}: {} requests of the node-1 user, {} of the node-2 user, {} replies",
@@ -391,7 +393,7 @@ async fn two_node_ejabberd_cluster() {
         "spread: 200 requests from a user (one account) on each node (impl/a on node 1, \
          impl/b on node 2, sticky): {spread:?}; forwarded to {forwarded_to:?}; of 400 \
          replies, {cross_instance} reversed by another instance than the one that sealed the \
-         token"
+         token, {cross_node} by an instance of the other node"
     ));
     // Sticky: every instance, whichever node the request came through, chose the same
     // resource for the account.
@@ -674,16 +676,17 @@ async fn two_node_ejabberd_cluster() {
             sealer.insert(id, k);
         }
     }
-    let (mut reversed, mut other) = (0, 0);
+    let (mut reversed, mut other, mut other_node) = (0, 0, 0);
     for (k, i) in inst.iter().enumerate() {
         for id in ids_in(&i.log(), "reply reversed") {
             reversed += 1;
             other += usize::from(sealer.get(&id).is_some_and(|&s| s != k));
+            other_node += usize::from(sealer.get(&id).is_some_and(|&s| s / 2 != k / 2));
         }
     }
     testkit::report(&format!(
         "whole run: {reversed} replies reversed, {other} of them by another instance than the \
-         one that sealed the token"
+         one that sealed the token, {other_node} by an instance of the other node"
     ));
     testkit::report(&format!("cluster test: {:.0?} in all", started.elapsed()));
     testkit::discard_work_dir(&bin, "binaries");
