@@ -169,7 +169,7 @@ async fn a_stalled_or_dead_server_in_the_list_does_not_hold_up_the_others() {
     let mut imp = d.implementing("a").await;
     let mut user = d.client("user", "u").await;
     let n = 200;
-    let mut slowest = Duration::ZERO;
+    let mut slowest = (Duration::ZERO, 0);
     for i in 0..n {
         let id = format!("m{i}");
         let sent = Instant::now();
@@ -189,7 +189,7 @@ async fn a_stalled_or_dead_server_in_the_list_does_not_hold_up_the_others() {
             "{}",
             testkit::client::xml(&r)
         );
-        slowest = slowest.max(sent.elapsed());
+        slowest = slowest.max((sent.elapsed(), i));
     }
     let log = d.proxy.log();
     let still_stalled = !log
@@ -205,12 +205,14 @@ async fn a_stalled_or_dead_server_in_the_list_does_not_hold_up_the_others() {
     testkit::report(&format!(
         "several servers: {n} requests through Prosody answered while another listed server \
          took nothing we sent ({:.1} s into it, its stream {}), one was down and one never \
-         answered; slowest round trip {slowest:.1?}",
+         answered; slowest round trip {:.1?} (request {} of {n})",
         stalled.elapsed().as_secs_f64(),
         if still_stalled {
             "still waiting for its write timeout"
         } else {
             "already given up"
-        }
+        },
+        slowest.0,
+        slowest.1 + 1
     ));
 }

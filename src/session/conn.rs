@@ -42,6 +42,8 @@ pub(super) struct Conn {
     /// Output: `out[sent..]` is still to be written.
     out: Vec<u8>,
     sent: usize,
+    /// Where in `out` each element queued begins (to take back the unsent ones whole).
+    starts: std::collections::VecDeque<usize>,
     /// Since when the output waiting has made no progress (`None` while nothing waits).
     waiting_since: Option<Instant>,
     buf: Vec<u8>,
@@ -58,6 +60,7 @@ impl Conn {
             writer: Writer::new(),
             out: Vec::with_capacity(4096),
             sent: 0,
+            starts: std::collections::VecDeque::new(),
             waiting_since: None,
             buf: vec![0; READ_CHUNK],
             write_timeout,
@@ -88,9 +91,13 @@ impl Conn {
 
     /// Serialises `el` into the output buffer.
     pub(super) fn queue(&mut self, el: &Element) {
+        let start = self.out.len();
         if let Err(e) = self.writer.element(el, &mut self.out) {
             warn!("{e}: not sent");
+            self.out.truncate(start);
+            return;
         }
+        self.starts.push_back(start);
         self.queued();
     }
 
@@ -106,20 +113,24 @@ impl Conn {
         }
     }
 
-    /// A mark in the output: what is queued after it (see [`Conn::whole_since`]).
-    pub(super) fn mark(&self) -> usize {
-        self.out.len()
-    }
-
-    /// The whole elements queued since `mark` and not yet written (none if writing has
-    /// reached past the mark: the first of them may be partly written).
-    pub(super) fn whole_since(&self, mark: usize) -> Option<Vec<u8>> {
-        (self.sent <= mark && self.out.len() > mark).then(|| self.out[mark..].to_vec())
+    /// The elements queued that the server cannot have received whole — those not written
+    /// at all, and the one partly written (the server drops an element it did not get to
+    /// the end of) — to go out on another stream when this one is lost. Elements written
+    /// whole are not among them, even if the server may have missed them: sending them
+    /// again could deliver them twice.
+    pub(super) fn take_unsent(&mut self) -> Option<Vec<u8>> {
+        let from = self.starts.iter().rev().find(|&&s| s <= self.sent).copied();
+        let from = match from {
+            Some(s) => s,
+            None => *self.starts.front()?,
+        };
+        (from < self.out.len()).then(|| self.out[from..].to_vec())
     }
 
     /// Queues bytes of whole elements serialised by another stream's writer (the same
     /// namespaces: every stream is the component's).
     pub(super) fn queue_bytes(&mut self, bytes: &[u8]) {
+        self.starts.push_back(self.out.len());
         self.out.extend_from_slice(bytes);
         self.queued();
     }
@@ -145,9 +156,14 @@ impl Conn {
 
     fn wrote(&mut self, n: usize) {
         self.sent += n;
+        // Elements written whole are forgotten (keep the start of the one being written).
+        while self.starts.len() > 1 && self.starts[1] <= self.sent {
+            self.starts.pop_front();
+        }
         if self.sent == self.out.len() {
             self.out.clear();
             self.sent = 0;
+            self.starts.clear();
             self.waiting_since = None;
             if self.out.capacity() > 1024 * 1024 {
                 self.out = Vec::with_capacity(4096);
@@ -363,5 +379,78 @@ pub(super) fn stream_error(el: &Element) -> String {
         "stream error".into()
     } else {
         parts.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn el(id: &str) -> Element {
+        format!("<iq xmlns='jabber:component:accept' type='get' id='{id}'/>")
+            .parse()
+            .unwrap()
+    }
+
+    /// A connection to a loopback peer that reads nothing.
+    async fn conn() -> (Conn, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, (server, _)) =
+            tokio::join!(client, async { listener.accept().await.unwrap() });
+        let mut c = Conn::new(client.unwrap(), Limits::default(), Duration::from_secs(5));
+        c.writer = Writer::resumed();
+        (c, server)
+    }
+
+    #[tokio::test]
+    async fn what_is_taken_back_is_every_element_the_server_cannot_have_whole() {
+        let (mut c, _peer) = conn().await;
+        assert_eq!(c.take_unsent(), None);
+        for id in ["1", "2", "3"] {
+            c.queue(&el(id));
+        }
+        let all = c.out.clone();
+        let first_len = all.windows(5).position(|w| w == b"</iq>").unwrap() + 5;
+        assert_eq!(
+            c.starts.iter().copied().collect::<Vec<_>>()[..2],
+            [0, first_len]
+        );
+        // Nothing written: all three.
+        assert_eq!(c.take_unsent().as_deref(), Some(&all[..]));
+        // The first written whole: the other two.
+        c.wrote(first_len);
+        assert_eq!(c.take_unsent().as_deref(), Some(&all[first_len..]));
+        // The second partly written: it again, whole, and the third.
+        c.wrote(3);
+        assert_eq!(c.take_unsent().as_deref(), Some(&all[first_len..]));
+        // Everything written: nothing.
+        let rest = c.unsent();
+        c.wrote(rest);
+        assert_eq!(c.take_unsent(), None);
+        assert_eq!(c.unsent(), 0);
+        assert_eq!(c.write_deadline(), None);
+        // Bytes taken from another stream count as one piece.
+        c.queue_bytes(&all[first_len..]);
+        c.wrote(1);
+        assert_eq!(c.take_unsent().as_deref(), Some(&all[first_len..]));
+    }
+
+    #[tokio::test]
+    async fn output_waits_with_a_deadline_and_writes_go_out_in_order() {
+        let (mut c, mut peer) = conn().await;
+        c.queue(&el("a"));
+        c.queue(&el("b"));
+        assert!(c.write_deadline().is_some());
+        c.write_now().unwrap();
+        assert_eq!(c.unsent(), 0);
+        assert_eq!(c.write_deadline(), None);
+        let mut got = vec![0u8; 256];
+        let n = peer.read(&mut got).await.unwrap();
+        let got = String::from_utf8_lossy(&got[..n]);
+        assert!(
+            got.find("id='a'").unwrap() < got.find("id='b'").unwrap(),
+            "{got}"
+        );
     }
 }

@@ -47,6 +47,13 @@ const DRAIN_BYTES: usize = 4 * 1024 * 1024;
 /// How long an upgrade waits for the streams to reach a point they can be handed over at
 /// (only an element over the byte limit being dropped as it streams in holds one up).
 const HANDOVER_WAIT: Duration = Duration::from_secs(5);
+/// Output waiting on one stream past which the stream is given up (its server takes too
+/// little of it; what waits goes out on another stream, if one is up). Reading it pauses
+/// long before, at [`PAUSE_READING_AT`].
+const MAX_UNSENT: usize = 8 * PAUSE_READING_AT;
+/// While an upgrade waits for the streams to reach a point they can be handed over at, they
+/// are looked at this often.
+const HANDOVER_POLL: Duration = Duration::from_millis(10);
 
 /// How the process was started: what an upgrade `exec`s and checks, and what the previous
 /// process handed over, if this one is the result of an upgrade.
@@ -300,11 +307,19 @@ impl Shell {
         }
     }
 
-    /// The stream what the core sends on its own goes out on: the first one up.
-    fn first_up(&self) -> Option<usize> {
+    /// The stream what the core sends on its own goes out on: the first one up with nothing
+    /// waiting to be written, else the one with least waiting (a server that reads slowly
+    /// does not hold it up).
+    fn out_link(&self) -> Option<usize> {
         self.links
             .iter()
-            .position(|l| matches!(l.state, State::Up(_)))
+            .enumerate()
+            .filter_map(|(i, l)| match &l.state {
+                State::Up(up) => Some((up.conn.unsent(), i)),
+                _ => None,
+            })
+            .min()
+            .map(|(_, i)| i)
     }
 
     fn ups(&self) -> usize {
@@ -322,7 +337,7 @@ impl Shell {
             };
             self.links[i].state = State::Up(Up::new(r.conn, r.stream));
         }
-        if let Some(first) = self.first_up() {
+        if let Some(first) = self.out_link() {
             let probe = self.proxy.resumed(resources);
             if let Some(up) = self.up_mut(first) {
                 for el in &probe {
@@ -402,10 +417,23 @@ impl Shell {
         };
         warn!(server = %self.links[i].server, "session lost: {why}");
         crate::metrics::global().stream_lost();
+        // What the server cannot have received goes out on another stream, if one is up:
+        // any stream reaches the whole cluster.
+        let unsent = self.up_mut(i).and_then(|up| up.conn.take_unsent());
         self.down(i, Some(established));
+        if let Some(bytes) = unsent
+            && let Some(j) = self.out_link()
+            && let Some(up) = self.up_mut(j)
+        {
+            debug!(
+                bytes = bytes.len(),
+                "sending what the lost stream could not"
+            );
+            up.conn.queue_bytes(&bytes);
+        }
         // Other streams are up: what was learnt through this one may have gone with its
         // server (the resources connected to that node): relearn.
-        if let Some(first) = self.first_up() {
+        if let Some(first) = self.out_link() {
             let probe = self.proxy.stream_lost();
             if let Some(up) = self.up_mut(first) {
                 up.conn.queue(&probe);
@@ -448,7 +476,7 @@ impl Shell {
     /// Queues what the core sends besides its answers (held requests released or refused,
     /// probes) on the first stream up.
     fn transmit(&mut self) {
-        let Some(first) = self.first_up() else {
+        let Some(first) = self.out_link() else {
             return;
         };
         while let Some(el) = self.proxy.poll_transmit() {
@@ -465,20 +493,8 @@ impl Shell {
     /// again).
     fn pump(&mut self) {
         for i in 0..self.links.len() {
-            let Some(mark) = self.up_mut(i).map(|up| up.conn.mark()) else {
-                continue;
-            };
             if let Err(why) = self.handle_frames(i) {
-                // The server ended the stream after stanzas this round answered: those
-                // answers go out on another stream rather than with this one (any stream
-                // reaches the whole cluster).
-                let answers = self.up_mut(i).and_then(|up| up.conn.whole_since(mark));
                 self.lost(i, why);
-                if let (Some(answers), Some(first)) = (answers, self.first_up())
-                    && let Some(up) = self.up_mut(first)
-                {
-                    up.conn.queue_bytes(&answers);
-                }
             }
         }
         // Again while a stream failed: what its loss queued (a probe) goes out now too.
@@ -488,7 +504,17 @@ impl Shell {
                 let State::Up(up) = &mut self.links[i].state else {
                     continue;
                 };
-                if let Err(why) = up.conn.write_now() {
+                let r = up.conn.write_now().and_then(|()| {
+                    if up.conn.unsent() > MAX_UNSENT {
+                        Err(format!(
+                            "the server takes too little of what we send ({} bytes wait)",
+                            up.conn.unsent()
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(why) = r {
                     self.lost(i, why);
                     failed = true;
                 }
@@ -548,38 +574,52 @@ impl Shell {
         let now = Instant::now();
         for i in 0..self.links.len() {
             let c = &self.config.component;
-            let State::Up(up) = &self.links[i].state else {
+            let (timeout, interval) = (c.keepalive_timeout, c.keepalive_interval);
+            let State::Up(up) = &mut self.links[i].state else {
                 continue;
             };
-            if up.wake(c) > now {
+            if up.wake(&self.config.component) > now {
                 continue;
             }
             if up.conn.write_deadline().is_some_and(|d| d <= now) {
-                let why = up.conn.stalled();
+                // A last attempt: the socket may have room now (the loop was busy).
+                let before = up.conn.unsent();
+                let r = up.conn.write_now();
+                if r.is_ok() && up.conn.unsent() < before {
+                    continue;
+                }
+                let why = r.err().unwrap_or_else(|| up.conn.stalled());
                 self.lost(i, why);
                 continue;
             }
             if up.ping_sent.is_some() {
-                let why = format!(
-                    "no answer to a keepalive ping within {} s",
-                    c.keepalive_timeout.as_secs()
-                );
+                if up.conn.unsent() > 0 {
+                    // Output waits (the ping behind it): the write deadline judges the
+                    // stream while the server takes it.
+                    up.ping_sent = Some(now);
+                    continue;
+                }
                 // Bytes that arrived but were not read yet count (the loop was busy).
-                if let State::Up(up) = &mut self.links[i].state {
-                    match up.conn.read_ready() {
-                        Ok(0) => {}
-                        Ok(_) => {
-                            up.last_read = now;
-                            up.ping_sent = None;
-                            continue;
-                        }
-                        Err(e) => {
-                            self.lost(i, e);
-                            continue;
-                        }
+                match up.conn.read_ready() {
+                    Ok(0) => {}
+                    Ok(_) => {
+                        up.last_read = now;
+                        up.ping_sent = None;
+                        continue;
+                    }
+                    Err(e) => {
+                        self.lost(i, e);
+                        continue;
                     }
                 }
+                let why = format!(
+                    "no answer to a keepalive ping within {} s",
+                    timeout.as_secs()
+                );
                 self.lost(i, why);
+                continue;
+            }
+            if up.last_read + interval > now {
                 continue;
             }
             debug!(server = %self.links[i].server, "idle: sending keepalive ping");
@@ -774,10 +814,11 @@ impl Shell {
                     self.keepalive();
                 }
                 _ = sleep_until(retry.unwrap_or_else(Instant::now).into()), if retry.is_some() => {}
+                _ = tokio::time::sleep(HANDOVER_POLL), if handover_since.is_some() => {}
                 _ = sleep_until(next_probe.into()) => {
                     next_probe = Instant::now() + jittered(self.config.component.probe_interval, &mut self.rng);
                     let probe = self.proxy.probe();
-                    if let Some(up) = self.first_up().and_then(|i| self.up_mut(i)) {
+                    if let Some(up) = self.out_link().and_then(|i| self.up_mut(i)) {
                         up.conn.queue(&probe);
                     }
                 }
