@@ -1,6 +1,6 @@
 //! The proxy itself: a pure state machine from (stanza in, time, randomness) to stanza out.
 //!
-//! No sockets, clocks or entropy live here; the session (`session.rs`) feeds it what the
+//! No sockets, clocks or entropy live here; the session (`src/session/`) feeds it what the
 //! server sends and the time (a [`Clock`]: Unix time for tokens, a monotonic clock for rate
 //! limits) and writes out what it returns, and tests and the fuzzer drive it directly.
 //! Every input yields one [`Outcome`] — at most one stanza, the input's own answer — which
