@@ -8,7 +8,10 @@
 //! it is routed (the sender's), so an instance with a stream on every node hears every
 //! resource of the implementing client, wherever it is connected. Each stanza is answered
 //! on the stream it came in on; what the core sends on its own (probes, held requests)
-//! goes out on the first stream up — any stream reaches the whole cluster.
+//! goes out on the first stream listed with nothing waiting to be written — any stream
+//! reaches the whole cluster. Writes never block the loop: a server that reads slowly or
+//! not at all holds up its own stream only, and what a lost stream could not send goes out
+//! on another.
 
 mod conn;
 mod handover;
@@ -307,9 +310,9 @@ impl Shell {
         }
     }
 
-    /// The stream what the core sends on its own goes out on: the first one up with nothing
-    /// waiting to be written, else the one with least waiting (a server that reads slowly
-    /// does not hold it up).
+    /// The stream what the core sends on its own goes out on: the first one listed with
+    /// nothing waiting to be written, else the one with least waiting (a server that reads
+    /// slowly does not hold it up).
     fn out_link(&self) -> Option<usize> {
         self.links
             .iter()
@@ -442,7 +445,7 @@ impl Shell {
     }
 
     /// Hands every complete frame link `i`'s reader holds to the proxy, and queues what it
-    /// answers on the same stream and what it sends on its own on the first stream up.
+    /// answers on the same stream and what it sends on its own on [`Shell::out_link`].
     fn handle_frames(&mut self, i: usize) -> Result<(), String> {
         loop {
             let Some(up) = self.up_mut(i) else {
@@ -474,7 +477,7 @@ impl Shell {
     }
 
     /// Queues what the core sends besides its answers (held requests released or refused,
-    /// probes) on the first stream up.
+    /// probes) on [`Shell::out_link`].
     fn transmit(&mut self) {
         let Some(first) = self.out_link() else {
             return;
