@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use testkit::client::{Answer, Client, Element, reply_to};
-use testkit::deployment::{COMPONENT, WAIT, ejabberd_cluster_with_proxies, request};
+use testkit::deployment::{COMPONENT, WAIT, ejabberd_cluster_with_proxies, learnt_within, request};
 use testkit::load::Tally;
 use testkit::proxy::{ProxyProcess, install_build, lines_with, log_field};
 use tokio::time::Instant;
@@ -70,24 +70,6 @@ fn ids_in(log: &str, what: &str) -> Vec<String> {
         .filter(|l| l.contains(what))
         .filter_map(|l| log_field(l, "id").map(str::to_owned))
         .collect()
-}
-
-/// Waits (up to `limit`) until `proxy` knows `resource` now: seen online since its last
-/// stream loss (which makes it relearn). Returns how long it took.
-fn wait_learnt(proxy: &ProxyProcess, resource: &str, limit: Duration) -> Option<Duration> {
-    let needle = format!("resource=\"{resource}\"");
-    let t = std::time::Instant::now();
-    testkit::wait_until(limit, || {
-        let log = proxy.log();
-        let current = log
-            .rfind("session lost")
-            .map_or(log.as_str(), |i| &log[i..]);
-        current
-            .lines()
-            .any(|l| l.contains("resource available") && l.contains(&needle))
-            .then_some(())
-    })
-    .map(|()| t.elapsed())
 }
 
 /// How long an instance may take to learn a resource of the other node: it hears of it
@@ -319,7 +301,7 @@ async fn two_node_ejabberd_cluster() {
     let mut learnt = Vec::new();
     for (k, i) in inst.iter().enumerate() {
         for r in ["a", "b"] {
-            let took = blocking(|| wait_learnt(&i.proxy, r, LEARN));
+            let took = blocking(|| learnt_within(&i.proxy, r, LEARN));
             assert!(
                 took.is_some(),
                 "{} never learnt {r} within {LEARN:?}:\n{}",
@@ -512,7 +494,7 @@ async fn two_node_ejabberd_cluster() {
     for &k in &on(0) {
         blocking(|| inst[k].proxy.wait_sessions(2, Duration::from_secs(30)));
         for r in ["a", "b"] {
-            let took = blocking(|| wait_learnt(&inst[k].proxy, r, LEARN));
+            let took = blocking(|| learnt_within(&inst[k].proxy, r, LEARN));
             assert!(took.is_some(), "{} never learnt {r}", names[k]);
         }
     }
@@ -582,7 +564,7 @@ async fn two_node_ejabberd_cluster() {
     let u2 = login(&cluster.nodes[1], "user", "u2").await;
     for (k, i) in inst.iter().enumerate() {
         for r in ["a", "b"] {
-            let took = blocking(|| wait_learnt(&i.proxy, r, LEARN));
+            let took = blocking(|| learnt_within(&i.proxy, r, LEARN));
             assert!(took.is_some(), "{} never learnt {r}", names[k]);
         }
     }

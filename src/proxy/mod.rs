@@ -242,11 +242,7 @@ impl Proxy {
     /// still pending — after a subscribe, the request would be lost.
     pub fn connected(&mut self) -> Vec<Element> {
         self.resources.clear();
-        let from = &self.settings.component;
-        vec![
-            stanza::presence(Some("probe"), from, &self.target),
-            stanza::presence(Some("subscribe"), from, &self.target),
-        ]
+        self.joined()
     }
 
     /// Another stream came up beside those already up (the session's servers are the nodes

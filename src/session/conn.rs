@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::timeout;
@@ -175,15 +175,10 @@ impl Conn {
 
     /// Writes what the socket takes now, without waiting.
     pub(super) fn write_now(&mut self) -> Result<(), String> {
-        while self.unsent() > 0 {
-            match self.wr.try_write(&self.out[self.sent..]) {
-                Ok(0) => return Err("cannot send: connection closed".into()),
-                Ok(n) => self.wrote(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(format!("cannot send: {e}")),
-            }
+        match self.poll_write(&mut Context::from_waker(std::task::Waker::noop())) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Ok(()),
         }
-        Ok(())
     }
 
     /// Polls the socket for room and writes what waits. Ready when nothing waits any more
@@ -237,15 +232,7 @@ impl Conn {
 
     /// Waits for bytes from the server and gives them to the reader. Cancel-safe.
     async fn read(&mut self) -> Result<(), String> {
-        let n = self
-            .rd
-            .read(&mut self.buf)
-            .await
-            .map_err(|e| format!("cannot read: {e}"))?;
-        if n == 0 {
-            return Err("connection closed".into());
-        }
-        self.reader.feed(&self.buf[..n]).map_err(|e| e.to_string())
+        std::future::poll_fn(|cx| self.poll_read(cx)).await
     }
 
     /// Gives the reader what the socket already holds, without waiting: how many bytes
@@ -385,6 +372,7 @@ pub(super) fn stream_error(el: &Element) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     fn el(id: &str) -> Element {
         format!("<iq xmlns='jabber:component:accept' type='get' id='{id}'/>")

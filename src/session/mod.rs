@@ -577,7 +577,7 @@ impl Shell {
         let now = Instant::now();
         for i in 0..self.links.len() {
             let c = &self.config.component;
-            let (timeout, interval) = (c.keepalive_timeout, c.keepalive_interval);
+            let timeout = c.keepalive_timeout;
             let State::Up(up) = &mut self.links[i].state else {
                 continue;
             };
@@ -620,9 +620,6 @@ impl Shell {
                     timeout.as_secs()
                 );
                 self.lost(i, why);
-                continue;
-            }
-            if up.last_read + interval > now {
                 continue;
             }
             debug!(server = %self.links[i].server, "idle: sending keepalive ping");

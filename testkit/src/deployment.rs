@@ -135,25 +135,32 @@ pub async fn implementing_at(
 }
 
 /// Waits until `proxy` has seen `resource` of the implementing client come online in its
-/// current session (what it learnt in an earlier session, before a reconnection, it has
-/// forgotten).
+/// current session (what it learnt before its last stream loss, it has forgotten; a stream
+/// that comes up beside others forgets nothing).
 pub fn wait_resource(proxy: &ProxyProcess, resource: &str) {
+    assert!(
+        learnt_within(proxy, resource, WAIT).is_some(),
+        "proxy never saw impl/{resource} in its current session:\n{}",
+        proxy.log()
+    );
+}
+
+/// Waits up to `limit` until `proxy` knows `resource` now, as [`wait_resource`]; returns how
+/// long that took, or `None`.
+pub fn learnt_within(proxy: &ProxyProcess, resource: &str, limit: Duration) -> Option<Duration> {
     let needle = format!("resource=\"{resource}\"");
-    let seen = crate::wait_until(WAIT, || {
+    let t = std::time::Instant::now();
+    crate::wait_until(limit, || {
         let log = proxy.log();
         let current = log
-            .rfind("session established")
+            .rfind("session lost")
             .map_or(log.as_str(), |i| &log[i..]);
         current
             .lines()
             .any(|l| l.contains("resource available") && l.contains(&needle))
             .then_some(())
-    });
-    assert!(
-        seen.is_some(),
-        "proxy never saw impl/{resource} in its current session:\n{}",
-        proxy.log()
-    );
+    })
+    .map(|()| t.elapsed())
 }
 
 /// A request to the component, as in the README: `<iq type='get' id=ID to='proxy.localhost'>`.
