@@ -370,6 +370,24 @@ fn d_max_depth() -> usize {
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = read(path)?;
     let mut config = parse(path, &text)?;
+    if config.component.secret_source == SecretSource::Inline {
+        // The file holds the secret: it must be as private as a secret file.
+        let meta = std::fs::metadata(path)
+            .map_err(|e| ConfigError::new(path, None, format!("cannot examine: {e}")))?;
+        crate::keys::check_private(
+            path,
+            &meta,
+            "the configuration file, which holds the component secret,",
+        )
+        .map_err(|m| {
+            ConfigError::new(
+                path,
+                Some("component.secret"),
+                format!("{m}; or move the secret to `secret_file`"),
+            )
+            .placed(&text)
+        })?;
+    }
     config
         .resolve_secret(path, |name| std::env::var(name).ok())
         .map_err(|e| e.placed(&text))?;
@@ -451,6 +469,70 @@ pub fn parse_keys(path: &Path, text: &str) -> Result<KeysConfig, ConfigError> {
             }
         },
     })
+}
+
+/// The most memory the limits may let remote senders make jat-proxy use: what
+/// [`MemoryBound::bytes`] may reach; the shipped unit's `MemoryMax=256M` less room for the
+/// process's own allocator slack.
+pub const MEMORY_CEILING: u64 = 224 << 20;
+
+/// What bounds jat-proxy's memory whatever remote senders send (SECURITY.md, "Memory"): the
+/// settings in the formula.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBound {
+    /// Streams (`component.server` entries).
+    pub servers: usize,
+    /// `limits.max_stanza_bytes`.
+    pub max_stanza_bytes: usize,
+    /// `limits.max_senders`.
+    pub max_senders: usize,
+    /// `proxy.max_resources`.
+    pub max_resources: usize,
+}
+
+impl MemoryBound {
+    /// The process itself: code, runtime, buffers of its own (measured about 12 MiB).
+    pub const BASE: u64 = 16 << 20;
+    /// Heap bytes one node of a parsed tree takes at most (measured about 190).
+    pub const NODE: u64 = 256;
+    /// Output waiting on one stream: the stream is given up past 8 MiB; one more read
+    /// (64 KiB) is handled before that is looked at again.
+    pub const UNSENT: u64 = 9 << 20;
+    /// One rate-limiter entry for an account (a bare JID of up to 2047 bytes and its three
+    /// buckets) and one for its domain (up to 1023 bytes), with the tables' overhead.
+    pub const SENDER: u64 = 2048 + 1024 + 512;
+    /// One resource of the target (up to 1023 bytes) and its entry.
+    pub const RESOURCE: u64 = 1024 + 256;
+
+    /// `BASE + servers × (2 × max_stanza_bytes + UNSENT)` (each stream's partial stanza and
+    /// output) `+ 2 × max_stanza_bytes + MAX_NODES × NODE` (the one stanza being handled, as
+    /// bytes and as a tree) `+ MAX_HELD_BYTES` (held requests, as text) `+ max_senders ×
+    /// SENDER + max_resources × RESOURCE` (the tables).
+    pub fn bytes(&self) -> u64 {
+        let m = self.max_stanza_bytes as u64;
+        Self::BASE
+            + self.servers as u64 * (2 * m + Self::UNSENT)
+            + 2 * m
+            + crate::inbound::MAX_NODES as u64 * Self::NODE
+            + crate::proxy::MAX_HELD_BYTES as u64
+            + self.max_senders as u64 * Self::SENDER
+            + self.max_resources as u64 * Self::RESOURCE
+    }
+
+    /// The key of the setting whose term is the largest.
+    fn largest_key(&self) -> &'static str {
+        let m = self.max_stanza_bytes as u64;
+        let streams = self.servers as u64 * Self::UNSENT;
+        let stanzas = (2 * self.servers as u64 + 2) * m;
+        let senders = self.max_senders as u64 * Self::SENDER;
+        if senders >= stanzas && senders >= streams {
+            "limits.max_senders"
+        } else if stanzas >= streams {
+            "limits.max_stanza_bytes"
+        } else {
+            "component.server"
+        }
+    }
 }
 
 fn in_range<E>(
@@ -677,16 +759,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     if !(l.rate_per_domain.is_finite() && l.rate_per_domain > 0.0 && l.rate_per_domain <= 1e6) {
         return Err(err(
             "limits.rate_per_domain",
-            format!(
-                "{} is not a rate in (0, 1000000] requests per second",
-                l.rate_per_domain
-            ),
+            "not a rate in (0, 1000000] requests per second".into(),
         ));
     }
     if !(l.domain_burst.is_finite() && (1.0..=1e6).contains(&l.domain_burst)) {
         return Err(err(
             "limits.domain_burst",
-            format!("{} is out of range 1..=1000000", l.domain_burst),
+            "out of range 1..=1000000".into(),
         ));
     }
     let list = |key: &str, items: &[String]| -> Result<Vec<Entry>, ConfigError> {
@@ -727,6 +806,24 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         Messages::Refuse => token_lifetime,
         Messages::Forward => token_lifetime.max(message_token_lifetime),
     };
+    let bound = MemoryBound {
+        servers: servers.len(),
+        max_stanza_bytes: l.max_stanza_bytes,
+        max_senders: l.max_senders,
+        max_resources: raw.proxy.max_resources,
+    };
+    if bound.bytes() > MEMORY_CEILING {
+        return Err(err(
+            bound.largest_key(),
+            format!(
+                "these limits let remote senders make jat-proxy use up to {} MiB, over the {} MiB \
+                 it may use under the shipped unit's MemoryMax=256M (SECURITY.md, \"Memory\"): \
+                 lower limits.max_senders, limits.max_stanza_bytes or the number of servers",
+                bound.bytes() >> 20,
+                MEMORY_CEILING >> 20
+            ),
+        ));
+    }
     Ok(Config {
         component: Component {
             jid: jid.clone(),
@@ -767,6 +864,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         limits: Limits {
             max_bytes: l.max_stanza_bytes,
             max_depth: l.max_depth,
+            max_nodes: crate::inbound::MAX_NODES,
         },
         metrics: MetricsConfig {
             listen: metrics_listen,
@@ -795,6 +893,66 @@ file = "/var/lib/jat-proxy/keys.toml"
         let mut c = parse(Path::new("test.toml"), text)?;
         c.resolve_secret(Path::new("test.toml"), |_| None)?;
         Ok(c)
+    }
+
+    #[test]
+    fn no_error_shows_a_configured_value() {
+        for (extra, key) in [
+            ("rate_per_domain = 7654321.5", "limits.rate_per_domain"),
+            ("domain_burst = 7654321.5", "limits.domain_burst"),
+            ("rate_per_sender = 7654321.5", "limits.rate_per_sender"),
+            ("rate_burst = 7654321.5", "limits.rate_burst"),
+            ("max_senders = 7654321000", "limits.max_senders"),
+            ("max_stanza_bytes = 7654321000", "limits.max_stanza_bytes"),
+        ] {
+            let e = parse_str(&format!("{GOOD}\n[limits]\n{extra}\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key));
+            assert!(!e.to_string().contains("7654321"), "{e}");
+        }
+    }
+
+    #[test]
+    fn limits_that_would_let_senders_past_memory_max_are_refused() {
+        // The defaults: well within, with room for the process (SECURITY.md's figure).
+        let c = parse_str(GOOD).unwrap();
+        let defaults = MemoryBound {
+            servers: c.component.servers.len(),
+            max_stanza_bytes: c.limits.max_bytes,
+            max_senders: c.proxy.rate.max_senders,
+            max_resources: c.proxy.max_resources,
+        };
+        assert_eq!(defaults.bytes() >> 20, 69, "SECURITY.md states it");
+        // Each of the largest terms alone.
+        let e = parse_str(&format!("{GOOD}\n[limits]\nmax_senders = 10000000\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("limits.max_senders"));
+        assert!(e.message.contains("MemoryMax"), "{}", e.message);
+        let servers = |n: usize, extra: &str| {
+            let list: Vec<String> = (0..n)
+                .map(|i| format!("\"127.0.0.1:{}\"", 5000 + i))
+                .collect();
+            let text = GOOD.replace(
+                "server = \"127.0.0.1:5347\"",
+                &format!("server = [{}]", list.join(", ")),
+            );
+            parse_str(&format!("{text}\n[limits]\n{extra}\n"))
+        };
+        // The largest stanzas on one stream, or the default on all sixteen: allowed.
+        parse_str(&format!("{GOOD}\n[limits]\nmax_stanza_bytes = 16777216\n")).unwrap();
+        servers(16, "").unwrap();
+        let e = servers(4, "max_stanza_bytes = 16777216").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("limits.max_stanza_bytes"));
+        let e = servers(16, "max_stanza_bytes = 1048576").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("component.server"));
+        // What the default allows at most, and one more.
+        let most = (MEMORY_CEILING
+            - MemoryBound {
+                max_senders: 0,
+                ..defaults
+            }
+            .bytes())
+            / MemoryBound::SENDER;
+        parse_str(&format!("{GOOD}\n[limits]\nmax_senders = {most}\n")).unwrap();
+        parse_str(&format!("{GOOD}\n[limits]\nmax_senders = {}\n", most + 1)).unwrap_err();
     }
 
     #[test]

@@ -5,8 +5,20 @@
 //! [`crate::metrics`]: whatever arrives here — garbage, huge headers, a client trickling
 //! bytes — costs the session nothing but a little CPU. Every connection is bounded: headers
 //! to [`MAX_HEADER_BYTES`] and [`HEADER_TIMEOUT`], [`MAX_REQUESTS`] requests, [`CONNECTION_LIFETIME`]
-//! in all, and at most [`MAX_CONNECTIONS`] at once (more are closed as they arrive).
+//! in all, and at most [`MAX_CONNECTIONS`] at once.
+//!
+//! Nobody can keep the listener from answering by holding its slots, idle or trickling: when
+//! all are taken, a new connection closes the oldest one, once that one has had
+//! [`EVICTION_GRACE`]. The listener waits on nothing but its clients (each response is built
+//! at once), so the oldest is always waiting on its client: for a request, the rest of one, or
+//! to read a response. A client that sends its request within [`EVICTION_GRACE`] of being
+//! accepted is answered, however many connections others open and reopen. While the slots are
+//! full, connections are accepted at up to [`MAX_CONNECTIONS`] per [`EVICTION_GRACE`], so a
+//! new one waits in the kernel's accept queue ([`ACCEPT_QUEUE`]) for about a third of a
+//! second at most; only more connections than the slots and that queue hold together delay it
+//! further (the kernel drops its SYN, and the client sends it again after a second).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,16 +32,25 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
-use tokio::time::sleep;
+use tokio::task::AbortHandle;
+use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, info, warn};
 
 use crate::metrics;
 
-/// Connections served at once; more are closed as soon as they are accepted.
+/// Connections served at once; when all are taken, a new one closes the oldest (after its
+/// [`EVICTION_GRACE`]).
 pub const MAX_CONNECTIONS: usize = 32;
-/// Time a client has to send a request's headers.
+/// How long a connection is safe from being closed for a newer one: time enough to send a
+/// request, from a client that sends it at once.
+pub const EVICTION_GRACE: Duration = Duration::from_millis(10);
+/// Connections the kernel holds until they are accepted (capped by `net.core.somaxconn`,
+/// 4096 by default since Linux 5.4; std's and tokio's default is 128). When it is full, the
+/// kernel drops new connections' SYNs.
+pub const ACCEPT_QUEUE: u32 = 1024;
+/// Time a client has to send a request's headers, unless a newer connection closes it first.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of a request's headers at most (larger: 431, and the connection is closed).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -66,7 +87,7 @@ pub fn spawn(addr: SocketAddr) {
             };
             runtime.block_on(async move {
                 let listener = loop {
-                    match TcpListener::bind(addr).await {
+                    match listen(addr) {
                         Ok(l) => break l,
                         Err(e) => {
                             warn!(%addr, "cannot listen for metrics: {e}; trying again in {} s", BIND_RETRY.as_secs());
@@ -83,9 +104,24 @@ pub fn spawn(addr: SocketAddr) {
     }
 }
 
+/// Listens on `addr` with an accept queue of [`ACCEPT_QUEUE`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_QUEUE)
+}
+
 /// Accepts and serves connections on `listener` for ever.
 pub async fn serve(listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // The connections served, oldest first, with when each was started; each holds one of
+    // `slots` until its task ends. Some may have ended on their own since.
+    let mut open: VecDeque<(Instant, AbortHandle)> = VecDeque::with_capacity(MAX_CONNECTIONS);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -96,14 +132,34 @@ pub async fn serve(listener: TcpListener) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%peer, "too many monitoring connections: closed");
-            continue;
+        open.retain(|(_, task)| !task.is_finished());
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Every slot is taken, each by a task in `open`: the oldest's is freed once its
+                // grace is over, unless another ends first. Meanwhile, nothing is accepted.
+                let grace_over = open
+                    .front()
+                    .map_or_else(Instant::now, |(since, _)| *since + EVICTION_GRACE);
+                let freed = tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot,
+                    () = sleep_until(grace_over) => {
+                        if let Some((_, oldest)) = open.pop_front() {
+                            debug!(%peer, "all monitoring connections taken: the oldest closed");
+                            oldest.abort();
+                        }
+                        // Its slot, as soon as its task has been dropped.
+                        slots.clone().acquire_owned().await
+                    }
+                };
+                freed.expect("the semaphore is never closed")
+            }
         };
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             connection(tcp).await;
             drop(slot);
         });
+        open.push_back((Instant::now(), task.abort_handle()));
     }
 }
 
@@ -183,4 +239,56 @@ fn with_type(status: StatusCode, body: Bytes, content_type: &'static str) -> Res
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::timeout;
+
+    /// Whether the server has closed `tcp` (read within 20 ms: the end, or a reset).
+    async fn closed(tcp: &mut TcpStream) -> bool {
+        matches!(
+            timeout(Duration::from_millis(20), tcp.read(&mut [0u8; 64])).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_closes_the_oldest_when_every_slot_is_taken() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener));
+        let mut idle = Vec::new();
+        for _ in 0..3 * MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Accepted after all of them, a request is answered.
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        timeout(Duration::from_secs(5), tcp.read_to_end(&mut response))
+            .await
+            .expect("no response")
+            .unwrap();
+        assert!(
+            response.starts_with(b"HTTP/1.1 404 "),
+            "{}",
+            String::from_utf8_lossy(&response)
+        );
+        // To make room for it and the idle ones after the first MAX_CONNECTIONS, the oldest
+        // were closed, one each; the newest are still served.
+        let mut open = Vec::new();
+        for (i, tcp) in idle.iter_mut().enumerate() {
+            if !closed(tcp).await {
+                open.push(i);
+            }
+        }
+        let evicted = 2 * MAX_CONNECTIONS + 1;
+        assert_eq!(open, (evicted..3 * MAX_CONNECTIONS).collect::<Vec<_>>());
+        server.abort();
+    }
 }

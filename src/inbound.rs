@@ -8,6 +8,13 @@
 
 use xmpp_parsers::minidom::Element;
 
+/// Most nodes (elements, attributes and text nodes) of one stanza built into a tree. A
+/// parsed node costs far more memory than the bytes it was written in (`<a/>` is 4 bytes on
+/// the wire and about 200 on the heap), so the byte limit alone does not bound what a tree
+/// costs: a stanza with more nodes is not built, and is answered as one over a limit
+/// (SECURITY.md, "Memory").
+pub const MAX_NODES: usize = 16_384;
+
 /// Limits on one element read from the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -15,6 +22,9 @@ pub struct Limits {
     pub max_bytes: usize,
     /// Most nesting levels, the stanza element itself being level 1.
     pub max_depth: usize,
+    /// Most nodes (elements, attributes, texts) of a stanza built into a tree: [`MAX_NODES`]
+    /// for what the server sends.
+    pub max_nodes: usize,
 }
 
 impl Default for Limits {
@@ -22,6 +32,7 @@ impl Default for Limits {
         Limits {
             max_bytes: 512 * 1024,
             max_depth: 64,
+            max_nodes: MAX_NODES,
         }
     }
 }
@@ -61,6 +72,8 @@ pub enum Exceeded {
     Bytes(usize),
     /// [`Limits::max_depth`].
     Depth(usize),
+    /// [`Limits::max_nodes`].
+    Nodes(usize),
 }
 
 impl std::fmt::Display for Exceeded {
@@ -68,6 +81,9 @@ impl std::fmt::Display for Exceeded {
         match self {
             Exceeded::Bytes(n) => write!(f, "stanza larger than {n} bytes"),
             Exceeded::Depth(n) => write!(f, "stanza nested deeper than {n} levels"),
+            Exceeded::Nodes(n) => {
+                write!(f, "stanza of more than {n} elements, attributes and texts")
+            }
         }
     }
 }
@@ -136,11 +152,75 @@ mod tests {
         let limits = Limits {
             max_bytes: 4096,
             max_depth: 64,
+            max_nodes: MAX_NODES,
         };
         let Inbound::Oversized(o) = read(&big, limits) else {
             panic!()
         };
         assert_eq!(o.exceeded, Exceeded::Bytes(4096));
         assert_eq!(o.name, "message");
+    }
+
+    /// `<iq>` with `pairs` times `<a/>x` in a `<q/>`: 2 (iq and q) + 3 (the iq's
+    /// attributes) + 2 × pairs nodes.
+    fn many_nodes(pairs: usize) -> String {
+        format!(
+            "<iq type='get' id='n' from='u@e/r'><q xmlns='urn:x'>{}</q></iq>",
+            "<a/>x".repeat(pairs)
+        )
+    }
+
+    #[test]
+    fn a_stanza_of_more_nodes_than_the_limit_is_not_built() {
+        let at_limit = (MAX_NODES - 5) / 2;
+        let Inbound::Element(e) = read(&many_nodes(at_limit), Limits::default()) else {
+            panic!("a stanza of MAX_NODES nodes is built")
+        };
+        assert_eq!(
+            e.get_child("q", "urn:x").unwrap().children().count(),
+            at_limit
+        );
+        let Inbound::Oversized(o) = read(&many_nodes(at_limit + 1), Limits::default()) else {
+            panic!("one node more is not built")
+        };
+        assert_eq!(o.exceeded, Exceeded::Nodes(MAX_NODES));
+        assert_eq!(o.id.as_deref(), Some("n"));
+        assert_eq!(o.from.as_deref(), Some("u@e/r"));
+        assert_eq!((o.name.as_str(), o.type_.as_deref()), ("iq", Some("get")));
+        assert_eq!(o.ns, "jabber:component:accept");
+        // Attributes count: one element with many of them.
+        let attrs: String = (0..MAX_NODES).map(|i| format!(" a{i}='v'")).collect();
+        let wide = format!("<message id='w'><x xmlns='urn:x'{attrs}/></message>");
+        assert!(matches!(
+            read(&wide, Limits::default()),
+            Inbound::Oversized(Oversized {
+                exceeded: Exceeded::Nodes(_),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_stream_reads_on_after_a_stanza_over_the_node_limit() {
+        use crate::stream::{Frame, Reader};
+        let mut reader = Reader::resume(Limits::default(), TEST_HEADER).unwrap();
+        // Over the limit deep inside, so that the skip has open elements to follow.
+        let deep = format!(
+            "<iq type='set' id='d'><q xmlns='urn:x'><r>{}</r></q></iq>",
+            "<a><b/>t</a>".repeat(MAX_NODES)
+        );
+        reader.feed(deep.as_bytes()).unwrap();
+        reader
+            .feed(b"<iq type='get' id='next'><ping xmlns='urn:xmpp:ping'/></iq>")
+            .unwrap();
+        let Some(Frame::Stanza(Inbound::Oversized(o))) = reader.next_frame().unwrap() else {
+            panic!()
+        };
+        assert_eq!(o.id.as_deref(), Some("d"));
+        let Some(Frame::Stanza(Inbound::Element(e))) = reader.next_frame().unwrap() else {
+            panic!("the next stanza reads whole")
+        };
+        assert_eq!(e.attr("id"), Some("next"));
+        assert!(reader.at_boundary());
     }
 }

@@ -16,7 +16,7 @@ use crate::proxy::{Clock, Messages, Outbound, Outcome, Proxy, Selection, Setting
 
 /// The message token lifetime of the harness, in seconds.
 const MESSAGE_LIFETIME: u64 = 3600;
-use crate::random::SeededRandom;
+use crate::random::{Random, SeededRandom};
 use crate::rate::{Limiter, RateLimit};
 use crate::stream::{Frame, ReadError, Reader, Writer};
 use crate::token::{self, Binding, Contents};
@@ -203,6 +203,7 @@ pub fn settings() -> Settings {
 pub const LIMITS: Limits = Limits {
     max_bytes: 8192,
     max_depth: 8,
+    max_nodes: 512,
 };
 
 struct Header {
@@ -292,8 +293,15 @@ pub fn proxy(data: &[u8]) {
         };
         // The shell's timer: the core is given the time when it asked for it.
         if proxy.poll_timeout().is_some_and(|t| t <= clock.mono_ms) {
-            proxy.handle_timeout(clock, &mut rng);
-            drain(&mut proxy, &mut held, &mut budgets, &target, clock);
+            proxy.handle_timeout(clock);
+            drain(
+                &mut proxy,
+                &mut held,
+                &mut budgets,
+                &target,
+                clock,
+                &mut rng,
+            );
         }
         held.settled(proxy.held(), hold_ms, clock.mono_ms);
         let h = header(&inbound);
@@ -312,7 +320,14 @@ pub fn proxy(data: &[u8]) {
             held.held(&h, clock.mono_ms);
             budgets.request(&h, &target, clock.mono_ms);
         }
-        if let Some(t) = drain(&mut proxy, &mut held, &mut budgets, &target, clock) {
+        if let Some(t) = drain(
+            &mut proxy,
+            &mut held,
+            &mut budgets,
+            &target,
+            clock,
+            &mut rng,
+        ) {
             last_token = t.into_bytes();
         }
         let Some(out) = out else {
@@ -341,9 +356,10 @@ fn drain(
     budgets: &mut Budgets,
     target: &BareJid,
     clock: Clock,
+    rng: &mut dyn Random,
 ) -> Option<String> {
     let mut token = None;
-    while let Some(out) = proxy.poll_transmit() {
+    while let Some(out) = proxy.poll_transmit(clock, rng) {
         let t = held.transmitted(&out, &eligible(proxy), target, clock.unix_ms);
         if out.attr("type") == Some("error") {
             let to = jid(out.attr("to")).map(|j| j.to_bare().to_string());
@@ -727,13 +743,20 @@ impl Budgets {
         let reply = h.name == "iq" && matches!(h.type_.as_deref(), Some("result" | "error"));
         let from_target = jid(h.from.as_deref()).is_some_and(|j| j.to_bare() == *target);
         match verdict {
-            // A peer's reply routed to the target: charged to the peer as a request.
-            _ if reply && !from_target => self.request(h, target, now_ms),
+            // A peer's reply routed to the target: charged to the peer's routed budget (the
+            // outbound rate, twice its burst).
+            _ if reply && !from_target => {
+                let routed = (self.account.0, 2.0 * self.account.1);
+                self.count("routed", bare(h.from.as_deref()), routed, now_ms)
+            }
             _ if reply => self.count("replies", bare(out.attr("to")), self.account, now_ms),
             Verdict::Reversed if h.name == "message" => {
                 self.count("replies", bare(out.attr("to")), self.account, now_ms)
             }
-            Verdict::Outbound => self.count("replies", bare(out.attr("to")), self.account, now_ms),
+            // One budget for everything the implementing client starts, whoever it names.
+            Verdict::Outbound => {
+                self.count("outbound", Some(target.to_string()), self.account, now_ms)
+            }
             Verdict::Refused(_) => self.count("errors", bare(out.attr("to")), self.account, now_ms),
             Verdict::Forwarded => self.request(h, target, now_ms),
             _ => {}
@@ -788,6 +811,7 @@ fn replace(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
 pub const WIRE_LIMITS: Limits = Limits {
     max_bytes: 16 * 1024,
     max_depth: 12,
+    max_nodes: 1024,
 };
 
 /// The stream header the byte-path harness reads first: what Prosody sends a component.
@@ -847,10 +871,43 @@ pub fn wire_structured(data: &[u8]) {
     }
     assert_eq!(session.oversized.len(), generated.len(), "one stanza each");
     for (s, oversized) in generated.iter().zip(&session.oversized) {
-        let over = s.xml.len() > WIRE_LIMITS.max_bytes || s.depth > WIRE_LIMITS.max_depth;
-        assert_eq!(*oversized, over, "{} bytes, depth {}", s.xml.len(), s.depth);
+        let mut over = s.xml.len() > WIRE_LIMITS.max_bytes || s.depth > WIRE_LIMITS.max_depth;
+        let mut nodes = None;
+        if !over {
+            // Its nodes, counted on the tree read without a node limit.
+            let unlimited = Limits {
+                max_nodes: usize::MAX,
+                ..WIRE_LIMITS
+            };
+            match read_one(&s.xml, unlimited) {
+                Some(Inbound::Element(el)) => {
+                    let n = count_nodes(&el);
+                    over = n > WIRE_LIMITS.max_nodes;
+                    nodes = Some(n);
+                }
+                other => panic!("a stanza within the limits reads whole: {other:?}"),
+            }
+        }
+        assert_eq!(
+            *oversized,
+            over,
+            "{} bytes, depth {}, {nodes:?} nodes",
+            s.xml.len(),
+            s.depth
+        );
     }
     session.finish();
+}
+
+/// Elements, attributes and text nodes of a tree, as the reader counts them.
+fn count_nodes(el: &Element) -> usize {
+    1 + el.attrs().len()
+        + el.nodes()
+            .map(|n| match n {
+                xmpp_parsers::minidom::Node::Element(c) => count_nodes(c),
+                xmpp_parsers::minidom::Node::Text(_) => 1,
+            })
+            .sum::<usize>()
 }
 
 /// One session of the byte-path harness.
@@ -929,7 +986,7 @@ impl Wire {
                     .expect("everything the core emits serialises");
                 self.written += 1;
             }
-            while let Some(out) = self.proxy.poll_transmit() {
+            while let Some(out) = self.proxy.poll_transmit(clock, &mut self.rng) {
                 self.held
                     .transmitted(&out, &eligible(&self.proxy), &self.target, NOW * 1000);
                 self.writer
@@ -950,6 +1007,7 @@ impl Wire {
         let mut r = Reader::new(Limits {
             max_bytes: self.out.len().max(4096),
             max_depth: 1 << 16,
+            max_nodes: crate::inbound::MAX_NODES,
         });
         r.feed(&header).expect("our header is well-formed");
         r.feed(&self.out).expect("our output is well-formed");

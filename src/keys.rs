@@ -107,7 +107,17 @@ pub struct KeySet {
     keys: Vec<Key>,
     /// `(id, index in keys)`, sorted by id: [`KeySet::get`] is a binary search.
     by_id: Vec<(u32, usize)>,
+    /// The selection secret (see [`KeySet::selection_key`]), if the file has one.
+    selection: Option<Zeroizing<[u8; SECRET_LEN]>>,
 }
+
+/// The id under which the key file stores the selection secret: the first `[[key]]`, with
+/// an id no token key has (0), so that builds that know no selection secret still read the
+/// file (they take it for an old key that no token names).
+pub const SELECTION_ID: u32 = 0;
+/// The HMAC message that derives a selection key from the oldest token key, for a key file
+/// without a selection secret that cannot be written.
+const SELECTION_LABEL: &[u8] = b"jat-proxy selection";
 
 impl KeySet {
     fn new(keys: Vec<Key>) -> Option<KeySet> {
@@ -117,7 +127,50 @@ impl KeySet {
         if keys.is_empty() || by_id.windows(2).any(|w| w[0].0 == w[1].0) {
             return None;
         }
-        Some(KeySet { keys, by_id })
+        Some(KeySet {
+            keys,
+            by_id,
+            selection: None,
+        })
+    }
+
+    /// The key of sticky resource selection (`balance = "sticky"`, and where messages go):
+    /// the sender's account is hashed under it, so that the implementing client, which
+    /// names its resources, learns nothing of who is behind a token from where it lands.
+    /// Every instance reading the key file has the same, and it survives rotation. A key
+    /// file written by a build without one (that could not be given one) derives it from
+    /// its oldest key instead: then senders move once that key is pruned.
+    pub fn selection_key(&self) -> hmac::Key {
+        match &self.selection {
+            Some(secret) => hmac::Key::new(hmac::HMAC_SHA256, &secret[..]),
+            None => {
+                let oldest = hmac::Key::new(hmac::HMAC_SHA256, &self.keys[0].secret[..]);
+                hmac::Key::new(
+                    hmac::HMAC_SHA256,
+                    hmac::sign(&oldest, SELECTION_LABEL).as_ref(),
+                )
+            }
+        }
+    }
+
+    /// Whether the key file has a selection secret of its own.
+    pub fn has_selection_secret(&self) -> bool {
+        self.selection.is_some()
+    }
+
+    /// Gives the set a fresh selection secret if it has none.
+    fn ensure_selection(&mut self, rng: &mut dyn Random) {
+        if self.selection.is_none() {
+            let mut secret = Zeroizing::new([0u8; SECRET_LEN]);
+            rng.fill(&mut secret[..]);
+            self.selection = Some(secret);
+        }
+    }
+
+    /// The same set with this selection secret (tests, benchmarks, the fuzzer).
+    pub fn with_selection_secret(mut self, secret: [u8; SECRET_LEN]) -> KeySet {
+        self.selection = Some(Zeroizing::new(secret));
+        self
     }
 
     fn reindex(&mut self) {
@@ -132,7 +185,9 @@ impl KeySet {
 
     /// A new set with one fresh key.
     pub fn generate(rng: &mut dyn Random, now: u64) -> KeySet {
-        KeySet::new(vec![fresh_key(now, rng, |_| false)]).expect("one key")
+        let mut set = KeySet::new(vec![fresh_key(now, rng, |_| false)]).expect("one key");
+        set.ensure_selection(rng);
+        set
     }
 
     /// A set from raw secrets, for tests, benchmarks and the fuzzer: `(id, created, secret)`,
@@ -173,6 +228,7 @@ impl KeySet {
     /// never the id of a key already in the set (a new secret is drawn if it would be).
     /// Older keys stay, so tokens they sealed still open.
     pub fn rotate(&mut self, rng: &mut dyn Random, now: u64) -> u32 {
+        self.ensure_selection(rng);
         let key = fresh_key(now, rng, |id| self.get(id).is_some());
         let id = key.id;
         self.keys.push(key);
@@ -293,7 +349,8 @@ const FILE_HEADER: &str = "\
 # jat-proxy token keys. SECRET: whoever reads this file can read the sender addresses in
 # tokens and forge replies. Keep it mode 0600, owned by the user jat-proxy runs as, and share
 # it only between the instances that serve one component domain.
-# Keys are in the order they were added; the last one seals new tokens.
+# Keys are in the order they were added; the last one seals new tokens. The first, id 0,
+# is no token key: it keys the choice of resource for `balance = \"sticky\"`, and stays.
 # Add a key with `jat-proxy keys rotate --config FILE`; never edit secrets by hand.
 
 ";
@@ -338,23 +395,7 @@ pub fn read_private(path: &Path, what: &str, max_len: u64) -> Result<Zeroizing<S
         };
         return Err(format!("{what} is {is}, not a regular file"));
     }
-    let euid = rustix::process::geteuid().as_raw();
-    if meta.uid() != euid && meta.uid() != 0 && !(euid == 0 && owned_by_dir_owner(path, meta.uid()))
-    {
-        return Err(format!(
-            "{what} is owned by uid {}, not by the user jat-proxy runs as (uid {euid}) or \
-             root; run `chown {euid} {}` or run jat-proxy as its owner",
-            meta.uid(),
-            path.display()
-        ));
-    }
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{what} is accessible by group or others (mode {mode:04o}); run `chmod 600 {}`",
-            path.display()
-        ));
-    }
+    check_private(path, &meta, what)?;
     if meta.len() > max_len {
         return Err(format!(
             "{what} is {} bytes, more than the {max_len} allowed",
@@ -394,6 +435,30 @@ pub fn read_private(path: &Path, what: &str, max_len: u64) -> Result<Zeroizing<S
     ))
 }
 
+/// Whether a file holding a secret is private: owned by the user jat-proxy runs as or by
+/// root (or, when jat-proxy runs as root, by the owner of its directory), and not accessible
+/// by group or others. `what` names the file in the message.
+pub fn check_private(path: &Path, meta: &fs::Metadata, what: &str) -> Result<(), String> {
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 && !(euid == 0 && owned_by_dir_owner(path, meta.uid()))
+    {
+        return Err(format!(
+            "{what} is owned by uid {}, not by the user jat-proxy runs as (uid {euid}) or \
+             root; run `chown {euid} {}` or run jat-proxy as its owner",
+            meta.uid(),
+            path.display()
+        ));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{what} is accessible by group or others (mode {mode:04o}); run `chmod 600 {}`",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `uid` owns the directory holding `path`.
 fn owned_by_dir_owner(path: &Path, uid: u32) -> bool {
     fs::metadata(parent_dir(path)).is_ok_and(|d| d.uid() == uid)
@@ -427,6 +492,7 @@ pub fn parse(path: &Path, text: &str) -> Result<KeySet, KeyFileError> {
         }
     })?;
     let mut keys = Vec::with_capacity(repr.keys.len());
+    let mut selection = None;
     for (i, k) in repr.keys.iter().enumerate() {
         let bytes = Zeroizing::new(URL_SAFE_NO_PAD.decode(k.secret.as_bytes()).map_err(|_| {
             KeyFileError::at(
@@ -444,6 +510,20 @@ pub fn parse(path: &Path, text: &str) -> Result<KeySet, KeyFileError> {
                 format!("must be {SECRET_LEN} bytes, found {}", bytes.len()),
             )
         })?;
+        if k.id == SELECTION_ID {
+            if selection.is_some() {
+                secret.zeroize();
+                return Err(KeyFileError::at(
+                    path,
+                    text,
+                    &format!("key[{i}].id"),
+                    "a second selection secret (id 0)",
+                ));
+            }
+            selection = Some(Zeroizing::new(secret));
+            secret.zeroize();
+            continue;
+        }
         if let Some(j) = keys.iter().position(|k2: &Key| k2.id == k.id) {
             secret.zeroize();
             return Err(KeyFileError::at(
@@ -456,7 +536,10 @@ pub fn parse(path: &Path, text: &str) -> Result<KeySet, KeyFileError> {
         keys.push(Key::from_secret(k.id, k.created, secret));
         secret.zeroize();
     }
-    KeySet::new(keys).ok_or_else(|| KeyFileError::at(path, text, "key", "no keys"))
+    let mut set =
+        KeySet::new(keys).ok_or_else(|| KeyFileError::at(path, text, "key", "no keys"))?;
+    set.selection = selection;
+    Ok(set)
 }
 
 /// Reads the key file, or creates it (mode 0600) with one fresh key if it does not exist.
@@ -472,7 +555,32 @@ pub fn load_or_create(
     now: u64,
 ) -> Result<(KeySet, bool), KeyFileError> {
     match fs::symlink_metadata(path) {
-        Ok(_) => return load(path).map(|k| (k, false)),
+        Ok(_) => {
+            let set = load(path)?;
+            if set.has_selection_secret() {
+                return Ok((set, false));
+            }
+            // A file of a build without selection secrets: given one, under the rotation
+            // lock (another instance may be doing the same), if it can be written.
+            let added = lock(path).and_then(|_lock| {
+                let mut set = load(path)?;
+                if !set.has_selection_secret() {
+                    set.ensure_selection(rng);
+                    save(path, &set, rng)?;
+                }
+                Ok(set)
+            });
+            return Ok(match added {
+                Ok(set) => (set, false),
+                Err(e) => {
+                    tracing::warn!(
+                        "the key file has no selection secret and cannot be given one ({e}); \
+                         sticky selection is keyed by its oldest key until `keys rotate` adds one"
+                    );
+                    (set, false)
+                }
+            });
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(KeyFileError::new(path, e.to_string())),
     }
@@ -595,15 +703,19 @@ pub fn lock(path: &Path) -> Result<fs::File, KeyFileError> {
 }
 
 fn write_new(path: &Path, set: &KeySet, rng: &mut dyn Random, replace: bool) -> io::Result<()> {
+    let selection = set.selection.as_ref().map(|secret| KeyRepr {
+        id: SELECTION_ID,
+        created: set.keys[0].created,
+        secret: Zeroizing::new(URL_SAFE_NO_PAD.encode(&secret[..])),
+    });
     let repr = FileRepr {
-        keys: set
-            .keys
-            .iter()
-            .map(|k| KeyRepr {
+        keys: selection
+            .into_iter()
+            .chain(set.keys.iter().map(|k| KeyRepr {
                 id: k.id,
                 created: k.created,
                 secret: Zeroizing::new(URL_SAFE_NO_PAD.encode(&k.secret[..])),
-            })
+            }))
             .collect(),
     };
     let body = Zeroizing::new(toml::to_string(&repr).map_err(io::Error::other)?);
@@ -866,6 +978,63 @@ mod tests {
         assert_eq!(set.ids(), vec![second]);
         assert!(set.get(first).is_none());
         assert_eq!(set.get(second).unwrap().id(), second);
+    }
+
+    fn tag(set: &KeySet) -> Vec<u8> {
+        hmac::sign(&set.selection_key(), b"alice@example")
+            .as_ref()
+            .to_vec()
+    }
+
+    #[test]
+    fn the_selection_secret_survives_rotation_and_pruning_and_old_files_get_one() {
+        let dir = tmpdir();
+        let path = dir.join("keys.toml");
+        let mut rng = SeededRandom::new(11);
+        let (first, _) = load_or_create(&path, &mut rng, 1000).unwrap();
+        assert!(first.has_selection_secret());
+        let text = fs::read_to_string(&path).unwrap();
+        // Stored as the first [[key]], id 0: a build without selection secrets reads it as
+        // an old key (id, created, secret) that no token names.
+        let repr: FileRepr = toml::from_str(&text).unwrap();
+        assert_eq!(repr.keys[0].id, SELECTION_ID);
+        assert_eq!(repr.keys.len(), 2);
+        for now in [5000, 100_000, 200_000] {
+            rotate(&path, &mut rng, now, 300, 10).unwrap();
+        }
+        let rotated = load(&path).unwrap();
+        assert_eq!(rotated.ids().len(), 2, "old token keys pruned");
+        assert!(rotated.get(SELECTION_ID).is_none(), "not a token key");
+        assert_eq!(
+            tag(&rotated),
+            tag(&first),
+            "same secret after rotations and pruning"
+        );
+
+        // A file of a build without selection secrets: its keys only.
+        let old = dir.join("old.toml");
+        let without: String = text
+            .split("[[key]]")
+            .enumerate()
+            .filter(|(i, _)| *i != 1)
+            .map(|(_, part)| part)
+            .collect::<Vec<_>>()
+            .join("[[key]]");
+        fs::write(&old, &without).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o600)).unwrap();
+        let read = load(&old).unwrap();
+        assert!(!read.has_selection_secret());
+        // Keyed by its oldest key meanwhile, as every instance reading it computes.
+        assert_eq!(tag(&read), tag(&load(&old).unwrap()));
+        let (given, _) = load_or_create(&old, &mut rng, 2000).unwrap();
+        assert!(given.has_selection_secret());
+        assert_eq!(
+            tag(&load(&old).unwrap()),
+            tag(&given),
+            "written to the file"
+        );
+        assert_eq!(given.current().id(), read.current().id());
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! sans-IO state machine), [`stream`] (the component stream without I/O: bytes in, bounded
 //! raw elements out, and back), [`inbound`] (what the core is given), [`session`] (the only
 //! module with sockets, clocks and signals).
-// No unsafe code, with one exception: `upgrade::claim`, which takes ownership of the two file
-// descriptors an in-place upgrade hands across `exec` (std offers no safe way to adopt an
-// inherited descriptor); its safety argument is written next to it.
+// No unsafe code, with one exception: `upgrade::claim`, which takes ownership of the file
+// descriptors an in-place upgrade hands across `exec` (the sockets and the record; those a
+// refused `--handover` names, to close them), since std offers no safe way to adopt an
+// inherited descriptor; its safety argument is written next to it.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -43,7 +43,8 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
-    /// Check the configuration and the key file, then exit.
+    /// Check the configuration and the key file, then exit; also prints `handover:` and the
+    /// in-place upgrade record formats this build reads (e.g. `handover: 1,2`).
     Check,
 }
 
@@ -102,10 +103,19 @@ fn main() -> ExitCode {
         return match keys::load_or_create(&config.keys.key_file, &mut rng, now) {
             Ok(_) => {
                 println!("configuration and key file OK");
+                // For a process upgrading to this build: what it can hand over to it.
+                println!("{}", upgrade::check_line());
                 ExitCode::SUCCESS
             }
             Err(e) => config_error(e),
         };
+    }
+    // SIGTERM, SIGINT, SIGHUP and SIGUSR2 wait (blocked) until the session has its handlers
+    // in; every thread started from here on keeps them blocked, so that only this one, which
+    // an upgrade `exec`s from, ever takes them. (After an upgrade they are blocked already,
+    // held across `exec`.)
+    if let Err(e) = upgrade::signals::block() {
+        warn!("cannot block SIGTERM, SIGINT, SIGHUP and SIGUSR2 during the start: {e}");
     }
     let handover = match handover {
         Some(Ok(h)) => Some(h),
@@ -141,6 +151,10 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // The runtime's blocking pool (name lookups): no signal for its threads either.
+        .on_thread_start(|| {
+            let _ = upgrade::signals::block();
+        })
         .build()
     {
         Ok(r) => r,

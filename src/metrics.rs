@@ -94,14 +94,17 @@ const LATENCY_BUCKETS: [f64; 14] = [
 ];
 
 /// The label values of `jat_proxy_rate_limited_total`: a request refused for its sender's
-/// (or domain's) rate, an error not sent for its recipient's budget, a reply dropped for its
-/// recipient's rate.
-const LIMITS: [&str; 3] = ["request", "error", "reply"];
+/// (or domain's) rate, or the implementing client's outbound rate; an error not sent for its
+/// recipient's budget; a reply dropped for its recipient's rate; a message the implementing
+/// client starts dropped for its outbound rate; a peer's reply dropped for its routed rate.
+const LIMITS: [&str; 5] = ["request", "error", "reply", "outbound", "routed"];
 
 /// The reasons [`crate::proxy`] gives for dropping a stanza over a rate limit (its
 /// `Verdict::Dropped` texts, which `src/proxy/tests.rs` pins: keep them in step).
 const OVER_ERROR_BUDGET: &str = "over the sender's error budget";
 const OVER_REPLY_RATE: &str = "over the recipient's reply rate limit";
+const OVER_OUTBOUND_RATE: &str = "over the implementing client's outbound rate limit";
+const OVER_ROUTED_RATE: &str = "over the peer's rate limit";
 
 /// The reason counted in `jat_proxy_stanzas_dropped_total` for a rejected token (also counted,
 /// by why, in `jat_proxy_tokens_rejected_total`).
@@ -246,7 +249,7 @@ impl Metrics {
         );
         let rate_limited = vec(
             "rate_limited_total",
-            "Stanzas refused or dropped by a rate limit: request (answered resource-constraint), error (not sent: the recipient's error budget is spent), reply (dropped: over the recipient's reply rate).",
+            "Stanzas refused or dropped by a rate limit: request (answered resource-constraint: a sender over its rate, or the implementing client over its outbound rate), error (not sent: the recipient's error budget is spent), reply (dropped: over the recipient's reply rate), outbound (a message the implementing client starts, dropped over its outbound rate), routed (a peer's reply dropped over its rate).",
             "limit",
         );
         Metrics {
@@ -391,6 +394,8 @@ impl Metrics {
         match why {
             OVER_ERROR_BUDGET => self.rate_limited[1].inc(),
             OVER_REPLY_RATE => self.rate_limited[2].inc(),
+            OVER_OUTBOUND_RATE => self.rate_limited[3].inc(),
+            OVER_ROUTED_RATE => self.rate_limited[4].inc(),
             _ => {}
         }
         self.dropped.with_label_values(&[why]).inc();

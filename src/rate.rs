@@ -10,9 +10,15 @@
 //! - **errors** jat-proxy generates, per account they are sent to, so that an
 //!   auto-responder answering each error with a new stanza ends up answered by silence;
 //! - **replies** reversed to one recipient account, which bounds how often the implementing
-//!   client can replay one token within its lifetime.
+//!   client can replay one token within its lifetime;
+//! - **outbound**: every stanza the implementing client starts, one bucket whoever it goes
+//!   to, so that no refusal depends on the recipient (a per-recipient budget would tell the
+//!   implementing client whether two tokens name one account);
+//! - **routed** replies to those stanzas, per peer account, at the outbound rate with twice
+//!   its burst: a peer that answers each request once can never run it dry, however the
+//!   implementing client spreads its requests over tokens and addresses.
 //!
-//! The three per-account buckets share one entry of the account table. Each table (accounts,
+//! The four per-account buckets share one entry of the account table. Each table (accounts,
 //! domains) holds at most `max_senders` entries; when a new key arrives at a full table, the
 //! least recently used entry is forgotten, in constant time (a hash map into an intrusive
 //! doubly linked list). Forgetting an entry gives that key a full bucket when it comes back,
@@ -103,6 +109,7 @@ struct Account {
     requests: Bucket,
     errors: Bucket,
     replies: Bucket,
+    routed: Bucket,
 }
 
 /// The tables of buckets.
@@ -112,6 +119,8 @@ pub struct Limiter {
     domain: Rate,
     accounts: Lru<Account>,
     domains: Lru<Bucket>,
+    /// Stanzas the implementing client starts (see the module's doc); full at first.
+    outbound: Option<Bucket>,
 }
 
 impl Limiter {
@@ -128,6 +137,15 @@ impl Limiter {
             },
             accounts: Lru::new(limit.max_senders),
             domains: Lru::new(limit.max_senders),
+            outbound: None,
+        }
+    }
+
+    /// The rate of routed replies per peer: the outbound rate, twice its burst.
+    fn routed_rate(&self) -> Rate {
+        Rate {
+            per_second: self.account.per_second,
+            burst: 2.0 * self.account.burst,
         }
     }
 
@@ -194,6 +212,25 @@ impl Limiter {
             .take(rate, now_ms)
     }
 
+    /// Charges one stanza the implementing client starts, whoever it goes to; false if
+    /// over the rate (of one sender account).
+    pub fn outbound(&mut self, now_ms: u64) -> bool {
+        let rate = self.account;
+        self.outbound
+            .get_or_insert_with(|| Bucket::full(rate, now_ms))
+            .take(rate, now_ms)
+    }
+
+    /// Charges one reply of `peer` (a bare JID) to a stanza the implementing client
+    /// started; false if over its rate.
+    pub fn routed(&mut self, peer: &str, now_ms: u64) -> bool {
+        let (rate, routed) = (self.account, self.routed_rate());
+        self.accounts
+            .get_or_insert_with(peer, || Account::full(rate, now_ms))
+            .routed
+            .take(routed, now_ms)
+    }
+
     /// Charges one reply reversed to `recipient` (a bare JID); false if over its rate.
     pub fn reply(&mut self, recipient: &str, now_ms: u64) -> bool {
         let rate = self.account;
@@ -211,6 +248,10 @@ impl Account {
             requests: b,
             errors: b,
             replies: b,
+            routed: Bucket {
+                tokens: 2.0 * rate.burst,
+                updated_ms: now_ms,
+            },
         }
     }
 }

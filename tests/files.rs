@@ -391,7 +391,7 @@ fn binary_reports_a_broken_config_or_key_file_without_the_secret() {
     assert_eq!(err.lines().count(), 1, "one message: {err}");
 
     // A broken key file, through `keys list` and `check`: exit 2, no secret.
-    std::fs::write(&cfg, base_config(key_file.to_str().unwrap())).unwrap();
+    write_private(&cfg, base_config(key_file.to_str().unwrap()).as_bytes());
     let broken_keys = key_file_text().replacen(
         &format!("secret = \"{KEY_SECRET}\""),
         &format!("secret = {KEY_SECRET}"),

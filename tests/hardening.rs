@@ -474,6 +474,17 @@ fn readable_key_or_secret_file_is_refused() {
         },
     );
     let cfg = config.to_str().unwrap();
+    // The configuration holds the secret (`secret = ...`): as private as a secret file.
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (status, out) = testkit::proxy::run_to_end(&binary(), &["check", "--config", cfg]);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("`component.secret`")
+            && out.contains("mode 0644")
+            && out.contains("chmod 600"),
+        "{out}"
+    );
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (status, out) = testkit::proxy::run_to_end(&binary(), &["check", "--config", cfg]);
     assert!(status.success(), "{out}");
     assert_eq!(
@@ -504,6 +515,8 @@ fn readable_key_or_secret_file_is_refused() {
         "{out}"
     );
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Without the secret in it, the configuration may be world-readable (as shipped).
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (status, out) = testkit::proxy::run_to_end(&binary(), &["check", "--config", cfg]);
     assert!(status.success(), "{out}");
     std::fs::remove_dir_all(dir).unwrap();

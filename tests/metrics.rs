@@ -5,6 +5,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use testkit::client::reply_to;
@@ -316,8 +318,8 @@ async fn bad_http_input_never_disturbs_the_session() {
         format!("{rounds} requests with a 1 MiB header")
     }));
     // Slowloris: more connections than the listener serves at once, each trickling a
-    // header that never ends. Every one is closed by the server: at once when all slots are
-    // taken, else within its header timeout.
+    // header that never ends. Every one is closed by the server: when a newer connection
+    // needs its slot (the oldest first), else within its header timeout.
     let mut slowloris = Vec::new();
     for n in 0..40 {
         slowloris.push(std::thread::spawn(move || {
@@ -389,9 +391,144 @@ async fn bad_http_input_never_disturbs_the_session() {
         "{text}"
     );
     testkit::report(&format!(
-        "during {attack:?} of HTTP abuse ({}; {}; 40 slowloris connections: {at_once} closed at \
-         once, the others after {longest:.1?} at most): {served} requests served through the \
+        "during {attack:?} of HTTP abuse ({}; {}; 40 slowloris connections: {at_once} closed \
+         within 1 s, the others after {longest:.1?} at most): {served} requests served through the \
          proxy, slowest round trip {slowest:.1?} (without abuse: {quiet:.1?})",
         reports[0], reports[1],
     ));
+}
+
+/// One `GET /healthz` on a fresh connection: its status and the time from connecting until
+/// the response's head had arrived, or why none did within `limit`.
+fn health_within(addr: SocketAddr, limit: Duration) -> Result<(u16, Duration), String> {
+    let t = Instant::now();
+    let mut tcp = TcpStream::connect_timeout(&addr, limit).map_err(|e| format!("connect: {e}"))?;
+    tcp.set_write_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = limit.saturating_sub(t.elapsed());
+        if left.is_zero() {
+            return Err(format!("no response within {limit:?}"));
+        }
+        tcp.set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        match tcp.read(&mut buf) {
+            Ok(0) => return Err(format!("closed without a response after {:?}", t.elapsed())),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("no response after {:?}: {e}", t.elapsed())),
+        }
+    }
+    let elapsed = t.elapsed();
+    let head = String::from_utf8_lossy(&raw);
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|s| s.get(..3)?.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {head:?}"))?;
+    Ok((status, elapsed))
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Whether the server has closed `tcp` (non-blocking): the end of the stream, or an error.
+fn is_closed(tcp: &mut TcpStream) -> bool {
+    match tcp.read(&mut [0u8; 512]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+#[test]
+fn healthz_is_never_starved_by_idle_or_slow_connections() {
+    const IDLE: usize = 200;
+    const TRICKLING: usize = 20;
+    const DEADLINE: Duration = Duration::from_secs(1);
+    let (d, addr) = deployment();
+    // The attacker, on one thread: 200 connections that never send a byte and 20 that send
+    // one byte of a header every 500 ms, each opened again as soon as it is found closed
+    // (every millisecond or so), until told to stop (30 s at most).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let attacker = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let connect = || {
+                let tcp = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+                tcp.set_nonblocking(true).ok()?;
+                Some(tcp)
+            };
+            let header = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+            let mut idle: Vec<Option<TcpStream>> = (0..IDLE).map(|_| connect()).collect();
+            let mut trickling: Vec<(Option<TcpStream>, usize)> =
+                (0..TRICKLING).map(|_| (connect(), 0)).collect();
+            let _ = opened_tx.send(idle.iter().flatten().count());
+            let started = Instant::now();
+            let mut reopened = 0u64;
+            let mut next_byte = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) {
+                for tcp in &mut idle {
+                    if tcp.as_mut().is_none_or(is_closed) {
+                        *tcp = connect();
+                        reopened += 1;
+                    }
+                }
+                let trickle = Instant::now() >= next_byte;
+                if trickle {
+                    next_byte += Duration::from_millis(500);
+                }
+                for (tcp, sent) in &mut trickling {
+                    let alive = tcp.as_mut().is_some_and(|t| {
+                        !is_closed(t)
+                            && (!trickle
+                                || t.write_all(&[header.get(*sent).copied().unwrap_or(b'a')])
+                                    .is_ok())
+                    });
+                    if !alive {
+                        (*tcp, *sent) = (connect(), 0);
+                        reopened += 1;
+                    } else if trickle {
+                        *sent += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let open = idle.iter().flatten().count()
+                + trickling.iter().filter(|(t, _)| t.is_some()).count();
+            // Every socket is closed here, as `idle` and `trickling` are dropped.
+            (reopened, open)
+        }
+    });
+    let opened = opened_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the attacker never opened its connections");
+    // Let the attack settle: every slot of the listener taken, the rest reopening.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut checks = Vec::new();
+    for _ in 0..3 {
+        checks.push(health_within(addr, DEADLINE));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (reopened, open) = attacker.join().expect("the attacker panicked");
+    testkit::report(&format!(
+        "/healthz beside {IDLE} idle and {TRICKLING} trickling connections ({opened} idle ones \
+         connected at first, {reopened} reopened after the server closed them, {open} open at \
+         the end): {checks:?}"
+    ));
+    for (i, check) in checks.iter().enumerate() {
+        assert!(
+            check.is_ok(),
+            "health check {i} got no response within {DEADLINE:?}: {check:?}; the proxy's \
+             log ends:\n{}",
+            tail(&d.proxy.log(), 20)
+        );
+    }
 }

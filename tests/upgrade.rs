@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use testkit::client::{Answer, Client, reply_to};
-use testkit::deployment::{COMPONENT, Deployment, WAIT, ejabberd_with_proxies, request};
+use testkit::deployment::{COMPONENT, Deployment, QUIET, WAIT, ejabberd_with_proxies, request};
 use testkit::load::Tally;
 use testkit::proxy::{ProxyProcess, install_build, lines_with};
 
@@ -30,17 +31,22 @@ fn bin_dir(tag: &str) -> PathBuf {
 /// Installs, at `path`, a build that passes the configuration check and exits at once when
 /// run for real.
 fn install_broken_build(path: &Path, real: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = path.with_extension("new");
-    std::fs::write(
-        &tmp,
-        format!(
-            "#!/bin/sh\ncase \" $* \" in *\" check \"*) exec '{}' \"$@\";; esac\n\
+    install_script(
+        path,
+        &format!(
+            "case \" $* \" in *\" check \"*) exec '{}' \"$@\";; esac\n\
              echo 'broken build: exiting at once' >&2\nexit 1\n",
             real.display()
         ),
-    )
-    .unwrap();
+    );
+}
+
+/// Installs, at `path`, a shell script standing for a build (written beside it, then renamed
+/// over it, as a package manager does).
+fn install_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, format!("#!/bin/sh\n{body}")).unwrap();
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
@@ -147,8 +153,8 @@ async fn upgrades_under_load(
     let pid = proxy.pid();
     let mut next = Duration::from_millis(2500);
     let tally = open_loop(user, 200, Duration::from_secs(15), |t| {
-        // The next upgrade once the previous one is through (a SIGUSR2 while the new
-        // binary is still starting would meet the default action, as for any daemon).
+        // The next upgrade once the previous one is through (a SIGUSR2 meanwhile would
+        // upgrade again, to the same build: each upgrade here is to a build of its own).
         if t >= next
             && builds.len() < 5
             && lines_with(&proxy.log(), "upgraded in place").len() == builds.len()
@@ -395,6 +401,243 @@ async fn refused_and_failed_upgrades() {
         results > 0 && errors.is_empty() && lost.is_empty(),
         "after recovery: {errors:?} {lost:?}"
     );
+    testkit::discard_work_dir(&bin, "binaries");
+}
+
+/// Whether a request from `user` is answered end to end (a result, from the implementing
+/// client).
+async fn answered(user: &mut Client, id: &str) -> bool {
+    user.send_xml(&request(id));
+    let reply = user.recv_iq(id, WAIT).await;
+    reply.as_ref().and_then(|r| r.attr("type")) == Some("result")
+}
+
+/// An upgrade to a build that could not take the live stream is refused before `exec`, with
+/// one log line naming the binary and why, and the process serves on: same PID, same stream,
+/// no new login. Two such builds: one that passes `check` but reports no handover format (a
+/// build without in-place upgrades: it would refuse `--handover` and exit 2, which the unit
+/// does not restart), and one that lacks an argument the process runs with (`check` is run
+/// with the arguments the `exec` would give). Then the package's build is back in place, and
+/// the next upgrade goes through as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_a_build_that_cannot_take_the_stream_is_refused() {
+    testkit::prosody::require();
+    let bin = bin_dir("upgrade-older");
+    let path = bin.join("jat-proxy");
+    let real = bin.join("jat-proxy.real");
+    std::fs::copy(binary(), &real).unwrap();
+    let mut d = Deployment::start_with(&path, "");
+    // Run with an argument of its own (its default value), which one of the builds lacks.
+    d.proxy.kill9();
+    d.proxy = ProxyProcess::start_with_args(&path, &d.config, &["--log-format", "text"]);
+    d.proxy.wait_sessions(1, WAIT);
+    let answering = answer_everything(d.implementing("a").await);
+    let mut user = d.client("user", "u").await;
+    assert!(answered(&mut user, "before").await, "{}", d.proxy.log());
+    let pid = d.proxy.pid();
+    let logins = d.prosody.component_logins();
+    let builds = [
+        (
+            "a build without in-place upgrades",
+            "case \" $* \" in *\" check \"*) echo 'configuration and key file OK'; exit 0;; esac\n\
+             echo \"error: unexpected argument '--handover' found\" >&2\nexit 2\n"
+                .to_owned(),
+            "reports no handover format",
+        ),
+        (
+            "a build without --log-format",
+            format!(
+                "case \" $* \" in *\" --log-format \"*) \
+                 echo \"error: unexpected argument '--log-format' found\" >&2; exit 2;; esac\n\
+                 case \" $* \" in *\" check \"*) exec '{}' \"$@\";; esac\nexit 2\n",
+                real.display()
+            ),
+            "unexpected argument '--log-format'",
+        ),
+    ];
+    for (n, (what, script, why)) in builds.iter().enumerate() {
+        install_script(&path, script);
+        d.proxy.signal("USR2");
+        let refused = testkit::wait_until(WAIT, || {
+            let refused = lines_with(&d.proxy.log(), "upgrade refused");
+            refused.get(n).cloned()
+        });
+        let Some(refused) = refused else {
+            panic!("{what}: no refusal:\n{}", d.proxy.log());
+        };
+        testkit::report(&format!("upgrade to {what}: {refused}"));
+        assert!(
+            refused.contains(&path.display().to_string()) && refused.contains(why),
+            "{what}: the refusal names the binary and why: {refused}"
+        );
+        assert!(
+            answered(&mut user, &format!("after-{n}")).await,
+            "{what}: served on:\n{}",
+            d.proxy.log()
+        );
+    }
+    std::thread::sleep(QUIET);
+    let log = d.proxy.log();
+    assert_eq!(d.proxy.exited(), None, "{log}");
+    assert_eq!(d.proxy.pid(), pid);
+    assert_eq!(
+        lines_with(&log, "upgrade refused").len(),
+        2,
+        "one line per refusal:\n{log}"
+    );
+    assert!(
+        lines_with(&log, "handing the stream over").is_empty(),
+        "no exec:\n{log}"
+    );
+    assert_eq!(d.proxy.sessions(), 1, "no new login:\n{log}");
+    assert_eq!(d.prosody.component_logins(), logins, "no new login:\n{log}");
+
+    install_build(&binary(), &path, 1);
+    d.proxy.signal("USR2");
+    let upgraded = testkit::wait_until(WAIT, || {
+        (!lines_with(&d.proxy.log(), "upgraded in place").is_empty()).then_some(())
+    });
+    assert!(upgraded.is_some(), "{}", d.proxy.log());
+    assert!(answered(&mut user, "upgraded").await, "{}", d.proxy.log());
+    assert_eq!(d.proxy.pid(), pid);
+    assert_eq!(d.proxy.sessions(), 1, "{}", d.proxy.log());
+    answering.abort();
+    testkit::discard_work_dir(&bin, "binaries");
+}
+
+/// Now, as seconds since midnight (UTC), the clock of the log's timestamps.
+fn time_of_day() -> f64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (d.as_secs() % 86_400) as f64 + f64::from(d.subsec_micros()) / 1e6
+}
+
+/// Where a signal sent at `sent` (time of day) landed in the upgrade asked for at `asked`.
+fn landed(log: &str, asked: f64, sent: f64) -> &'static str {
+    let first_since = |what: &str| {
+        lines_with(log, what)
+            .iter()
+            .map(|l| at(l))
+            .find(|&t| t >= asked)
+    };
+    match (
+        first_since("handing the stream over"),
+        first_since("upgraded in place"),
+    ) {
+        (None, _) => "before the exec, which it called off",
+        (Some(h), _) if sent < h => "before the exec",
+        (Some(_), Some(r)) if sent >= r => "after the new process went on",
+        _ => "across the exec",
+    }
+}
+
+/// SIGHUP, a second SIGUSR2 or SIGTERM sent while an upgrade is under way — during the new
+/// binary's check, while the record is written, across the `exec`, or before the new process
+/// has its handlers in — is acted on, neither lost nor fatal: a SIGHUP reloads the key file
+/// (one log line), a SIGUSR2 starts another upgrade or is logged as one under way, and a
+/// SIGTERM stops the service cleanly (exit status 0). The signals are sent at delays around
+/// the time the check takes (measured first), so that some land across the `exec`; which
+/// process acts on each depends on when it lands (printed), what happens does not (asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_during_an_upgrade_are_neither_fatal_nor_lost() {
+    testkit::prosody::require();
+    let bin = bin_dir("upgrade-signals");
+    let path = bin.join("jat-proxy");
+    let mut d = Deployment::start_with(&path, "");
+    let answering = answer_everything(d.implementing("a").await);
+    let mut user = d.client("user", "u").await;
+    let pid = d.proxy.pid();
+    let send = |sig: Signal| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+        time_of_day()
+    };
+    let (mut usr2, mut hup) = (0, 0);
+    // Every SIGUSR2 acted on (an upgrade started, or one under way logged), every upgrade
+    // started through, every SIGHUP acted on.
+    let settle = |d: &mut Deployment, usr2: usize, hup: usize, what: &str| {
+        let done = testkit::wait_until(WAIT, || {
+            let log = d.proxy.log();
+            let started = lines_with(&log, "SIGUSR2: upgrading in place").len();
+            (lines_with(&log, "SIGUSR2:").len() == usr2
+                && lines_with(&log, "upgraded in place").len() == started
+                && lines_with(&log, "handing the stream over").len() == started
+                && lines_with(&log, "SIGHUP: reloading").len() == hup)
+                .then_some(())
+        });
+        let exited = d.proxy.exited();
+        assert!(
+            done.is_some() && exited.is_none(),
+            "{what}: {usr2} SIGUSR2 and {hup} SIGHUP sent, exited: {exited:?}:\n{}",
+            d.proxy.log()
+        );
+        assert_eq!(d.proxy.pid(), pid);
+    };
+    // A plain upgrade first: how long the check takes here (then, each time, as long as the
+    // check of the upgrade before).
+    send(Signal::SIGUSR2);
+    usr2 += 1;
+    settle(&mut d, usr2, hup, "a plain upgrade");
+    let check_ms = |d: &Deployment| upgrade_times(&d.proxy.log()).last().map_or(0, |t| t.0);
+    let first_check = check_ms(&d);
+    let mut report = Vec::new();
+    let held = |d: &Deployment| lines_with(&d.proxy.log(), "held for the new process").len();
+    for (second, offsets) in [
+        (Signal::SIGHUP, (-6..=14).collect::<Vec<i64>>()),
+        (Signal::SIGUSR2, vec![-2, 0, 2, 4, 6, 8]),
+    ] {
+        for offset in offsets {
+            let delay = Duration::from_millis((check_ms(&d) as i64 + offset).max(0) as u64);
+            let held_before = held(&d);
+            let asked = send(Signal::SIGUSR2);
+            usr2 += 1;
+            std::thread::sleep(delay);
+            let sent = send(second);
+            match second {
+                Signal::SIGHUP => hup += 1,
+                _ => usr2 += 1,
+            }
+            settle(
+                &mut d,
+                usr2,
+                hup,
+                &format!("{second} {} ms after SIGUSR2", delay.as_millis()),
+            );
+            let log = d.proxy.log();
+            report.push(format!(
+                "{second} +{} ms: {}{}",
+                delay.as_millis(),
+                landed(&log, asked, sent),
+                if held(&d) > held_before {
+                    " (caught, held across the exec)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    assert!(answered(&mut user, "after").await, "{}", d.proxy.log());
+    testkit::report(&format!(
+        "signals during an upgrade (the new binary's check took {first_check} ms at first): {}; \
+         upgrades (check, exec to resumed) in ms: {:?}",
+        report.join(", "),
+        upgrade_times(&d.proxy.log())
+    ));
+
+    // SIGTERM: a clean stop, by whichever process it reaches.
+    let delay = check_ms(&d) + 2;
+    let asked = send(Signal::SIGUSR2);
+    std::thread::sleep(Duration::from_millis(delay));
+    let sent = send(Signal::SIGTERM);
+    let status = d.proxy.wait_exit(WAIT);
+    let log = d.proxy.log();
+    testkit::report(&format!(
+        "SIGTERM +{delay} ms after SIGUSR2: {}; exit {status:?}",
+        landed(&log, asked, sent)
+    ));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    assert_eq!(lines_with(&log, "SIGTERM: shutting down").len(), 1, "{log}");
+    answering.abort();
     testkit::discard_work_dir(&bin, "binaries");
 }
 

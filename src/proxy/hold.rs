@@ -1,5 +1,10 @@
 //! Requests that arrive while no resource of the target is known wait here, bounded in count,
 //! bytes and time, while the core probes the target; they leave forwarded or refused.
+//!
+//! A held request is kept as its XML text, not as a tree: a tree costs up to about fifty
+//! times the bytes it was read from (a node is about 200 bytes on the heap), so holding
+//! trees would let a few large requests cost hundreds of MiB. [`MAX_HELD_BYTES`] bounds the
+//! memory held requests take; each is parsed again when it leaves.
 
 use jid::Jid;
 use tracing::debug;
@@ -25,19 +30,60 @@ pub const REFUSE_PROBE_GAP_MS: u64 = 1000;
 /// A request waiting for a resource of the target to become known.
 #[derive(Debug)]
 pub(super) struct Held {
-    el: Element,
+    /// The request as XML text (see the module's doc).
+    xml: String,
     from: Jid,
     to: To,
     until_ms: u64,
-    bytes: usize,
+}
+
+impl Held {
+    /// The request as a tree again. It was read within the limits, and what minidom
+    /// writes reads back the same.
+    fn element(&self) -> Option<Element> {
+        let limits = crate::inbound::Limits {
+            max_bytes: self.xml.len(),
+            max_depth: usize::MAX,
+            max_nodes: crate::inbound::MAX_NODES,
+        };
+        match crate::inbound::read_one(self.xml.as_bytes(), limits)? {
+            crate::inbound::Inbound::Element(el) => Some(el),
+            crate::inbound::Inbound::Oversized(_) => None,
+        }
+    }
 }
 
 impl Proxy {
     /// The next stanza to send that is not the direct answer to an input: a held request
     /// forwarded (a resource became known) or refused (its time ran out), or a probe. Take
-    /// them all after every [`Proxy::handle`] and [`Proxy::handle_timeout`].
-    pub fn poll_transmit(&mut self) -> Option<Element> {
-        self.transmit.pop_front()
+    /// them all after every [`Proxy::handle`] and [`Proxy::handle_timeout`]. Held requests
+    /// are released here one at a time, so that at most one of them is a tree at once.
+    pub fn poll_transmit(&mut self, clock: Clock, rng: &mut dyn Random) -> Option<Element> {
+        loop {
+            if let Some(el) = self.transmit.pop_front() {
+                return Some(el);
+            }
+            if !self.resources.any_eligible() {
+                return None;
+            }
+            let h = self.pop_held()?;
+            let resource = self
+                .resources
+                .pick(bare(&h.from), rng)
+                .map(str::to_owned)
+                .expect("a resource is eligible");
+            let Some(el) = h.element() else {
+                debug_assert!(false, "a held request reads back");
+                continue;
+            };
+            debug!(id = el.attr("id"), "held request released");
+            if let Some(out) = self
+                .forward(el, &h.from, &h.to, &resource, clock, rng)
+                .transmit
+            {
+                return Some(out);
+            }
+        }
     }
 
     /// When [`Proxy::handle_timeout`] is next due (monotonic milliseconds), if ever.
@@ -49,8 +95,8 @@ impl Proxy {
 
     /// Time passed: held requests whose time ran out are refused, and the target is probed
     /// again while requests wait.
-    pub fn handle_timeout(&mut self, clock: Clock, rng: &mut dyn Random) {
-        self.settle_held(clock, rng);
+    pub fn handle_timeout(&mut self, clock: Clock) {
+        self.settle_held(clock);
         if !self.held.is_empty()
             && let Some(p) = self.probe_due(clock.mono_ms, HOLD_PROBE_GAP_MS)
         {
@@ -71,20 +117,30 @@ impl Proxy {
         }
     }
 
+    /// The XML text of every request held, oldest first: what an in-place upgrade hands to
+    /// the new process to read again (they are held there anew).
+    pub fn held_xml(&self) -> impl Iterator<Item = &str> {
+        self.held.iter().map(|h| h.xml.as_str())
+    }
+
     pub(super) fn pop_held(&mut self) -> Option<Held> {
         let h = self.held.pop_front()?;
-        self.held_bytes -= h.bytes;
+        self.held_bytes -= h.xml.len();
         Some(h)
     }
 
     pub(super) fn refuse_one_held(&mut self, h: Held, clock: Clock) {
+        let Some(el) = h.element() else {
+            debug_assert!(false, "a held request reads back");
+            return;
+        };
         debug!(
-            id = h.el.attr("id"),
+            id = el.attr("id"),
             "held request refused: no resource became known"
         );
         if let Some(out) = self
             .refuse(
-                &h.el,
+                &el,
                 &h.from,
                 Condition::ServiceUnavailable,
                 "the service is not available",
@@ -96,26 +152,10 @@ impl Proxy {
         }
     }
 
-    /// Forwards every held request if a resource is known; otherwise refuses those whose
-    /// time ran out.
-    pub(super) fn settle_held(&mut self, clock: Clock, rng: &mut dyn Random) {
-        if self.held.is_empty() {
-            return;
-        }
+    /// Refuses the held requests whose time ran out while no resource is known (once one
+    /// is, [`Proxy::poll_transmit`] releases them).
+    pub(super) fn settle_held(&mut self, clock: Clock) {
         if self.resources.any_eligible() {
-            while let Some(h) = self.pop_held() {
-                let Some(resource) = self.resources.pick(bare(&h.from), rng).map(str::to_owned)
-                else {
-                    break;
-                };
-                debug!(id = h.el.attr("id"), "held request released");
-                if let Some(out) = self
-                    .forward(h.el, &h.from, &h.to, &resource, clock, rng)
-                    .transmit
-                {
-                    self.transmit.push_back(out);
-                }
-            }
             return;
         }
         while self
@@ -141,19 +181,19 @@ impl Proxy {
     /// target is known: held for a while, with a probe, or refused.
     pub(super) fn no_resource(&mut self, el: Element, from: Jid, to: To, clock: Clock) -> Outcome {
         if self.settings.hold_ms > 0 && self.held.len() < self.settings.max_held {
-            let bytes = String::from(&el).len();
-            if self.held_bytes + bytes <= MAX_HELD_BYTES {
+            let xml = String::from(&el);
+            if self.held_bytes + xml.len() <= MAX_HELD_BYTES {
                 debug!(
                     id = el.attr("id"),
                     "no resource known: request held while the target is probed"
                 );
-                self.held_bytes += bytes;
+                drop(el);
+                self.held_bytes += xml.len();
                 self.held.push_back(Held {
-                    el,
+                    xml,
                     from,
                     to,
                     until_ms: clock.mono_ms + self.settings.hold_ms,
-                    bytes,
                 });
                 return Outcome::maybe(
                     self.probe_due(clock.mono_ms, HOLD_PROBE_GAP_MS),

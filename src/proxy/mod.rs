@@ -197,7 +197,11 @@ impl Proxy {
     /// A proxy with no known resources.
     pub fn new(settings: Settings, keys: KeySet) -> Proxy {
         let target = settings.target.to_string();
-        let resources = Resources::new(settings.max_resources, settings.selection.clone());
+        let resources = Resources::new(
+            settings.max_resources,
+            settings.selection.clone(),
+            keys.selection_key(),
+        );
         let limiter = Limiter::new(settings.rate);
         Proxy {
             settings,
@@ -225,6 +229,7 @@ impl Proxy {
 
     /// Replaces the token keys (after a rotation on disk).
     pub fn set_keys(&mut self, keys: KeySet) {
+        self.resources.set_sticky_key(keys.selection_key());
         self.keys = keys;
     }
 
@@ -343,9 +348,10 @@ impl Proxy {
             }
         };
 
-        // A presence or a result may have made a resource known to held requests.
+        // Held requests whose time ran out are refused (if a presence or a result made a
+        // resource known, they leave through `poll_transmit` instead).
         if !self.held.is_empty() {
-            self.settle_held(clock, rng);
+            self.settle_held(clock);
         }
         out
     }

@@ -17,7 +17,7 @@ use tracing::debug;
 use xmpp_parsers::minidom::Element;
 
 use super::reply::token_of;
-use super::{Clock, Outcome, Proxy, To, Verdict, bare, bare_str, dropped};
+use super::{Clock, Outcome, Proxy, To, Verdict, bare, dropped};
 use crate::random::Random;
 use crate::stanza::{self, Condition};
 use crate::token::{self, Binding, Kind, Route, SALT_LEN};
@@ -94,7 +94,12 @@ impl Proxy {
         let reversal = self
             .open_token(binding, token, lifetime, clock)
             .map_err(|not| not.why())?;
-        if reversal.kind == Kind::Iq && clock.unix_ms >= reversal.issued_ms + iq_life * 1000 {
+        // Opened under the longer lifetime; each kind then lives its own.
+        let own = match reversal.kind {
+            Kind::Iq => iq_life,
+            _ => self.settings.message_token_lifetime,
+        };
+        if clock.unix_ms >= reversal.issued_ms.saturating_add(own * 1000) {
             debug!("outbound stanza dropped: token expired");
             return Err("token rejected");
         }
@@ -119,6 +124,17 @@ impl Proxy {
                 from,
                 Condition::FeatureNotImplemented,
                 "the implementing client cannot send requests through the proxy",
+                clock,
+            );
+        }
+        // One budget for every stanza the implementing client starts, whoever it names:
+        // a refusal tells it its own rate, nothing about recipients.
+        if !self.limiter.outbound(clock.mono_ms) {
+            return self.refuse(
+                &el,
+                from,
+                Condition::ResourceConstraint,
+                "the implementing client's outbound rate limit is reached; try again later",
                 clock,
             );
         }
@@ -148,15 +164,6 @@ impl Proxy {
                 );
             }
         };
-        // Over the recipient's budget: dropped silently, as a reversed reply would be. An
-        // answer would tell the implementing client that two tokens name one account.
-        if !self.limiter.reply(bare_str(&peer.to), clock.mono_ms) {
-            debug!(
-                id,
-                "outbound request dropped: over the recipient's rate limit"
-            );
-            return dropped("over the recipient's reply rate limit");
-        }
         // The reply comes from the address exactly as the implementing client wrote it.
         let route = Route {
             client: from.to_string(),
@@ -200,6 +207,11 @@ impl Proxy {
         raw_to: &str,
         clock: Clock,
     ) -> Outcome {
+        // The budget of every stanza the implementing client starts (see outbound_request).
+        if !self.limiter.outbound(clock.mono_ms) {
+            debug!("outbound message dropped: over the outbound rate limit");
+            return dropped("over the implementing client's outbound rate limit");
+        }
         let peer = match self.peer_of(to, raw_to, clock) {
             Ok(p) => p,
             Err(why) => {
@@ -207,10 +219,6 @@ impl Proxy {
                 return dropped(why);
             }
         };
-        if !self.limiter.reply(bare_str(&peer.to), clock.mono_ms) {
-            debug!("message dropped: over the recipient's rate limit");
-            return dropped("over the recipient's reply rate limit");
-        }
         debug!(id = el.attr("id"), "outbound message sent");
         stanza::set_attr(&mut el, "from", peer.from);
         stanza::set_attr(&mut el, "to", peer.to);
@@ -226,17 +234,13 @@ impl Proxy {
         if !self.settings.policy.permits(from) {
             return dropped("reply from a peer refused by policy");
         }
-        // Charged to the peer's account as a request would be, before any key derivation: a
-        // flood of forged routes, or replays of a genuine reply, is bounded like a request
-        // flood.
-        let domain =
-            (from.domain() != self.settings.target.domain()).then(|| from.domain().as_str());
-        if self
-            .limiter
-            .request(bare(from), domain, clock.mono_ms)
-            .is_err()
-        {
-            debug!("reply from outside the target account dropped: over the sender's rate limit");
+        // Charged to the peer's routed-reply budget before any key derivation: a flood of
+        // forged routes, or replays of a genuine reply, is bounded per account. Not to its
+        // request budget or its domain's, which others share: a peer answering each of the
+        // implementing client's requests once never runs it dry (src/rate.rs), so no drop
+        // here tells the implementing client which tokens or addresses name one account.
+        if !self.limiter.routed(bare(from), clock.mono_ms) {
+            debug!("reply from outside the target account dropped: over the peer's rate limit");
             return dropped("over the peer's rate limit");
         }
         let route = match token::open_route(

@@ -7,6 +7,8 @@
 //! RFC 6121 §4.7.2.3: a negative priority says the resource does not want unsolicited
 //! traffic.
 
+use ring::hmac;
+
 use crate::random::Random;
 
 /// How a resource is chosen among the eligible ones (`[proxy] balance`).
@@ -17,9 +19,9 @@ pub enum Balance {
     #[default]
     Random,
     /// The same sender account goes to the same resource while that resource is online:
-    /// rendezvous (highest random weight) hashing of the sender's bare JID over the eligible
-    /// resources. Every instance computes the same choice from the same resources, and when a
-    /// resource leaves only its own senders move.
+    /// rendezvous (highest random weight) hashing, keyed by the key file's selection secret,
+    /// of the sender's bare JID over the eligible resources. Every instance computes the same
+    /// choice from the same resources, and when a resource leaves only its own senders move.
     Sticky,
     /// The highest presence priority, at random among equals.
     Priority,
@@ -120,16 +122,25 @@ pub struct Resources {
     list: Vec<Resource>,
     max: usize,
     selection: Selection,
+    /// Keys the sticky choice (see [`crate::keys::KeySet::selection_key`]).
+    sticky_key: hmac::Key,
 }
 
 impl Resources {
-    /// An empty set that holds at most `max` resources and chooses as `selection` says.
-    pub fn new(max: usize, selection: Selection) -> Self {
+    /// An empty set that holds at most `max` resources and chooses as `selection` says,
+    /// sticky choices keyed by `sticky_key`.
+    pub fn new(max: usize, selection: Selection, sticky_key: hmac::Key) -> Self {
         Resources {
             list: Vec::new(),
             max,
             selection,
+            sticky_key,
         }
+    }
+
+    /// Keys sticky choices by `key` from now on (the key file was read again).
+    pub fn set_sticky_key(&mut self, key: hmac::Key) {
+        self.sticky_key = key;
     }
 
     /// Marks `resource` available with presence priority `priority`.
@@ -227,7 +238,7 @@ impl Resources {
     /// Rendezvous hashing: the eligible resource of highest weight for `sender` (ties, which
     /// need a 64-bit collision, go to the smaller name).
     fn sticky(&self, sender: &str) -> Option<&Resource> {
-        let seed = sticky_seed(sender);
+        let seed = sticky_seed(&self.sticky_key, sender);
         self.eligible()
             .max_by_key(|r| (sticky_weight(seed, &r.name), std::cmp::Reverse(&r.name)))
     }
@@ -246,11 +257,14 @@ fn nth_random<'a>(
 
 // Rendezvous hashing must give the same weights in every instance and every build that may
 // share a domain (a rolling upgrade mixes builds), so the hash is spelt out here and pinned by
-// a test rather than taken from std (whose hasher may change between releases): FNV-1a over
-// the sender's bare JID, a separator, then the resource name, finished with MurmurHash3's
-// 64-bit mixer. Not keyed: which resource serves an account is not a secret worth a MAC.
+// a test rather than taken from std (whose hasher may change between releases). The sender's
+// bare JID is first hashed under the key file's selection secret (HMAC-SHA256, first 8 bytes
+// big-endian: the seed), then each resource name is hashed from that seed with FNV-1a,
+// finished with MurmurHash3's 64-bit mixer. The implementing client names its resources and
+// sees which one a stanza reaches, so what it can learn is at most bits of the seed: a PRF
+// output of the sender under a secret it does not have, which says nothing of who the
+// sender is (only that two stanzas had one sender, which stickiness is for).
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
@@ -270,10 +284,9 @@ fn fmix64(mut h: u64) -> u64 {
     h
 }
 
-fn sticky_seed(sender: &str) -> u64 {
-    // 0xff never occurs in UTF-8, so (sender, resource) pairs cannot collide by shifting
-    // bytes from one to the other.
-    fnv(fnv(FNV_OFFSET, sender.as_bytes()), &[0xff])
+fn sticky_seed(key: &hmac::Key, sender: &str) -> u64 {
+    let tag = hmac::sign(key, sender.as_bytes());
+    u64::from_be_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"))
 }
 
 fn sticky_weight(seed: u64, resource: &str) -> u64 {
@@ -285,14 +298,20 @@ mod tests {
     use super::*;
     use crate::random::SeededRandom;
 
+    /// The selection secret 0, 1, ..., 31.
+    fn test_key() -> hmac::Key {
+        let secret: Vec<u8> = (0..32).collect();
+        hmac::Key::new(hmac::HMAC_SHA256, &secret)
+    }
+
     fn set(balance: Balance, patterns: &[&str]) -> Resources {
         let patterns = patterns.iter().map(|p| Pattern::new(p).unwrap()).collect();
-        Resources::new(8, Selection { balance, patterns })
+        Resources::new(8, Selection { balance, patterns }, test_key())
     }
 
     #[test]
     fn add_remove_pick() {
-        let mut r = Resources::new(2, Selection::default());
+        let mut r = Resources::new(2, Selection::default(), test_key());
         let mut rng = SeededRandom::new(5);
         assert_eq!(r.pick("u@x", &mut rng), None);
         assert_eq!(r.available("a", 0), Learnt::Tracked);
@@ -404,9 +423,40 @@ mod tests {
     fn sticky_weights_are_pinned() {
         // Instances of different builds share a domain during a rolling upgrade: the weights
         // are part of the protocol between them and must never change. (Values computed by an
-        // independent implementation of the documented function, in Python.)
-        let seed = sticky_seed("user@example");
-        assert_eq!(sticky_weight(seed, "a"), 0x6771_bc4b_c814_1f7d);
-        assert_eq!(sticky_weight(seed, "worker-1"), 0x5458_5937_e6af_0fbb);
+        // independent implementation of the documented function, in Python: hmac, hashlib.)
+        let key = test_key();
+        let seed = sticky_seed(&key, "user@example");
+        assert_eq!(seed, 0xb55e_a688_66e5_58a9);
+        assert_eq!(sticky_weight(seed, "a"), 0xdacc_28d7_6dbc_a451);
+        assert_eq!(sticky_weight(seed, "worker-1"), 0x9db3_4b92_584f_766a);
+        let seed = sticky_seed(&key, "alice@example.org");
+        assert_eq!(sticky_weight(seed, "a"), 0x4f69_11f4_3dde_53a4);
+        assert_eq!(sticky_weight(seed, "worker-1"), 0x80e0_d0c7_ec96_3960);
+    }
+
+    #[test]
+    fn sticky_choices_depend_on_the_secret() {
+        // A client that knows the algorithm but not the secret cannot tell where a sender
+        // lands: under two secrets, about half of 400 senders land elsewhere of 2 resources.
+        let mut rng = SeededRandom::new(1);
+        let other = hmac::Key::new(hmac::HMAC_SHA256, &[7u8; 32]);
+        let mut a = set(Balance::Sticky, &[]);
+        let mut b = Resources::new(
+            8,
+            Selection {
+                balance: Balance::Sticky,
+                patterns: vec![],
+            },
+            other,
+        );
+        for r in [&mut a, &mut b] {
+            r.available("x", 0);
+            r.available("y", 0);
+        }
+        let moved = (0..400)
+            .map(|i| format!("user{i}@example"))
+            .filter(|s| a.pick(s, &mut rng) != b.pick(s, &mut rng))
+            .count();
+        assert!((140..=260).contains(&moved), "{moved} of 400 differ");
     }
 }

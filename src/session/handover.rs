@@ -2,7 +2,6 @@
 //! over, and going on with the streams the previous process handed over.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -13,31 +12,34 @@ use tracing::{info, warn};
 use super::Stream;
 use super::conn::Conn;
 use crate::config::Config;
-use crate::upgrade::{Handover, Program, Record, StreamRecord};
+use crate::upgrade::{Handover, Program, Record, StreamRecord, format_for, formats_from_check};
 
 /// How long the new binary may take to check the configuration before an upgrade.
 const CHECK_LIMIT: Duration = Duration::from_secs(20);
 
-/// What an upgrade needs: the command to `exec`, the configuration the new binary checks.
+/// What an upgrade needs: the command to `exec` (whose binary checks the configuration
+/// first), and what the checked binary said it reads.
 pub(super) struct Upgrader {
     pub(super) program: Program,
-    pub(super) config_path: PathBuf,
     pub(super) build: crate::upgrade::BuildId,
+    /// The handover record formats the binary that passed the last check reads.
+    pub(super) reads: Vec<u16>,
 }
 
-pub(super) type Check = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+/// The new binary's check: the record formats it reads, or why the upgrade is refused.
+pub(super) type Check = Pin<Box<dyn Future<Output = Result<Vec<u16>, String>> + Send>>;
 
 impl Upgrader {
     /// Has the binary now installed at the program's path check the configuration and the
-    /// key file it will run with: the new code judges them, and a binary that does not run
-    /// at all is found out here, while this process still serves.
+    /// key file it will run with, given the arguments the `exec` will give it: the new code
+    /// judges them, and a binary that does not run at all, or does not take one of the
+    /// arguments, is found out here, while this process still serves. It must also say
+    /// which handover record formats it reads: a build that does not (one without in-place
+    /// upgrades) would refuse the `--handover` it is `exec`ed with, and end the service.
     pub(super) fn check(&self) -> Check {
-        let mut cmd = tokio::process::Command::new(self.program.path());
-        cmd.arg("--config")
-            .arg(&self.config_path)
-            .arg("check")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
+        let mut cmd = tokio::process::Command::from(self.program.check_command());
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         let path = self.program.path().to_owned();
@@ -54,7 +56,14 @@ impl Upgrader {
                 }
             };
             if out.status.success() {
-                return Ok(());
+                return formats_from_check(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
+                    format!(
+                        "{} passes check but reports no handover format (a build without in-place \
+                         upgrades, which could not take the live streams): restart the service \
+                         to run it",
+                        path.display()
+                    )
+                });
             }
             let stderr = String::from_utf8_lossy(&out.stderr);
             let why = stderr
@@ -68,6 +77,25 @@ impl Upgrader {
                 out.status
             ))
         })
+    }
+
+    /// After the new binary passed its check, reporting the record formats it `reads`:
+    /// whether it can take `streams` streams (those up now; with none, any build that
+    /// reports a format will do), else why not.
+    pub(super) fn accept(&mut self, reads: Vec<u16>, streams: usize) -> Result<(), String> {
+        if streams > 0 && format_for(streams, &reads).is_none() {
+            return Err(self.cannot_take(&reads, streams));
+        }
+        self.reads = reads;
+        Ok(())
+    }
+
+    fn cannot_take(&self, reads: &[u16], streams: usize) -> String {
+        format!(
+            "{} reads handover formats {reads:?}, none of which this build writes for {streams} \
+             stream(s) (1 for one stream, 2 for any number): restart the service to run it",
+            self.program.path().display()
+        )
     }
 
     /// `exec`s the new binary with `streams` (each: its server, connection, the bytes of its
@@ -99,15 +127,24 @@ impl Upgrader {
             resources,
             build: self.build.get().to_owned(),
         };
+        // The streams up now may not be those up when the binary was checked.
+        let Some((format, bytes)) = format_for(record.streams.len(), &self.reads)
+            .and_then(|format| Some((format, record.encode_as(format)?)))
+        else {
+            let why = self.cannot_take(&self.reads, record.streams.len());
+            warn!("upgrade refused: {why}; still serving");
+            return;
+        };
         info!(
             binary = %self.program.path().display(),
             streams = record.streams.len(),
+            format,
             pending_bytes = record.streams.iter().map(|s| s.pending.len()).sum::<usize>(),
             resources = record.resources.len(),
             "handing the stream over to the new binary"
         );
         let sockets: Vec<_> = streams.iter().map(|(_, c, _, _)| c.socket()).collect();
-        let e = self.program.exec(Some((&sockets, &record)));
+        let e = self.program.exec(Some((&sockets, &bytes)));
         warn!(
             binary = %self.program.path().display(),
             "upgrade failed: cannot exec: {e}; still serving"

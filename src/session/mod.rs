@@ -36,6 +36,7 @@ use crate::proxy::{Clock, Proxy};
 use crate::random::OsRandom;
 use crate::stanza::STREAM_NS;
 use crate::stream::Frame;
+use crate::upgrade::signals::Held;
 use crate::upgrade::{Handover, Program};
 use conn::{CLOSE_WRITE_LIMIT, Conn, LoginParams, PAUSE_READING_AT, login, stream_error};
 use handover::{Check, Resumed, Upgrader, resume};
@@ -63,7 +64,8 @@ const HANDOVER_POLL: Duration = Duration::from_millis(10);
 pub struct Start {
     /// The command to `exec` for an upgrade.
     pub program: Program,
-    /// The configuration file, checked by the new binary before an upgrade.
+    /// The configuration file. (Before an upgrade, the new binary checks the one named in
+    /// the program's arguments, with which the `exec` would start it.)
     pub config_path: PathBuf,
     /// This build's id (for the log and the handover record).
     pub build: crate::upgrade::BuildId,
@@ -128,6 +130,34 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
             usr2: signal(SignalKind::user_defined2())?,
         })
+    }
+
+    /// Before an `exec`: blocks the signals on this thread (the one that `exec`s; every
+    /// other thread has them blocked for good, see [`crate::upgrade::signals`]), and raises
+    /// again, while blocked, each one the handlers caught that the loop has not acted on.
+    /// Until the returned [`Held`] is dropped (the `exec` failed) or the new process has its
+    /// handlers in, every one of them waits, pending: none ends the process, none is lost.
+    async fn hold(&mut self) -> io::Result<Held> {
+        use crate::upgrade::signals::Signal;
+        use std::task::{Context, Poll};
+        let held = Held::hold()?;
+        // A signal the handler caught is on the runtime's signal pipe until the driver reads
+        // it: yielding once has the (current-thread) runtime poll its driver, which hands
+        // what it read to the receivers below.
+        tokio::task::yield_now().await;
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        for (rx, sig) in [
+            (&mut self.term, Signal::SIGTERM),
+            (&mut self.int, Signal::SIGINT),
+            (&mut self.hup, Signal::SIGHUP),
+            (&mut self.usr2, Signal::SIGUSR2),
+        ] {
+            if let Poll::Ready(Some(())) = rx.poll_recv(&mut cx) {
+                debug!(signal = %sig, "held for the new process");
+                held.again(sig)?;
+            }
+        }
+        Ok(held)
     }
 }
 
@@ -209,8 +239,8 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
         notifier: Notifier::from_env(),
         upgrader: Upgrader {
             program: start.program,
-            config_path: start.config_path,
             build: start.build,
+            reads: Vec::new(),
         },
         links,
         turn: 0,
@@ -219,6 +249,11 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
     if let Some(h) = start.handover {
         let (resumed, resources) = resume(h, &shell.config);
         shell.resumed(resumed, &resources);
+    }
+    // The handlers are in: the signals `main` blocked (and an upgrade held across `exec`)
+    // reach them now, those pending at once.
+    if let Err(e) = crate::upgrade::signals::unblock() {
+        warn!("cannot unblock SIGTERM, SIGINT, SIGHUP and SIGUSR2: {e}");
     }
     Ok(shell.serve(&mut signals).await)
 }
@@ -482,7 +517,7 @@ impl Shell {
         let Some(first) = self.out_link() else {
             return;
         };
-        while let Some(el) = self.proxy.poll_transmit() {
+        while let Some(el) = self.proxy.poll_transmit(clock(), &mut self.rng) {
             crate::metrics::global().transmitted(&el);
             if let Some(up) = self.up_mut(first) {
                 up.conn.queue(&el);
@@ -655,12 +690,9 @@ impl Shell {
     }
 
     /// Every stream up, with the bytes of its element not yet complete, if all of them
-    /// are at a point where they can be handed over (and no request is held: held requests
-    /// are settled within the hold time, and the handover waits for that).
+    /// are at a point where they can be handed over. Requests held for a resource do not
+    /// hold the upgrade up: they are handed over as XML for the new process to read first.
     fn handover_point(&self) -> Option<Vec<(usize, Vec<u8>)>> {
-        if self.proxy.held() > 0 {
-            return None;
-        }
         self.links
             .iter()
             .enumerate()
@@ -678,7 +710,16 @@ impl Shell {
     }
 
     /// `exec`s the new binary with every stream up: returns only if that failed (logged).
-    fn hand_over(&self, pending: Vec<(usize, Vec<u8>)>) {
+    fn hand_over(&self, mut pending: Vec<(usize, Vec<u8>)>) {
+        // Held requests go first on the first stream: the new process reads them as it
+        // reads what the server sent, and holds them again (the hold time starts anew).
+        if let Some((_, first)) = pending.first_mut()
+            && self.proxy.held() > 0
+        {
+            let mut held: Vec<u8> = self.proxy.held_xml().flat_map(str::bytes).collect();
+            held.append(first);
+            *first = held;
+        }
         let streams: Vec<_> = pending
             .into_iter()
             .filter_map(|(i, p)| match &self.links[i].state {
@@ -728,15 +769,24 @@ impl Shell {
             // Everything complete that was read is handled before anything is sent.
             self.pump();
             if let Some(since) = handover_since {
-                let limit = HANDOVER_WAIT + Duration::from_millis(self.config.proxy.hold_ms);
+                let limit = HANDOVER_WAIT;
                 if let Some(pending) = self.handover_point() {
                     handover_since = None;
-                    self.hand_over(pending);
-                    // Still here: exec failed, and this process goes on serving.
+                    match signals.hold().await {
+                        Ok(held) => {
+                            self.hand_over(pending);
+                            // Still here: exec failed, and this process goes on serving; the
+                            // signals held meanwhile reach the handlers.
+                            drop(held);
+                        }
+                        Err(e) => warn!(
+                            "upgrade abandoned: cannot hold the signals across exec: {e}; still serving"
+                        ),
+                    }
                     self.upgrade_failed(&mut ready_sent);
                 } else if since.elapsed() >= limit {
                     warn!(
-                        "upgrade abandoned: the streams were never at a point they could be handed over at (a stanza over the limit streaming in, or requests held for a resource) within {} ms; still serving",
+                        "upgrade abandoned: the streams were never at a point they could be handed over at (a stanza over the limit streaming in, or output the server did not take) within {} ms; still serving",
                         limit.as_millis()
                     );
                     handover_since = None;
@@ -823,7 +873,7 @@ impl Shell {
                     }
                 }
                 _ = sleep_until(core_due(&self.proxy)), if self.proxy.poll_timeout().is_some() => {
-                    self.proxy.handle_timeout(clock(), &mut self.rng);
+                    self.proxy.handle_timeout(clock());
                     self.transmit();
                 }
                 _ = sleep_until(next_watchdog.into()), if watchdog_every.is_some() => {
@@ -856,7 +906,7 @@ impl Shell {
                 }
                 r = async { checking.as_mut().expect("guarded").await }, if checking.is_some() => {
                     checking = None;
-                    match r {
+                    match r.and_then(|reads| self.upgrader.accept(reads, self.ups())) {
                         Ok(()) => handover_since = Some(Instant::now()),
                         Err(why) => {
                             warn!("upgrade refused: {why}; still serving");

@@ -6,7 +6,7 @@ use rxml::{Parse, WithOptions};
 use xmpp_parsers::minidom::Element;
 
 use super::framer::{Framer, FramingError, Piece};
-use crate::inbound::{Inbound, Limits, Oversized};
+use crate::inbound::{Exceeded, Inbound, Limits, Oversized};
 
 /// What the stream header said.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -140,7 +140,7 @@ impl Reader {
         };
         Ok(Some(match piece {
             Piece::Header(bytes) => Frame::Header(self.header(bytes)?),
-            Piece::Element(bytes) => Frame::Stanza(Inbound::Element(self.element(&bytes)?)),
+            Piece::Element(bytes) => Frame::Stanza(self.element(&bytes)?),
             Piece::Oversized { head, exceeded } => {
                 Frame::Stanza(Inbound::Oversized(self.oversized(head, exceeded)?))
             }
@@ -177,10 +177,15 @@ impl Reader {
         Ok(header)
     }
 
-    /// Parses one complete element (its bytes hold exactly one, within the limits).
-    fn element(&mut self, bytes: &[u8]) -> Result<Element, ReadError> {
+    /// Parses one complete element (its bytes hold exactly one, within the limits) into a
+    /// tree, or, past [`Limits::max_nodes`] nodes, into the header of an element over a limit: the
+    /// rest of it is parsed (the parser's state must follow the stream) but not kept.
+    fn element(&mut self, bytes: &[u8]) -> Result<Inbound, ReadError> {
         let mut input = bytes;
         let mut stack: Vec<Element> = Vec::with_capacity(4);
+        let mut nodes = 0usize;
+        // Once over the node limit: the header taken from the root, and the depth skipped.
+        let mut over: Option<(Oversized, usize)> = None;
         loop {
             let ev = match self.parser.parse(&mut input, false) {
                 Ok(Some(ev)) => ev,
@@ -191,13 +196,30 @@ impl Reader {
                     return Err(ReadError::Xml(e.to_string()));
                 }
             };
+            if let Some((_, depth)) = &mut over {
+                match ev {
+                    rxml::Event::StartElement(..) => *depth += 1,
+                    rxml::Event::EndElement(_) if *depth == 0 => {
+                        if !input.is_empty() {
+                            return Err(ReadError::Xml("bytes after an element".into()));
+                        }
+                        let (o, _) = over.take().expect("set");
+                        return Ok(Inbound::Oversized(o));
+                    }
+                    rxml::Event::EndElement(_) => *depth -= 1,
+                    _ => {}
+                }
+                continue;
+            }
             match ev {
                 rxml::Event::StartElement(_, (ns, name), attrs) => {
+                    nodes += 1 + attrs.len();
                     let mut el = Element::bare(name.as_str(), ns.as_str());
                     *el.attrs_mut() = attrs;
                     stack.push(el);
                 }
                 rxml::Event::Text(_, text) => {
+                    nodes += 1;
                     if let Some(top) = stack.last_mut() {
                         top.append_text_node(text);
                     }
@@ -214,13 +236,31 @@ impl Reader {
                             if !input.is_empty() {
                                 return Err(ReadError::Xml("bytes after an element".into()));
                             }
-                            return Ok(done);
+                            return Ok(Inbound::Element(done));
                         }
                     }
                 }
                 rxml::Event::XmlDeclaration(..) => {
                     return Err(ReadError::Xml("XML declaration inside the stream".into()));
                 }
+            }
+            if nodes > self.framer.limits().max_nodes && !stack.is_empty() {
+                // What was built is dropped now; the root's start tag answers the stanza.
+                let depth = stack.len() - 1;
+                let root = stack.swap_remove(0);
+                stack = Vec::new();
+                over = Some((
+                    Oversized {
+                        ns: root.ns(),
+                        name: root.name().to_owned(),
+                        from: root.attr("from").map(str::to_owned),
+                        to: root.attr("to").map(str::to_owned),
+                        id: root.attr("id").map(str::to_owned),
+                        type_: root.attr("type").map(str::to_owned),
+                        exceeded: Exceeded::Nodes(self.framer.limits().max_nodes),
+                    },
+                    depth,
+                ));
             }
         }
     }
@@ -231,7 +271,7 @@ impl Reader {
     fn oversized(
         &mut self,
         head: Option<Vec<u8>>,
-        exceeded: crate::inbound::Exceeded,
+        exceeded: Exceeded,
     ) -> Result<Oversized, ReadError> {
         let mut o = Oversized {
             ns: String::new(),
@@ -249,6 +289,7 @@ impl Reader {
         let mut p = parser(Limits {
             max_bytes: head.len(),
             max_depth: self.framer.limits().max_depth,
+            max_nodes: crate::inbound::MAX_NODES,
         });
         for mut input in [header, &head[..]] {
             loop {

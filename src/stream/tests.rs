@@ -11,6 +11,7 @@ fn limits() -> Limits {
     Limits {
         max_bytes: 64 * 1024,
         max_depth: 16,
+        max_nodes: crate::inbound::MAX_NODES,
     }
 }
 
@@ -84,6 +85,7 @@ fn long_tokens_within_the_limit_are_read() {
     let limits = Limits {
         max_bytes: 512 * 1024,
         max_depth: 64,
+        max_nodes: crate::inbound::MAX_NODES,
     };
     let bytes = stream_of(&[
         format!("<iq type='get' id='{long_id}' to='proxy.example'><q xmlns='urn:x'/></iq>"),
@@ -154,6 +156,7 @@ fn over_the_limits_is_skipped_with_its_header_and_the_stream_goes_on() {
     let small = Limits {
         max_bytes: 4096,
         max_depth: 8,
+        max_nodes: crate::inbound::MAX_NODES,
     };
     let big = "x".repeat(100_000);
     let deep = format!("{}{}", "<d>".repeat(10_000), "</d>".repeat(10_000));
@@ -308,6 +311,7 @@ fn an_empty_element_past_the_depth_limit_counts() {
     let small = Limits {
         max_bytes: 4096,
         max_depth: 3,
+        max_nodes: crate::inbound::MAX_NODES,
     };
     // Levels: iq 1, a 2, b 3, c 4 (empty).
     let bytes = stream_of(&[
@@ -345,6 +349,7 @@ fn a_start_tag_over_the_limit_keeps_its_short_attributes() {
     let small = Limits {
         max_bytes: 4096,
         max_depth: 8,
+        max_nodes: crate::inbound::MAX_NODES,
     };
     let big = "j".repeat(100_000);
     let spaces = " ".repeat(100_000);
@@ -396,6 +401,7 @@ fn a_start_tag_whose_attributes_end_at_the_limit_is_held_within_it() {
     let small = Limits {
         max_bytes: 256,
         max_depth: 8,
+        max_nodes: crate::inbound::MAX_NODES,
     };
     for pad in 180..260 {
         let a = "a".repeat(pad);
@@ -441,6 +447,7 @@ fn a_reader_hands_over_at_any_byte_it_says_it_can() {
     let small = Limits {
         max_bytes: 600,
         max_depth: 16,
+        max_nodes: crate::inbound::MAX_NODES,
     };
     let big = "x".repeat(900);
     let bytes = stream_of(&[

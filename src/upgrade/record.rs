@@ -12,6 +12,9 @@
 /// that a downgrade to such a build goes on with it.
 pub const VERSION: u16 = 2;
 
+/// The formats this build reads (what `check` reports for an upgrade to it).
+pub const READS: [u16; 2] = [1, 2];
+
 const MAGIC: &[u8] = b"jat-proxy handover";
 
 /// The largest record a reader accepts: for each stream, its header (at most 64 KiB) and
@@ -77,6 +80,13 @@ impl std::error::Error for RecordError {}
 impl Record {
     /// The record's bytes (version 1 for one stream, else version 2).
     pub fn encode(&self) -> Vec<u8> {
+        let version = if self.streams.len() == 1 { 1 } else { VERSION };
+        self.encode_as(version).unwrap_or_default()
+    }
+
+    /// The record's bytes in format `version`: 1 (one stream only) or 2 (any number of
+    /// streams); `None` for any other.
+    pub fn encode_as(&self, version: u16) -> Option<Vec<u8>> {
         let size: usize = self
             .streams
             .iter()
@@ -84,7 +94,10 @@ impl Record {
             .sum();
         let mut out = Vec::with_capacity(MAGIC.len() + 64 + size + 32 * self.resources.len());
         out.extend_from_slice(MAGIC);
-        if let [st] = &self.streams[..] {
+        if version == 1 {
+            let [st] = &self.streams[..] else {
+                return None;
+            };
             // Version 1: component, server, header, pending, resources, established, build,
             // upgrades.
             out.extend_from_slice(&1u16.to_be_bytes());
@@ -96,7 +109,10 @@ impl Record {
             out.extend_from_slice(&st.established_unix_ms.to_be_bytes());
             put(&mut out, self.build.as_bytes());
             out.extend_from_slice(&st.upgrades.to_be_bytes());
-            return out;
+            return Some(out);
+        }
+        if version != 2 {
+            return None;
         }
         // Version 2: component, the streams (server, header, pending, established,
         // upgrades), resources, build.
@@ -112,7 +128,7 @@ impl Record {
         }
         self.put_resources(&mut out);
         put(&mut out, self.build.as_bytes());
-        out
+        Some(out)
     }
 
     fn put_resources(&self, out: &mut Vec<u8>) {
@@ -325,6 +341,24 @@ mod tests {
             &two().encode()[MAGIC.len()..MAGIC.len() + 2],
             &2u16.to_be_bytes()
         );
+    }
+
+    #[test]
+    fn any_number_of_streams_in_format_2_and_one_in_format_1() {
+        for r in [sample(), two()] {
+            let v2 = r.encode_as(2).unwrap();
+            assert_eq!(&v2[MAGIC.len()..MAGIC.len() + 2], &2u16.to_be_bytes());
+            assert_eq!(Record::decode(&v2), Ok(r.clone()));
+        }
+        assert_eq!(sample().encode_as(1), Some(sample().encode()));
+        assert_eq!(two().encode_as(1), None);
+        assert_eq!(sample().encode_as(3), None);
+        assert_eq!(sample().encode_as(0), None);
+        // What this build reads is what its decoder takes.
+        for v in READS {
+            let r = if v == 1 { sample() } else { two() };
+            assert_eq!(Record::decode(&r.encode_as(v).unwrap()), Ok(r));
+        }
     }
 
     #[test]

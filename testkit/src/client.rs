@@ -24,6 +24,7 @@ const BIND_NS: &str = "urn:ietf:params:xml:ns:xmpp-bind";
 const LIMITS: Limits = Limits {
     max_bytes: 64 * 1024 * 1024,
     max_depth: 4096,
+    max_nodes: usize::MAX,
 };
 
 /// A client stream: the socket and the stream layer on top.

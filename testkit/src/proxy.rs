@@ -52,6 +52,9 @@ pub fn write_config(dir: &Path, name: &str, spec: &ConfigSpec<'_>) -> PathBuf {
         ),
     )
     .unwrap();
+    // It holds the component secret: jat-proxy refuses it readable by others.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     path
 }
 
@@ -62,6 +65,7 @@ pub struct ProxyProcess {
     config: PathBuf,
     filter: String,
     env: Vec<(String, String)>,
+    args: Vec<String>,
 }
 
 impl ProxyProcess {
@@ -89,13 +93,30 @@ impl ProxyProcess {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let process = spawn(binary, config, filter, &env);
+        let process = spawn(binary, config, filter, &env, &[]);
         ProxyProcess {
             process,
             binary: binary.to_owned(),
             config: config.to_owned(),
             filter: filter.to_owned(),
             env,
+            args: Vec::new(),
+        }
+    }
+
+    /// Starts it as [`ProxyProcess::start`] does, with more arguments after `--config FILE`
+    /// (e.g. `--log-format text`).
+    pub fn start_with_args(binary: &Path, config: &Path, args: &[&str]) -> ProxyProcess {
+        let filter =
+            std::env::var("JAT_TEST_LOG").unwrap_or_else(|_| "info,jat_proxy=debug".into());
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        ProxyProcess {
+            process: spawn(binary, config, &filter, &[], &args),
+            binary: binary.to_owned(),
+            config: config.to_owned(),
+            filter,
+            env: Vec::new(),
+            args,
         }
     }
 
@@ -149,19 +170,28 @@ impl ProxyProcess {
     /// Starts the same binary with the same config again (after it was stopped).
     pub fn restart(&mut self) {
         self.process.kill();
-        self.process = spawn(&self.binary, &self.config, &self.filter, &self.env);
+        self.process = spawn(
+            &self.binary,
+            &self.config,
+            &self.filter,
+            &self.env,
+            &self.args,
+        );
     }
 }
 
-fn spawn(binary: &Path, config: &Path, filter: &str, env: &[(String, String)]) -> Owned {
+fn spawn(
+    binary: &Path,
+    config: &Path,
+    filter: &str,
+    env: &[(String, String)],
+    args: &[String],
+) -> Owned {
     let mut envs: Vec<(&str, &str)> = vec![("RUST_LOG", filter), ("NO_COLOR", "1")];
     envs.extend(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    Owned::spawn(
-        "jat-proxy",
-        binary,
-        &["--config", config.to_str().unwrap()],
-        &envs,
-    )
+    let mut all = vec!["--config", config.to_str().unwrap()];
+    all.extend(args.iter().map(String::as_str));
+    Owned::spawn("jat-proxy", binary, &all, &envs)
 }
 
 /// Runs the binary to completion with `args` and returns (status, stderr).
