@@ -368,12 +368,11 @@ fn d_max_depth() -> usize {
 /// `secret_file` (see [`crate::keys::read_private`] for what that file must be) or, with
 /// `secret_env = true`, the environment variable [`SECRET_ENV`].
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = read(path)?;
+    let (text, meta) = read_with_metadata(path)?;
     let mut config = parse(path, &text)?;
     if config.component.secret_source == SecretSource::Inline {
-        // The file holds the secret: it must be as private as a secret file.
-        let meta = std::fs::metadata(path)
-            .map_err(|e| ConfigError::new(path, None, format!("cannot examine: {e}")))?;
+        // The file holds the secret: it must be as private as a secret file (checked on the
+        // descriptor it was read from).
         crate::keys::check_private(
             path,
             &meta,
@@ -396,9 +395,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// The configuration text, wiped from memory when dropped (it may hold the secret).
 fn read(path: &Path) -> Result<Zeroizing<String>, ConfigError> {
-    std::fs::read_to_string(path)
-        .map(Zeroizing::new)
-        .map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))
+    read_with_metadata(path).map(|(text, _)| text)
+}
+
+/// The configuration text and what `fstat` says of the file it was read from.
+fn read_with_metadata(path: &Path) -> Result<(Zeroizing<String>, std::fs::Metadata), ConfigError> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| ConfigError::new(path, None, format!("cannot read: {e}"));
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    // Sized once, so that no unwiped copy is left behind by a reallocation.
+    let mut text = Zeroizing::new(String::with_capacity(meta.len() as usize + 1));
+    file.read_to_string(&mut text).map_err(cannot)?;
+    Ok((text, meta))
 }
 
 /// What `jat-proxy keys rotate` and `keys list` need: the `[keys]` section and
@@ -498,21 +507,23 @@ impl MemoryBound {
     /// Output waiting on one stream: the stream is given up past 8 MiB; one more read
     /// (64 KiB) is handled before that is looked at again.
     pub const UNSENT: u64 = 9 << 20;
-    /// One rate-limiter entry for an account (a bare JID of up to 2047 bytes and its three
-    /// buckets) and one for its domain (up to 1023 bytes), with the tables' overhead.
-    pub const SENDER: u64 = 2048 + 1024 + 512;
+    /// One rate-limiter entry for an account (a bare JID of up to 2047 bytes and its
+    /// buckets), one for its domain (up to 1023 bytes) and one for a token's reply budget,
+    /// with the tables' overhead.
+    pub const SENDER: u64 = 2048 + 1024 + 768;
     /// One resource of the target (up to 1023 bytes) and its entry.
     pub const RESOURCE: u64 = 1024 + 256;
 
-    /// `BASE + servers × (2 × max_stanza_bytes + UNSENT)` (each stream's partial stanza and
-    /// output) `+ 2 × max_stanza_bytes + MAX_NODES × NODE` (the one stanza being handled, as
-    /// bytes and as a tree) `+ MAX_HELD_BYTES` (held requests, as text) `+ max_senders ×
-    /// SENDER + max_resources × RESOURCE` (the tables).
+    /// `BASE + servers × (3 × max_stanza_bytes + UNSENT)` (each stream's partial stanza, its
+    /// parser's buffers, sized by the byte limit, and its output) `+ 3 × max_stanza_bytes +
+    /// MAX_NODES × NODE` (the one stanza being handled: its bytes, and its tree of at most
+    /// twice as many bytes of strings and `MAX_NODES` nodes) `+ MAX_HELD_BYTES` (held
+    /// requests, as text) `+ max_senders × SENDER + max_resources × RESOURCE` (the tables).
     pub fn bytes(&self) -> u64 {
         let m = self.max_stanza_bytes as u64;
         Self::BASE
-            + self.servers as u64 * (2 * m + Self::UNSENT)
-            + 2 * m
+            + self.servers as u64 * (3 * m + Self::UNSENT)
+            + 3 * m
             + crate::inbound::MAX_NODES as u64 * Self::NODE
             + crate::proxy::MAX_HELD_BYTES as u64
             + self.max_senders as u64 * Self::SENDER
@@ -523,7 +534,7 @@ impl MemoryBound {
     fn largest_key(&self) -> &'static str {
         let m = self.max_stanza_bytes as u64;
         let streams = self.servers as u64 * Self::UNSENT;
-        let stanzas = (2 * self.servers as u64 + 2) * m;
+        let stanzas = (3 * self.servers as u64 + 3) * m;
         let senders = self.max_senders as u64 * Self::SENDER;
         if senders >= stanzas && senders >= streams {
             "limits.max_senders"
@@ -921,7 +932,7 @@ file = "/var/lib/jat-proxy/keys.toml"
             max_senders: c.proxy.rate.max_senders,
             max_resources: c.proxy.max_resources,
         };
-        assert_eq!(defaults.bytes() >> 20, 69, "SECURITY.md states it");
+        assert_eq!(defaults.bytes() >> 20, 72, "SECURITY.md states it");
         // Each of the largest terms alone.
         let e = parse_str(&format!("{GOOD}\n[limits]\nmax_senders = 10000000\n")).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("limits.max_senders"));
@@ -936,9 +947,11 @@ file = "/var/lib/jat-proxy/keys.toml"
             );
             parse_str(&format!("{text}\n[limits]\n{extra}\n"))
         };
-        // The largest stanzas on one stream, or the default on all sixteen: allowed.
+        // The largest stanzas on one stream, or the default on twelve: allowed.
         parse_str(&format!("{GOOD}\n[limits]\nmax_stanza_bytes = 16777216\n")).unwrap();
-        servers(16, "").unwrap();
+        servers(12, "").unwrap();
+        let e = servers(16, "").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("component.server"));
         let e = servers(4, "max_stanza_bytes = 16777216").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("limits.max_stanza_bytes"));
         let e = servers(16, "max_stanza_bytes = 1048576").unwrap_err();

@@ -27,6 +27,15 @@ pub struct Limits {
     pub max_nodes: usize,
 }
 
+impl Limits {
+    /// Most bytes of names, namespaces, attribute values and text one stanza's tree may
+    /// hold: twice the byte limit (what was received, decoded, never grows; only each
+    /// element's own copy of its namespace can make the tree hold more than the wire did).
+    pub fn tree_bytes(&self) -> usize {
+        self.max_bytes.saturating_mul(2)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -74,6 +83,8 @@ pub enum Exceeded {
     Depth(usize),
     /// [`Limits::max_nodes`].
     Nodes(usize),
+    /// [`Limits::tree_bytes`].
+    Tree(usize),
 }
 
 impl std::fmt::Display for Exceeded {
@@ -84,6 +95,10 @@ impl std::fmt::Display for Exceeded {
             Exceeded::Nodes(n) => {
                 write!(f, "stanza of more than {n} elements, attributes and texts")
             }
+            Exceeded::Tree(n) => write!(
+                f,
+                "stanza whose tree would hold more than {n} bytes of names, values and text"
+            ),
         }
     }
 }
@@ -222,5 +237,69 @@ mod tests {
         };
         assert_eq!(e.attr("id"), Some("next"));
         assert!(reader.at_boundary());
+    }
+
+    #[test]
+    fn a_namespace_repeated_on_every_element_is_charged_each_time() {
+        // 100 KB of namespace on `q`, inherited by 100 children: each element of the tree
+        // holds its own copy (10 MB), far over twice the byte limit.
+        let ns = "A".repeat(100_000);
+        let xml = format!(
+            "<iq type='get' id='ns' from='u@e/r'><q xmlns='{ns}'>{}</q></iq>",
+            "<a/>".repeat(100)
+        );
+        let Inbound::Oversized(o) = read(&xml, Limits::default()) else {
+            panic!("not built")
+        };
+        assert_eq!(o.exceeded, Exceeded::Tree(2 * 512 * 1024));
+        assert_eq!(o.id.as_deref(), Some("ns"));
+        // Five children: 600 KB, within.
+        let xml = format!(
+            "<iq type='get' id='ns' from='u@e/r'><q xmlns='{ns}'>{}</q></iq>",
+            "<a/>".repeat(5)
+        );
+        assert!(matches!(read(&xml, Limits::default()), Inbound::Element(_)));
+    }
+
+    #[test]
+    fn a_start_tag_of_more_attributes_than_the_node_limit_never_reaches_the_parser() {
+        // On a child: the framer stops keeping the element at the attribute past the limit.
+        let attrs: String = (0..MAX_NODES).map(|i| format!(" a{i}=''")).collect();
+        let xml = format!("<iq type='set' id='w' from='u@e/r'><x xmlns='urn:x'{attrs}/></iq>");
+        let Inbound::Oversized(o) = read(&xml, Limits::default()) else {
+            panic!()
+        };
+        assert_eq!(o.exceeded, Exceeded::Nodes(MAX_NODES));
+        assert_eq!(o.id.as_deref(), Some("w"));
+        // On the stanza itself, after its id: the summary keeps what answers it, and no
+        // more than a few attributes of the rest.
+        let xml = format!("<iq type='set' id='r' from='u@e/r'{attrs} to='proxy.example'/>");
+        let Inbound::Oversized(o) = read(&xml, Limits::default()) else {
+            panic!()
+        };
+        assert_eq!(o.exceeded, Exceeded::Nodes(MAX_NODES));
+        assert_eq!(
+            (o.id.as_deref(), o.type_.as_deref(), o.from.as_deref()),
+            (Some("r"), Some("set"), Some("u@e/r"))
+        );
+        // A start tag over the byte limit is summarised to the same few attributes.
+        let big: String = (0..20_000)
+            .map(|i| format!(" b{i}='{}'", "v".repeat(40)))
+            .collect();
+        let xml = format!("<iq type='get' id='big' from='u@e/r'{big}/>");
+        let Inbound::Oversized(o) = read(&xml, Limits::default()) else {
+            panic!()
+        };
+        assert_eq!(o.exceeded, Exceeded::Bytes(512 * 1024));
+        assert_eq!(o.id.as_deref(), Some("big"));
+        let mut framer = crate::stream::framer::Framer::resumed(Limits::default());
+        framer.feed(xml.as_bytes()).unwrap();
+        let Some(crate::stream::framer::Piece::Oversized {
+            head: Some(head), ..
+        }) = framer.next_piece()
+        else {
+            panic!()
+        };
+        assert!(head.len() < 200, "{}", String::from_utf8_lossy(&head));
     }
 }

@@ -749,9 +749,10 @@ impl Budgets {
                 let routed = (self.account.0, 2.0 * self.account.1);
                 self.count("routed", bare(h.from.as_deref()), routed, now_ms)
             }
-            _ if reply => self.count("replies", bare(out.attr("to")), self.account, now_ms),
+            // Replies reversed: charged to the token they went through.
+            _ if reply => self.count("replies", budget_key(h), self.account, now_ms),
             Verdict::Reversed if h.name == "message" => {
-                self.count("replies", bare(out.attr("to")), self.account, now_ms)
+                self.count("replies", budget_key(h), self.account, now_ms)
             }
             // One budget for everything the implementing client starts, whoever it names.
             Verdict::Outbound => {
@@ -871,7 +872,9 @@ pub fn wire_structured(data: &[u8]) {
     }
     assert_eq!(session.oversized.len(), generated.len(), "one stanza each");
     for (s, oversized) in generated.iter().zip(&session.oversized) {
-        let mut over = s.xml.len() > WIRE_LIMITS.max_bytes || s.depth > WIRE_LIMITS.max_depth;
+        let mut over = s.xml.len() > WIRE_LIMITS.max_bytes
+            || s.depth > WIRE_LIMITS.max_depth
+            || lexed_nodes(&s.xml) > WIRE_LIMITS.max_nodes;
         let mut nodes = None;
         if !over {
             // Its nodes, counted on the tree read without a node limit.
@@ -881,9 +884,9 @@ pub fn wire_structured(data: &[u8]) {
             };
             match read_one(&s.xml, unlimited) {
                 Some(Inbound::Element(el)) => {
-                    let n = count_nodes(&el);
-                    over = n > WIRE_LIMITS.max_nodes;
-                    nodes = Some(n);
+                    let (n, strings) = (count_nodes(&el), count_strings(&el));
+                    over = n > WIRE_LIMITS.max_nodes || strings > WIRE_LIMITS.tree_bytes();
+                    nodes = Some((n, strings));
                 }
                 other => panic!("a stanza within the limits reads whole: {other:?}"),
             }
@@ -891,12 +894,20 @@ pub fn wire_structured(data: &[u8]) {
         assert_eq!(
             *oversized,
             over,
-            "{} bytes, depth {}, {nodes:?} nodes",
+            "{} bytes, depth {}, (nodes, string bytes) {nodes:?}",
             s.xml.len(),
             s.depth
         );
     }
     session.finish();
+}
+
+/// The key of the reply budget of the token a reply was sent to: its last 22 characters.
+fn budget_key(h: &Header) -> Option<String> {
+    let to = h.to.as_deref()?;
+    let token = to.split_once('/')?.1;
+    let start = token.len().saturating_sub(22);
+    Some(token.get(start..).unwrap_or(token).to_owned())
 }
 
 /// Elements, attributes and text nodes of a tree, as the reader counts them.
@@ -908,6 +919,71 @@ fn count_nodes(el: &Element) -> usize {
                 xmpp_parsers::minidom::Node::Text(_) => 1,
             })
             .sum::<usize>()
+}
+
+/// Bytes of names, namespaces, attribute values and text of a tree, as the reader counts
+/// them.
+fn count_strings(el: &Element) -> usize {
+    el.ns().len()
+        + el.name().len()
+        + el.attrs()
+            .iter()
+            .map(|((_, n), v)| n.len() + v.len())
+            .sum::<usize>()
+        + el.nodes()
+            .map(|n| match n {
+                xmpp_parsers::minidom::Node::Element(c) => count_strings(c),
+                xmpp_parsers::minidom::Node::Text(t) => t.len(),
+            })
+            .sum::<usize>()
+}
+
+/// Start tags and quoted attribute values (namespace declarations included) of an element
+/// as written, as the framer counts them: a lexer of its own, for markup the generator
+/// writes (comments, CDATA and processing instructions hold `<` and quotes that count for
+/// nothing).
+fn lexed_nodes(xml: &[u8]) -> usize {
+    let mut n = 0;
+    let mut i = 0;
+    let find = |from: usize, pat: &[u8]| {
+        xml[from..]
+            .windows(pat.len())
+            .position(|w| w == pat)
+            .map_or(xml.len(), |p| from + p + pat.len())
+    };
+    while i < xml.len() {
+        if xml[i] != b'<' {
+            i += 1;
+            continue;
+        }
+        let rest = &xml[i..];
+        if rest.starts_with(b"<!--") {
+            i = find(i + 4, b"-->");
+        } else if rest.starts_with(b"<![CDATA[") {
+            i = find(i + 9, b"]]>");
+        } else if rest.starts_with(b"<?") {
+            i = find(i + 2, b"?>");
+        } else if rest.starts_with(b"</") {
+            i = find(i + 2, b">");
+        } else {
+            // A start tag: its quoted values, up to its `>`.
+            n += 1;
+            i += 1;
+            while i < xml.len() && xml[i] != b'>' {
+                if xml[i] == b'\'' || xml[i] == b'"' {
+                    let q = xml[i];
+                    n += 1;
+                    i += 1;
+                    while i < xml.len() && xml[i] != q {
+                        i += 1;
+                    }
+                }
+                i += 1;
+            }
+            i += 1;
+        }
+    }
+    n
 }
 
 /// One session of the byte-path harness.

@@ -137,20 +137,24 @@ impl KeySet {
     /// The key of sticky resource selection (`balance = "sticky"`, and where messages go):
     /// the sender's account is hashed under it, so that the implementing client, which
     /// names its resources, learns nothing of who is behind a token from where it lands.
-    /// Every instance reading the key file has the same, and it survives rotation. A key
-    /// file written by a build without one (that could not be given one) derives it from
-    /// its oldest key instead: then senders move once that key is pruned.
+    /// Every instance reading the key file has the same, and it survives rotation. The
+    /// selection secret is derived from the oldest key when first stored (so that copies of
+    /// one file given it apart agree, and nothing moves when it is written); a file without
+    /// one (of an older build, not writable) derives the same from its oldest key until
+    /// that key is pruned.
     pub fn selection_key(&self) -> hmac::Key {
         match &self.selection {
             Some(secret) => hmac::Key::new(hmac::HMAC_SHA256, &secret[..]),
-            None => {
-                let oldest = hmac::Key::new(hmac::HMAC_SHA256, &self.keys[0].secret[..]);
-                hmac::Key::new(
-                    hmac::HMAC_SHA256,
-                    hmac::sign(&oldest, SELECTION_LABEL).as_ref(),
-                )
-            }
+            None => hmac::Key::new(hmac::HMAC_SHA256, &self.derived_selection()[..]),
         }
+    }
+
+    /// HMAC-SHA256(oldest key, "jat-proxy selection").
+    fn derived_selection(&self) -> Zeroizing<[u8; SECRET_LEN]> {
+        let oldest = hmac::Key::new(hmac::HMAC_SHA256, &self.keys[0].secret[..]);
+        let mut secret = Zeroizing::new([0u8; SECRET_LEN]);
+        secret.copy_from_slice(hmac::sign(&oldest, SELECTION_LABEL).as_ref());
+        secret
     }
 
     /// Whether the key file has a selection secret of its own.
@@ -158,19 +162,12 @@ impl KeySet {
         self.selection.is_some()
     }
 
-    /// Gives the set a fresh selection secret if it has none.
-    fn ensure_selection(&mut self, rng: &mut dyn Random) {
+    /// Gives the set a selection secret if it has none: the one derived from its oldest key,
+    /// which [`KeySet::selection_key`] used meanwhile.
+    fn ensure_selection(&mut self) {
         if self.selection.is_none() {
-            let mut secret = Zeroizing::new([0u8; SECRET_LEN]);
-            rng.fill(&mut secret[..]);
-            self.selection = Some(secret);
+            self.selection = Some(self.derived_selection());
         }
-    }
-
-    /// The same set with this selection secret (tests, benchmarks, the fuzzer).
-    pub fn with_selection_secret(mut self, secret: [u8; SECRET_LEN]) -> KeySet {
-        self.selection = Some(Zeroizing::new(secret));
-        self
     }
 
     fn reindex(&mut self) {
@@ -186,7 +183,7 @@ impl KeySet {
     /// A new set with one fresh key.
     pub fn generate(rng: &mut dyn Random, now: u64) -> KeySet {
         let mut set = KeySet::new(vec![fresh_key(now, rng, |_| false)]).expect("one key");
-        set.ensure_selection(rng);
+        set.ensure_selection();
         set
     }
 
@@ -228,7 +225,7 @@ impl KeySet {
     /// never the id of a key already in the set (a new secret is drawn if it would be).
     /// Older keys stay, so tokens they sealed still open.
     pub fn rotate(&mut self, rng: &mut dyn Random, now: u64) -> u32 {
-        self.ensure_selection(rng);
+        self.ensure_selection();
         let key = fresh_key(now, rng, |id| self.get(id).is_some());
         let id = key.id;
         self.keys.push(key);
@@ -554,33 +551,43 @@ pub fn load_or_create(
     rng: &mut dyn Random,
     now: u64,
 ) -> Result<(KeySet, bool), KeyFileError> {
-    match fs::symlink_metadata(path) {
-        Ok(_) => {
-            let set = load(path)?;
-            if set.has_selection_secret() {
-                return Ok((set, false));
-            }
-            // A file of a build without selection secrets: given one, under the rotation
-            // lock (another instance may be doing the same), if it can be written.
-            let added = lock(path).and_then(|_lock| {
-                let mut set = load(path)?;
-                if !set.has_selection_secret() {
-                    set.ensure_selection(rng);
-                    save(path, &set, rng)?;
-                }
-                Ok(set)
-            });
-            return Ok(match added {
-                Ok(set) => (set, false),
-                Err(e) => {
-                    tracing::warn!(
-                        "the key file has no selection secret and cannot be given one ({e}); \
-                         sticky selection is keyed by its oldest key until `keys rotate` adds one"
-                    );
-                    (set, false)
-                }
-            });
+    let (set, created) = load_or_create_as_is(path, rng, now)?;
+    if set.has_selection_secret() {
+        return Ok((set, created));
+    }
+    // A file of a build without selection secrets: given the one derived from its oldest
+    // key (what was used meanwhile, so nothing moves), under the rotation lock (another
+    // instance may be doing the same), if it can be written.
+    let added = lock(path).and_then(|_lock| {
+        let mut set = load(path)?;
+        if !set.has_selection_secret() {
+            set.ensure_selection();
+            save(path, &set, rng)?;
         }
+        Ok(set)
+    });
+    Ok(match added {
+        Ok(set) => (set, created),
+        Err(e) => {
+            tracing::warn!(
+                "the key file has no selection secret and cannot be given one ({e}); the one \
+                 derived from its oldest key is used, the same on every instance, until that \
+                 key is pruned"
+            );
+            (set, created)
+        }
+    })
+}
+
+/// [`load_or_create`] without giving a file of an older build a selection secret (for
+/// callers that hold the lock and write the file anyway).
+fn load_or_create_as_is(
+    path: &Path,
+    rng: &mut dyn Random,
+    now: u64,
+) -> Result<(KeySet, bool), KeyFileError> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => return load(path).map(|k| (k, false)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(KeyFileError::new(path, e.to_string())),
     }
@@ -627,7 +634,7 @@ pub fn rotate(
     reload_grace: u64,
 ) -> Result<Rotation, KeyFileError> {
     let _lock = lock(path)?;
-    let (mut set, created) = load_or_create(path, rng, now)?;
+    let (mut set, created) = load_or_create_as_is(path, rng, now)?;
     let id = set.rotate(rng, now);
     let pruned = set.prune(now, token_lifetime, reload_grace);
     save(path, &set, rng)?;
@@ -1034,6 +1041,17 @@ mod tests {
             "written to the file"
         );
         assert_eq!(given.current().id(), read.current().id());
+        // The one derived meanwhile: nothing moves, and copies of the file given it apart
+        // agree.
+        assert_eq!(tag(&given), tag(&read));
+        // `keys rotate` of such a file gives it the same, at once (it holds the lock).
+        let older = dir.join("older.toml");
+        fs::write(&older, &without).unwrap();
+        fs::set_permissions(&older, fs::Permissions::from_mode(0o600)).unwrap();
+        let t = std::time::Instant::now();
+        rotate(&older, &mut rng, 3000, 300, 10).unwrap();
+        assert!(t.elapsed() < LOCK_WAIT / 2, "{:?}", t.elapsed());
+        assert_eq!(tag(&load(&older).unwrap()), tag(&read));
         fs::remove_dir_all(dir).unwrap();
     }
 

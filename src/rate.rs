@@ -9,8 +9,10 @@
 //!   domain, whose accounts the operator creates);
 //! - **errors** jat-proxy generates, per account they are sent to, so that an
 //!   auto-responder answering each error with a new stanza ends up answered by silence;
-//! - **replies** reversed to one recipient account, which bounds how often the implementing
-//!   client can replay one token within its lifetime;
+//! - **replies** reversed through one token, which bounds how often the implementing client
+//!   can replay it within its lifetime (per token, not per recipient: a budget shared by the
+//!   tokens of one account would tell the implementing client which tokens name one account,
+//!   as soon as the recipient reacts to what it is sent);
 //! - **outbound**: every stanza the implementing client starts, one bucket whoever it goes
 //!   to, so that no refusal depends on the recipient (a per-recipient budget would tell the
 //!   implementing client whether two tokens name one account);
@@ -18,7 +20,8 @@
 //!   its burst: a peer that answers each request once can never run it dry, however the
 //!   implementing client spreads its requests over tokens and addresses.
 //!
-//! The four per-account buckets share one entry of the account table. Each table (accounts,
+//! The three per-account buckets share one entry of the account table; the token table holds
+//! the reply buckets. Each table (accounts,
 //! domains) holds at most `max_senders` entries; when a new key arrives at a full table, the
 //! least recently used entry is forgotten, in constant time (a hash map into an intrusive
 //! doubly linked list). Forgetting an entry gives that key a full bucket when it comes back,
@@ -108,7 +111,6 @@ impl Bucket {
 struct Account {
     requests: Bucket,
     errors: Bucket,
-    replies: Bucket,
     routed: Bucket,
 }
 
@@ -119,6 +121,8 @@ pub struct Limiter {
     domain: Rate,
     accounts: Lru<Account>,
     domains: Lru<Bucket>,
+    /// Replies reversed, by token.
+    tokens: Lru<Bucket>,
     /// Stanzas the implementing client starts (see the module's doc); full at first.
     outbound: Option<Bucket>,
 }
@@ -137,6 +141,7 @@ impl Limiter {
             },
             accounts: Lru::new(limit.max_senders),
             domains: Lru::new(limit.max_senders),
+            tokens: Lru::new(limit.max_senders),
             outbound: None,
         }
     }
@@ -231,12 +236,12 @@ impl Limiter {
             .take(routed, now_ms)
     }
 
-    /// Charges one reply reversed to `recipient` (a bare JID); false if over its rate.
-    pub fn reply(&mut self, recipient: &str, now_ms: u64) -> bool {
+    /// Charges one reply reversed through the token whose key is `token` (see
+    /// `Reversal::budget`); false if over its rate.
+    pub fn reply(&mut self, token: &str, now_ms: u64) -> bool {
         let rate = self.account;
-        self.accounts
-            .get_or_insert_with(recipient, || Account::full(rate, now_ms))
-            .replies
+        self.tokens
+            .get_or_insert_with(token, || Bucket::full(rate, now_ms))
             .take(rate, now_ms)
     }
 }
@@ -247,7 +252,6 @@ impl Account {
         Account {
             requests: b,
             errors: b,
-            replies: b,
             routed: Bucket {
                 tokens: 2.0 * rate.burst,
                 updated_ms: now_ms,

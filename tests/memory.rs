@@ -68,6 +68,26 @@ async fn large_requests_held_or_refused_stay_within_a_small_peak_rss() {
             Some("policy-violation")
         );
     }
+    // 1b. A long namespace inherited by many elements: 180 KB on the wire once, but each
+    //    element of a tree holds its own copy (500 of them: 90 MB). Refused at once.
+    let ns = "A".repeat(180_000);
+    for i in 0..REQUESTS {
+        user.send_xml(&format!(
+            "<iq type='get' id='ns-{i}' to='{COMPONENT}'><q xmlns='{ns}'>{}</q></iq>",
+            "<a></a>".repeat(500)
+        ));
+    }
+    for i in 0..REQUESTS {
+        let id = format!("ns-{i}");
+        let answer = user
+            .recv_iq(&id, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no answer to {id}:\n{}", d.proxy.log()));
+        assert_eq!(
+            error_condition(&answer).as_deref(),
+            Some("policy-violation")
+        );
+    }
     let after_refused = peak_rss_kib(pid).unwrap();
 
     // 2. As many nodes as a built stanza may have, held while no resource is known, then
@@ -102,8 +122,8 @@ async fn large_requests_held_or_refused_stay_within_a_small_peak_rss() {
     }
     let peak = peak_rss_kib(pid).unwrap();
     testkit::report(&format!(
-        "peak RSS of jat-proxy: {start_kib} KiB at start, {after_refused} after {REQUESTS} requests \
-         over the node limit, {after_held} with {REQUESTS} of {PAYLOAD_BYTES} bytes held, {peak} \
+        "peak RSS of jat-proxy: {start_kib} KiB at start, {after_refused} after 2 × {REQUESTS} requests \
+         over the node or tree limit, {after_held} with {REQUESTS} of {PAYLOAD_BYTES} bytes held, {peak} \
          after their release (limit {PEAK_LIMIT_KIB})"
     ));
     assert!(

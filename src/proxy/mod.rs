@@ -475,12 +475,6 @@ fn over_error_budget(condition: Condition) -> Outcome {
     Outcome::maybe(None, Verdict::Dropped("over the sender's error budget"))
 }
 
-/// The bare JID of a full JID's text: what precedes the first '/' (a localpart or domain
-/// cannot hold one); no allocation.
-fn bare_str(jid: &str) -> &str {
-    jid.split('/').next().unwrap_or_default()
-}
-
 /// The bare JID of `jid` as a slice of its text; no allocation.
 fn bare(jid: &Jid) -> &str {
     let s = jid.as_str();

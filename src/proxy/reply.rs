@@ -5,7 +5,7 @@ use jid::Jid;
 use tracing::{debug, trace};
 use xmpp_parsers::minidom::Element;
 
-use super::{Clock, Outbound, Outcome, Proxy, To, Verdict, bare_str, dropped};
+use super::{Clock, Outbound, Outcome, Proxy, To, Verdict, dropped};
 use crate::stanza;
 use crate::token::{self, Binding, Opened};
 
@@ -41,7 +41,13 @@ pub(super) struct Reversal {
     pub(super) reply_from: String,
     pub(super) kind: token::Kind,
     pub(super) issued_ms: u64,
+    /// The key of the token's reply budget: its last characters, which encode (part of) its
+    /// authentication tag, unique to the token.
+    pub(super) budget: String,
 }
+
+/// Characters of a token that key its reply budget (a 16-byte tag is 22 in base64url).
+const BUDGET_KEY_CHARS: usize = 22;
 
 impl Proxy {
     /// An IQ result or error of the implementing client.
@@ -148,16 +154,16 @@ impl Proxy {
             reply_from,
             kind: opened.kind,
             issued_ms: opened.issued_ms,
+            budget: token[token.len().saturating_sub(BUDGET_KEY_CHARS)..].to_owned(),
         })
     }
 
-    /// Sends `el` back to the sender a token named, within the sender's reply budget: the
+    /// Sends `el` back to the sender a token named, within the token's reply budget: the
     /// implementing client may replay a genuine stanza as often as it likes within the
-    /// token's lifetime, bounded per recipient account.
+    /// token's lifetime, bounded per token (not per recipient: see `src/rate.rs`).
     pub(super) fn deliver(&mut self, mut el: Element, r: Reversal, clock: Clock) -> Outcome {
-        let recipient = bare_str(&r.sender);
         let iq = el.name() == "iq";
-        if !self.limiter.reply(recipient, clock.mono_ms) {
+        if !self.limiter.reply(&r.budget, clock.mono_ms) {
             if iq {
                 debug!(
                     id = el.attr("id"),

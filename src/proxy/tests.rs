@@ -621,7 +621,7 @@ fn generated_errors_stop_at_the_senders_error_budget() {
 
 /// Failed before the per-recipient limit: all 1000 replays were delivered.
 #[test]
-fn replaying_one_reply_is_limited_per_recipient() {
+fn replaying_one_reply_is_limited_per_token() {
     let mut w = World::new().online(&["a"]);
     let fwd = w.send(&get("r", "u@example/r")).unwrap();
     let reply = format!(
@@ -650,7 +650,15 @@ fn replaying_one_reply_is_limited_per_recipient() {
         delivered as f64 >= bound - 1.0,
         "{delivered} well under {bound}"
     );
-    // Another recipient is unaffected, and so are the first one's requests.
+    // Another token of the same recipient is unaffected (a budget shared by one account's
+    // tokens would tell the implementing client that they name one account), and so are
+    // another recipient and the first one's requests.
+    let fwd = w.send(&get("t", "u@example/other")).unwrap();
+    let back = w.send(&format!(
+        "<iq type='result' id='t' to='{}' from='impl@example/a'/>",
+        attr(&fwd, "from")
+    ));
+    assert_eq!(attr(&back.unwrap(), "to"), "u@example/other");
     let fwd = w.send(&get("s", "v@example/s")).unwrap();
     let back = w.send(&format!(
         "<iq type='result' id='s' to='{}' from='impl@example/a'/>",

@@ -19,6 +19,8 @@ use crate::inbound::{Exceeded, Limits};
 /// When a top-level start tag alone is over the byte limit, its attributes of at most this
 /// many bytes (addresses, id, type, namespace declarations) are kept to answer it.
 pub const SUMMARY_ATTR_BYTES: usize = 4096;
+/// Most attributes a summary keeps (the rest are not needed to answer the stanza).
+pub const SUMMARY_ATTRS: usize = 16;
 
 /// The most bytes the stream header (`<stream:stream ...>`) may take.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -110,6 +112,13 @@ pub struct Framer {
     summary: bool,
     /// In `summary`, the current attribute is too long and is being dropped.
     skip_attr: bool,
+    /// Start tags and attribute values (namespace declarations included) of the current
+    /// top-level element so far: past [`Limits::max_nodes`], the element is over a limit
+    /// before the parser sees a start tag of more attributes than that (the parser builds
+    /// every attribute of a start tag before it hands the tag over).
+    nodes: usize,
+    /// Attributes a summary kept so far.
+    summary_attrs: usize,
     /// Where in `buf` the top-level start tag's attribute before the current one begins.
     prev_attr_start: usize,
     closed: bool,
@@ -132,6 +141,8 @@ impl Framer {
             attr_start: 0,
             summary: false,
             skip_attr: false,
+            nodes: 0,
+            summary_attrs: 0,
             prev_attr_start: 0,
             closed: false,
             out: VecDeque::new(),
@@ -249,15 +260,36 @@ impl Framer {
             // Inside the top-level start tag, past its name: summarise it.
             None if self.attr_start > 0 => {
                 // The attributes complete so far, if they leave room for the summary's `>`;
-                // otherwise all but the last (which began below the limit).
+                // otherwise all but the last (which began below the limit); and of those,
+                // only what a summary keeps.
                 if self.attr_start >= self.limits.max_bytes {
                     self.attr_start = self.prev_attr_start;
                 }
                 self.buf.truncate(self.attr_start);
+                let (head, kept) = summary_of(&self.buf);
+                self.buf = head;
+                self.summary_attrs = kept;
+                self.attr_start = self.buf.len();
+                self.prev_attr_start = self.attr_start;
                 self.summary = true;
                 self.skip_attr = true;
             }
             None => self.buf.truncate(0),
+        }
+    }
+
+    /// Whether a summary keeps `attr` (` name='value'`, as received): see [`summarised`].
+    fn summarised(&self, attr: &[u8]) -> bool {
+        summarised(attr) && self.summary_attrs < SUMMARY_ATTRS
+    }
+
+    /// A start tag or an attribute value of the top-level element was lexed.
+    fn node(&mut self) {
+        if self.collecting == Collecting::Element {
+            self.nodes = self.nodes.saturating_add(1);
+            if self.nodes > self.limits.max_nodes {
+                self.exceed(Exceeded::Nodes(self.limits.max_nodes));
+            }
         }
     }
 
@@ -270,6 +302,16 @@ impl Framer {
     /// here.
     fn attribute_done(&mut self) {
         if self.in_root_tag() && (self.exceeded.is_none() || self.summary) {
+            if self.summary && !self.skip_attr && !self.summarised(&self.buf[self.attr_start..]) {
+                // Only what answering the stanza needs is kept (and a few of those): the
+                // summary is parsed, and the parser builds every attribute it holds.
+                self.buf.truncate(self.attr_start);
+                self.skip_attr = false;
+                return;
+            }
+            if self.summary && !self.skip_attr {
+                self.summary_attrs += 1;
+            }
             self.skip_attr = false;
             self.prev_attr_start = self.attr_start;
             self.attr_start = self.buf.len();
@@ -309,6 +351,7 @@ impl Framer {
                         if self.collecting == Collecting::Nothing {
                             self.begin_piece()?;
                         }
+                        self.node();
                     }
                 }
                 self.take(&input[..1])?;
@@ -386,6 +429,7 @@ impl Framer {
                                 quote: 0,
                                 slash: false,
                             };
+                            self.node();
                             self.attribute_done();
                             Ok(i + 1)
                         }
@@ -476,6 +520,8 @@ impl Framer {
         self.attr_start = 0;
         self.summary = false;
         self.skip_attr = false;
+        self.nodes = 0;
+        self.summary_attrs = 0;
         self.prev_attr_start = 0;
         self.collecting = match self.depth {
             0 => Collecting::Header,
@@ -558,4 +604,55 @@ impl Framer {
         self.buf = Vec::new();
         self.out.push_back(piece);
     }
+}
+
+/// Whether a summary keeps the attribute `attr` (` name='value'`, as received): `from`, `to`,
+/// `id`, `type` and namespace declarations: what answering the stanza needs.
+fn summarised(attr: &[u8]) -> bool {
+    let name_start = attr
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(attr.len());
+    let rest = &attr[name_start..];
+    let name_end = rest
+        .iter()
+        .position(|&b| b == b'=' || b.is_ascii_whitespace())
+        .unwrap_or(rest.len());
+    let name = &rest[..name_end];
+    matches!(name, b"from" | b"to" | b"id" | b"type" | b"xmlns") || name.starts_with(b"xmlns:")
+}
+
+/// Of the top-level start tag begun in `head` (`<name`, then complete attributes), its name
+/// and the attributes a summary keeps, at most [`SUMMARY_ATTRS`]; and how many those are.
+fn summary_of(head: &[u8]) -> (Vec<u8>, usize) {
+    let name_end = head
+        .iter()
+        .position(|b| b.is_ascii_whitespace())
+        .unwrap_or(head.len());
+    let mut out = head[..name_end].to_vec();
+    let mut kept = 0;
+    let mut i = name_end;
+    while i < head.len() {
+        // Whitespace, a name, `=` (a name has none), maybe whitespace, a quoted value.
+        let Some(eq) = memchr::memchr(b'=', &head[i..]) else {
+            break;
+        };
+        let mut j = i + eq + 1;
+        while j < head.len() && head[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        let Some(&quote) = head.get(j) else {
+            break;
+        };
+        let Some(len) = memchr::memchr(quote, &head[j + 1..]) else {
+            break;
+        };
+        let end = j + 1 + len + 1;
+        if kept < SUMMARY_ATTRS && summarised(&head[i..end]) {
+            out.extend_from_slice(&head[i..end]);
+            kept += 1;
+        }
+        i = end;
+    }
+    (out, kept)
 }

@@ -178,12 +178,17 @@ impl Reader {
     }
 
     /// Parses one complete element (its bytes hold exactly one, within the limits) into a
-    /// tree, or, past [`Limits::max_nodes`] nodes, into the header of an element over a limit: the
+    /// tree, or, past [`Limits::max_nodes`] nodes or [`Limits::tree_bytes`] bytes of names,
+    /// namespaces, values and text (each element holds its own copy of its namespace, so a
+    /// long namespace repeated costs far more than its bytes on the wire), into the header
+    /// of an element over a limit: the
     /// rest of it is parsed (the parser's state must follow the stream) but not kept.
     fn element(&mut self, bytes: &[u8]) -> Result<Inbound, ReadError> {
         let mut input = bytes;
         let mut stack: Vec<Element> = Vec::with_capacity(4);
         let mut nodes = 0usize;
+        let mut strings = 0usize;
+        let limits = self.framer.limits();
         // Once over the node limit: the header taken from the root, and the depth skipped.
         let mut over: Option<(Oversized, usize)> = None;
         loop {
@@ -214,12 +219,18 @@ impl Reader {
             match ev {
                 rxml::Event::StartElement(_, (ns, name), attrs) => {
                     nodes += 1 + attrs.len();
+                    strings += ns.len() + name.len();
+                    strings += attrs
+                        .iter()
+                        .map(|((_, n), v)| n.len() + v.len())
+                        .sum::<usize>();
                     let mut el = Element::bare(name.as_str(), ns.as_str());
                     *el.attrs_mut() = attrs;
                     stack.push(el);
                 }
                 rxml::Event::Text(_, text) => {
                     nodes += 1;
+                    strings += text.len();
                     if let Some(top) = stack.last_mut() {
                         top.append_text_node(text);
                     }
@@ -244,7 +255,16 @@ impl Reader {
                     return Err(ReadError::Xml("XML declaration inside the stream".into()));
                 }
             }
-            if nodes > self.framer.limits().max_nodes && !stack.is_empty() {
+            let exceeded = if nodes > limits.max_nodes {
+                Some(Exceeded::Nodes(limits.max_nodes))
+            } else if strings > limits.tree_bytes() {
+                Some(Exceeded::Tree(limits.tree_bytes()))
+            } else {
+                None
+            };
+            if let Some(exceeded) = exceeded
+                && !stack.is_empty()
+            {
                 // What was built is dropped now; the root's start tag answers the stanza.
                 let depth = stack.len() - 1;
                 let root = stack.swap_remove(0);
@@ -257,7 +277,7 @@ impl Reader {
                         to: root.attr("to").map(str::to_owned),
                         id: root.attr("id").map(str::to_owned),
                         type_: root.attr("type").map(str::to_owned),
-                        exceeded: Exceeded::Nodes(self.framer.limits().max_nodes),
+                        exceeded,
                     },
                     depth,
                 ));
