@@ -149,7 +149,7 @@ async fn prometheus_scrapes_forwarded_and_reversed_counts() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // And the README's alert rules, which Prometheus loaded above.
+    // And the alert rules in docs/monitoring.md, which Prometheus loaded above.
     let out = Command::new(PROMTOOL)
         .args(["check", "rules"])
         .arg(rules_file())
@@ -161,11 +161,12 @@ async fn prometheus_scrapes_forwarded_and_reversed_counts() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/monitoring.md"))
+            .unwrap();
     assert!(
-        readme.contains(&std::fs::read_to_string(rules_file()).unwrap()),
-        "README's alert rules differ from deploy/prometheus-alerts.yml"
+        doc.contains(&std::fs::read_to_string(rules_file()).unwrap()),
+        "docs/monitoring.md's alert rules differ from deploy/prometheus-alerts.yml"
     );
     testkit::report(&format!(
         "Prometheus stored forwarded = reversed = {N} after {N} requests through Prosody"

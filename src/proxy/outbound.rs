@@ -72,7 +72,7 @@ impl Proxy {
                 return Err("an escaped address has no resource");
             }
             // The node as written, before JID preparation case-folds it (a resource is
-            // case-sensitive). The server may have folded it already: see README.
+            // case-sensitive). The server may have folded it already: see docs/behaviour.md.
             let node = raw_to.split_once('@').map_or("", |(n, _)| n);
             let peer = unescape(node)
                 .and_then(|s| Jid::new(&s).ok())
