@@ -32,20 +32,7 @@ fn request(id: &str, pairs: usize) -> String {
 async fn large_requests_held_or_refused_stay_within_a_small_peak_rss() {
     // Requests may wait the longest hold time allowed while no resource is known.
     let d = Deployment::start_configured(&binary(), "hold_ms = 30000\n", "");
-    // The implementing client accepts the component's subscription once, then goes offline
-    // (a probe from a non-subscriber would cancel a subscription request still pending).
-    let imp = d.implementing("a").await;
-    imp.close().await;
-    assert!(
-        testkit::wait_until(WAIT, || d
-            .proxy
-            .log()
-            .contains("implementing client resource unavailable")
-            .then_some(()))
-        .is_some(),
-        "the proxy learns impl/a is gone:\n{}",
-        d.proxy.log()
-    );
+    d.implementing_gone("a").await;
     let mut user = d.client("user", "abc").await;
     let pid = d.proxy.pid();
     let start_kib = peak_rss_kib(pid).unwrap();

@@ -19,20 +19,8 @@ async fn an_upgrade_goes_ahead_while_requests_are_held_and_loses_none() {
     let path = bin.join("jat-proxy");
     install_build(&binary(), &path, 0);
     let d = Deployment::start_configured(&path, "hold_ms = 30000\n", "");
-    // The implementing client accepts the subscription once, then goes offline: from now on
-    // every request waits for it.
-    let imp = d.implementing("a").await;
-    imp.close().await;
-    assert!(
-        testkit::wait_until(WAIT, || d
-            .proxy
-            .log()
-            .contains("implementing client resource unavailable")
-            .then_some(()))
-        .is_some(),
-        "{}",
-        d.proxy.log()
-    );
+    // From now on every request waits for the implementing client.
+    d.implementing_gone("a").await;
     let mut user = d.client("user", "u").await;
     let held = |d: &Deployment| lines_with(&d.proxy.log(), "request held").len();
 

@@ -98,6 +98,25 @@ impl Deployment {
         .await
     }
 
+    /// The implementing client logs in once (accepting the component's subscription, as a
+    /// real one has before any production traffic) and out again; returns once the proxy
+    /// knows it is gone. From then on requests wait for it. (Without that first login, the
+    /// probes of held requests would cancel the subscription request still pending: Prosody
+    /// answers a probe from a non-subscriber with `unsubscribed` as the target.)
+    pub async fn implementing_gone(&self, resource: &str) {
+        self.implementing(resource).await.close().await;
+        assert!(
+            crate::wait_until(WAIT, || self
+                .proxy
+                .log()
+                .contains("implementing client resource unavailable")
+                .then_some(()))
+            .is_some(),
+            "the proxy learns impl/{resource} is gone:\n{}",
+            self.proxy.log()
+        );
+    }
+
     /// A resource of the implementing client, once the proxy knows it is online. It accepts
     /// the proxy's subscription request as a real implementing client must.
     pub async fn implementing(&self, resource: &str) -> Client {
