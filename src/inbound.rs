@@ -103,6 +103,23 @@ impl std::fmt::Display for Exceeded {
     }
 }
 
+/// Bytes of names, namespaces, attribute values and text a tree holds, as the reader counts
+/// them against [`Limits::tree_bytes`] (each element its own namespace).
+pub fn tree_strings(el: &Element) -> usize {
+    el.ns().len()
+        + el.name().len()
+        + el.attrs()
+            .iter()
+            .map(|((_, n), v)| n.len() + v.len())
+            .sum::<usize>()
+        + el.nodes()
+            .map(|n| match n {
+                xmpp_parsers::minidom::Node::Element(c) => tree_strings(c),
+                xmpp_parsers::minidom::Node::Text(t) => t.len(),
+            })
+            .sum::<usize>()
+}
+
 /// Reads the first element of `xml` as the session would read it from a component stream
 /// (whose default namespace is `jabber:component:accept`). `None` if `xml` does not hold a
 /// complete well-formed element. For tests, benchmarks and the fuzzer, which drive the proxy

@@ -884,7 +884,7 @@ pub fn wire_structured(data: &[u8]) {
             };
             match read_one(&s.xml, unlimited) {
                 Some(Inbound::Element(el)) => {
-                    let (n, strings) = (count_nodes(&el), count_strings(&el));
+                    let (n, strings) = (count_nodes(&el), crate::inbound::tree_strings(&el));
                     over = n > WIRE_LIMITS.max_nodes || strings > WIRE_LIMITS.tree_bytes();
                     nodes = Some((n, strings));
                 }
@@ -917,23 +917,6 @@ fn count_nodes(el: &Element) -> usize {
             .map(|n| match n {
                 xmpp_parsers::minidom::Node::Element(c) => count_nodes(c),
                 xmpp_parsers::minidom::Node::Text(_) => 1,
-            })
-            .sum::<usize>()
-}
-
-/// Bytes of names, namespaces, attribute values and text of a tree, as the reader counts
-/// them.
-fn count_strings(el: &Element) -> usize {
-    el.ns().len()
-        + el.name().len()
-        + el.attrs()
-            .iter()
-            .map(|((_, n), v)| n.len() + v.len())
-            .sum::<usize>()
-        + el.nodes()
-            .map(|n| match n {
-                xmpp_parsers::minidom::Node::Element(c) => count_strings(c),
-                xmpp_parsers::minidom::Node::Text(t) => t.len(),
             })
             .sum::<usize>()
 }

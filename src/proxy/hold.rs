@@ -33,6 +33,10 @@ pub const REFUSE_PROBE_GAP_MS: u64 = 1000;
 pub(super) struct Held {
     /// The request as XML text (see the module's doc).
     xml: String,
+    /// The byte limit it is read again under: its text's length, or half what its tree held
+    /// (a namespace inherited by many elements costs the tree more than the text), so that
+    /// it reads back under the limits it was read under the first time.
+    read_limit: usize,
     /// Its stanza element without children or other attributes than `from`, `to`, `id`
     /// and `type`: what refusing it takes, without parsing it again.
     head: Element,
@@ -76,7 +80,7 @@ impl Held {
     /// writes reads back the same.
     fn element(&self) -> Option<Element> {
         let limits = crate::inbound::Limits {
-            max_bytes: self.xml.len(),
+            max_bytes: self.read_limit,
             max_depth: usize::MAX,
             max_nodes: crate::inbound::MAX_NODES,
         };
@@ -215,6 +219,7 @@ impl Proxy {
     pub(super) fn no_resource(&mut self, el: Element, from: Jid, to: To, clock: Clock) -> Outcome {
         if self.settings.hold_ms > 0 && self.held.len() < self.settings.max_held {
             let xml = String::from(&el);
+            let read_limit = xml.len().max(crate::inbound::tree_strings(&el).div_ceil(2));
             let head = Held::head_of(&el);
             let cost = Held::cost_of(&xml, &head, &from, &to);
             if self.held_bytes + cost <= MAX_HELD_BYTES {
@@ -226,6 +231,7 @@ impl Proxy {
                 self.held_bytes += cost;
                 self.held.push_back(Held {
                     xml,
+                    read_limit,
                     head,
                     from,
                     to,

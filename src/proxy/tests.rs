@@ -1500,3 +1500,35 @@ fn an_outbound_message_token_lives_its_own_lifetime() {
     let (out, v) = push(&mut w);
     assert!(out.is_none() && matches!(v, Verdict::Dropped(_)), "{v:?}");
 }
+
+#[test]
+fn a_held_request_whose_namespace_is_inherited_by_many_elements_is_released_whole() {
+    // 1 KB of namespace on `q`, inherited by 600 children: 600 KB of namespace copies in the
+    // tree (within twice the default byte limit), from 5 KB of text. Its text is parsed
+    // again at release, under limits that must admit the tree it was.
+    let mut w = World::holding(2000, 8);
+    let ns = "u".repeat(1000);
+    let request = format!(
+        "<iq type='get' id='wide' to='proxy.example' from='u@example/r'><q xmlns='{ns}'>{}</q></iq>",
+        "<a/>".repeat(600)
+    );
+    assert_eq!(w.send_verdict(&request).1, Verdict::Held);
+    assert_eq!(
+        w.send("<presence from='impl@example/a' to='proxy.example'/>"),
+        None
+    );
+    let out = transmitted(&mut w);
+    let forwarded: Vec<&Element> = out
+        .iter()
+        .filter(|e| e.name() == "iq" && e.attr("type") == Some("get"))
+        .collect();
+    assert_eq!(forwarded.len(), 1, "released, not refused: {out:?}");
+    assert_eq!(
+        forwarded[0]
+            .get_child("q", ns.as_str())
+            .unwrap()
+            .children()
+            .count(),
+        600
+    );
+}

@@ -49,7 +49,8 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 const DRAIN_BYTES: usize = 4 * 1024 * 1024;
 /// How long an upgrade waits for the streams to reach a point they can be handed over at
-/// (only an element over the byte limit being dropped as it streams in holds one up).
+/// (an element over the byte limit being dropped as it streams in, or output a server has not
+/// taken, holds one up; requests held for a resource do not).
 const HANDOVER_WAIT: Duration = Duration::from_secs(5);
 /// Output waiting on one stream past which the stream is given up (its server takes too
 /// little of it; what waits goes out on another stream, if one is up). Reading it pauses
@@ -769,7 +770,6 @@ impl Shell {
             // Everything complete that was read is handled before anything is sent.
             self.pump();
             if let Some(since) = handover_since {
-                let limit = HANDOVER_WAIT;
                 if let Some(pending) = self.handover_point() {
                     handover_since = None;
                     match signals.hold().await {
@@ -784,10 +784,10 @@ impl Shell {
                         ),
                     }
                     self.upgrade_failed(&mut ready_sent);
-                } else if since.elapsed() >= limit {
+                } else if since.elapsed() >= HANDOVER_WAIT {
                     warn!(
                         "upgrade abandoned: the streams were never at a point they could be handed over at (a stanza over the limit streaming in, or output the server did not take) within {} ms; still serving",
-                        limit.as_millis()
+                        HANDOVER_WAIT.as_millis()
                     );
                     handover_since = None;
                     self.upgrade_failed(&mut ready_sent);
