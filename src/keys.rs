@@ -25,8 +25,8 @@ use ring::{hkdf, hmac};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::config::{FileError, FileKind};
 use crate::random::Random;
-use crate::tomldiag;
 
 /// Length of a key's secret in bytes.
 pub const SECRET_LEN: usize = 32;
@@ -271,61 +271,20 @@ fn fresh_key(now: u64, rng: &mut dyn Random, taken: impl Fn(u32) -> bool) -> Key
     }
 }
 
-/// What went wrong with the key file. It names the file and, for a mistake in it, the line,
-/// column and key; it never quotes the file.
-#[derive(Debug)]
-pub struct KeyFileError {
-    /// The key file.
-    pub path: PathBuf,
-    /// 1-based line of the mistake, when there is one.
-    pub line: Option<usize>,
-    /// 1-based column of the mistake, when there is one.
-    pub column: Option<usize>,
-    /// The key at fault (`key[1].secret`), when there is one.
-    pub key: Option<String>,
-    /// What is wrong with it.
-    pub reason: String,
+/// What went wrong with the key file: the one error shape of jat-proxy's files
+/// ([`FileError`], of kind [`FileKind::KeyFile`]). It names the file and, for a mistake in
+/// it, the line, column and key; it never quotes the file.
+pub type KeyFileError = FileError;
+
+/// An error about the key file as a whole.
+fn file_error(path: &Path, reason: impl Into<String>) -> KeyFileError {
+    FileError::new(FileKind::KeyFile, path, None, reason)
 }
 
-impl KeyFileError {
-    fn new(path: &Path, reason: impl Into<String>) -> KeyFileError {
-        KeyFileError {
-            path: path.to_owned(),
-            line: None,
-            column: None,
-            key: None,
-            reason: reason.into(),
-        }
-    }
-
-    /// An error at `key` of the file's `text` (placed by toml's own parse of it).
-    fn at(path: &Path, text: &str, key: &str, reason: impl Into<String>) -> KeyFileError {
-        let (line, column) = tomldiag::locate(text, key).unzip();
-        KeyFileError {
-            path: path.to_owned(),
-            line,
-            column,
-            key: Some(key.to_owned()),
-            reason: reason.into(),
-        }
-    }
+/// An error at `key` of the key file's `text` (placed by toml's own parse of it).
+fn error_at(path: &Path, text: &str, key: &str, reason: impl Into<String>) -> KeyFileError {
+    FileError::at(FileKind::KeyFile, path, text, key, reason)
 }
-
-impl std::fmt::Display for KeyFileError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        tomldiag::write_error(
-            f,
-            "key file",
-            &self.path,
-            self.line,
-            self.column,
-            self.key.as_deref(),
-            &self.reason,
-        )
-    }
-}
-
-impl std::error::Error for KeyFileError {}
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -471,28 +430,20 @@ fn parent_dir(path: &Path) -> &Path {
 /// Reads the key file (see [`read_private`] for what it must be).
 pub fn load(path: &Path) -> Result<KeySet, KeyFileError> {
     let text = read_private(path, "the key file", MAX_KEY_FILE_LEN)
-        .map_err(|reason| KeyFileError::new(path, reason))?;
+        .map_err(|reason| file_error(path, reason))?;
     parse(path, &text)
 }
 
 /// Reads key file text (`path` only names it in errors). An error names the line, column and
 /// key at fault and never quotes the text.
 pub fn parse(path: &Path, text: &str) -> Result<KeySet, KeyFileError> {
-    let repr: FileRepr = toml::from_str(text).map_err(|e| {
-        let d = tomldiag::diagnose(text, &e);
-        KeyFileError {
-            path: path.to_owned(),
-            line: d.line,
-            column: d.column,
-            key: d.key,
-            reason: d.message,
-        }
-    })?;
+    let repr: FileRepr = toml::from_str(text)
+        .map_err(|e| FileError::from_toml(FileKind::KeyFile, path, text, &e))?;
     let mut keys = Vec::with_capacity(repr.keys.len());
     let mut selection = None;
     for (i, k) in repr.keys.iter().enumerate() {
         let bytes = Zeroizing::new(URL_SAFE_NO_PAD.decode(k.secret.as_bytes()).map_err(|_| {
-            KeyFileError::at(
+            error_at(
                 path,
                 text,
                 &format!("key[{i}].secret"),
@@ -500,7 +451,7 @@ pub fn parse(path: &Path, text: &str) -> Result<KeySet, KeyFileError> {
             )
         })?);
         let mut secret: [u8; SECRET_LEN] = bytes.as_slice().try_into().map_err(|_| {
-            KeyFileError::at(
+            error_at(
                 path,
                 text,
                 &format!("key[{i}].secret"),
@@ -510,7 +461,7 @@ pub fn parse(path: &Path, text: &str) -> Result<KeySet, KeyFileError> {
         if k.id == SELECTION_ID {
             if selection.is_some() {
                 secret.zeroize();
-                return Err(KeyFileError::at(
+                return Err(error_at(
                     path,
                     text,
                     &format!("key[{i}].id"),
@@ -523,7 +474,7 @@ pub fn parse(path: &Path, text: &str) -> Result<KeySet, KeyFileError> {
         }
         if let Some(j) = keys.iter().position(|k2: &Key| k2.id == k.id) {
             secret.zeroize();
-            return Err(KeyFileError::at(
+            return Err(error_at(
                 path,
                 text,
                 &format!("key[{i}].id"),
@@ -533,8 +484,7 @@ pub fn parse(path: &Path, text: &str) -> Result<KeySet, KeyFileError> {
         keys.push(Key::from_secret(k.id, k.created, secret));
         secret.zeroize();
     }
-    let mut set =
-        KeySet::new(keys).ok_or_else(|| KeyFileError::at(path, text, "key", "no keys"))?;
+    let mut set = KeySet::new(keys).ok_or_else(|| error_at(path, text, "key", "no keys"))?;
     set.selection = selection;
     Ok(set)
 }
@@ -589,13 +539,13 @@ fn load_or_create_as_is(
     match fs::symlink_metadata(path) {
         Ok(_) => return load(path).map(|k| (k, false)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(KeyFileError::new(path, e.to_string())),
+        Err(e) => return Err(file_error(path, e.to_string())),
     }
     let set = KeySet::generate(rng, now);
     match write_new(path, &set, rng, false) {
         Ok(()) => Ok((set, true)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => load(path).map(|k| (k, false)),
-        Err(e) => Err(KeyFileError::new(path, format!("cannot create: {e}"))),
+        Err(e) => Err(file_error(path, format!("cannot create: {e}"))),
     }
 }
 
@@ -605,8 +555,7 @@ fn load_or_create_as_is(
 /// To add a key, use [`rotate`]: it re-reads the file under a lock first, so that a
 /// concurrent rotation is not lost.
 pub fn save(path: &Path, set: &KeySet, rng: &mut dyn Random) -> Result<(), KeyFileError> {
-    write_new(path, set, rng, true)
-        .map_err(|e| KeyFileError::new(path, format!("cannot write: {e}")))
+    write_new(path, set, rng, true).map_err(|e| file_error(path, format!("cannot write: {e}")))
 }
 
 /// What [`rotate`] did.
@@ -658,7 +607,7 @@ pub fn lock_path(path: &Path) -> PathBuf {
 pub fn lock(path: &Path) -> Result<fs::File, KeyFileError> {
     use rustix::fs::{FlockOperation, OFlags, flock};
     let lock = lock_path(path);
-    let err = |m: String| KeyFileError::new(path, m);
+    let err = |m: String| file_error(path, m);
     let file = match fs::OpenOptions::new()
         .read(true)
         .write(true)

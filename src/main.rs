@@ -99,6 +99,10 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_error(e),
     };
+    // Keys still read at their old place: one warning each, saying where they go now.
+    for d in &config.deprecated {
+        warn!("{d}");
+    }
     if let Some(Command::Check) = command {
         return match keys::load_or_create(&config.keys.key_file, &mut rng, now) {
             Ok(_) => {

@@ -12,9 +12,6 @@
 //! (lowercase letters, `_` and `-`, as every key jat-proxy knows), so that a secret pasted
 //! where a key belongs (`QUJD=` alone on a line parses as the key `QUJD`) is not printed.
 
-use std::fmt;
-use std::path::Path;
-
 use toml::de::{DeTable, DeValue};
 
 /// Where a mistake is and what it is; nothing in it comes from the file's values.
@@ -101,28 +98,6 @@ pub(crate) fn locate(text: &str, key: &str) -> Option<(usize, usize)> {
         current = Some(value);
     }
     found.map(|s| position(text, s.start))
-}
-
-/// Writes `what FILE[:LINE:COLUMN]: [`KEY`: ]MESSAGE`, the form of every file error.
-pub(crate) fn write_error(
-    f: &mut fmt::Formatter<'_>,
-    what: &str,
-    file: &Path,
-    line: Option<usize>,
-    column: Option<usize>,
-    key: Option<&str>,
-    message: &str,
-) -> fmt::Result {
-    write!(f, "{what} {}", file.display())?;
-    match (line, column) {
-        (Some(l), Some(c)) => write!(f, ":{l}:{c}")?,
-        (Some(l), None) => write!(f, ":{l}")?,
-        _ => {}
-    }
-    match key {
-        Some(k) => write!(f, ": `{k}`: {message}"),
-        None => write!(f, ": {message}"),
-    }
 }
 
 /// A message that says what was expected, never what was found.
