@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use jat_proxy::inbound::{Limits, TEST_HEADER, read_one};
 use jat_proxy::invariants::{COMPONENT, NOW, NOW_MS, keys, settings};
-use jat_proxy::proxy::{Balance, Clock, Proxy, Selection, Stanza, Verdict};
+use jat_proxy::proxy::{Balance, Clock, DropReason, Proxy, Selection, Stanza, Verdict};
 use jat_proxy::random::SeededRandom;
 use jat_proxy::rate::{Limiter, RateLimit};
 use jat_proxy::stream::{Frame, Reader, Writer};
@@ -214,6 +214,11 @@ fn metrics(c: &mut Criterion) {
     });
     g.bench_function("record_reversed", |b| {
         b.iter(|| m.count(black_box(Verdict::Reversed), black_box(Stanza::Iq)))
+    });
+    // A drop over a rate limit: two increments by the reason's type, no label lookup.
+    g.bench_function("record_dropped", |b| {
+        let why = Verdict::Dropped(DropReason::OverReplyRate);
+        b.iter(|| m.count(black_box(why), black_box(Stanza::Iq)))
     });
     g.finish();
 }

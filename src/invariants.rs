@@ -12,7 +12,9 @@ use xmpp_parsers::minidom::Element;
 use crate::inbound::{Inbound, Limits, read_one};
 use crate::keys::KeySet;
 use crate::policy::{Entry, Policy};
-use crate::proxy::{Clock, Messages, Outbound, Outcome, Proxy, Selection, Settings, Verdict};
+use crate::proxy::{
+    Clock, Messages, Outbound, Outcome, Proxy, Selection, Settings, Stanza, Verdict,
+};
 
 /// The message token lifetime of the harness, in seconds.
 const MESSAGE_LIFETIME: u64 = 3600;
@@ -361,7 +363,8 @@ fn drain(
     let mut token = None;
     while let Some(out) = proxy.poll_transmit(clock, rng) {
         let t = held.transmitted(&out, &eligible(proxy), target, clock.unix_ms);
-        if out.attr("type") == Some("error") {
+        if let Verdict::Refused(_) = out.verdict {
+            let out = out.transmit.as_ref().expect("checked by `transmitted`");
             let to = jid(out.attr("to")).map(|j| j.to_bare().to_string());
             budgets.count("errors", to, budgets.account, clock.mono_ms);
         }
@@ -579,7 +582,8 @@ fn check_output(
         | Verdict::Outbound
         | Verdict::Routed
         | Verdict::TokenRejected(_)
-        | Verdict::Dropped(_) => {
+        | Verdict::Dropped(_)
+        | Verdict::Probe => {
             panic!("unexpected output {verdict:?}: {xml}")
         }
     }
@@ -610,25 +614,34 @@ impl HeldRequests {
         self.waiting.push((id, from, mono_ms));
     }
 
-    /// Checks one stanza the core sent besides an answer; returns the token of a released
-    /// request.
+    /// Checks one stanza the core sent besides an answer, and that its verdict says what it
+    /// is (a probe, or a held request forwarded or refused: an IQ); returns the token of a
+    /// released request.
     fn transmitted(
         &mut self,
-        out: &Element,
+        outcome: &Outcome,
         resources: &[String],
         target: &BareJid,
         now_ms: u64,
     ) -> Option<String> {
+        let out = outcome
+            .transmit
+            .as_ref()
+            .expect("poll_transmit always transmits");
         let xml = String::from(out);
-        if out.name() == "presence" {
+        assert_eq!(outcome.reply_latency_ms, None, "{xml}");
+        if outcome.verdict == Verdict::Probe {
+            assert_eq!(outcome.stanza, Stanza::Presence, "{xml}");
             assert_probe(out);
             return None;
         }
+        assert_eq!(outcome.stanza, Stanza::Iq, "{xml}");
         assert_eq!(out.name(), "iq", "{xml}");
         let id = out.attr("id").expect("held requests have ids").to_owned();
         let out_to = jid(out.attr("to")).expect("valid to");
         match out.attr("type") {
             Some("get") | Some("set") => {
+                assert_eq!(outcome.verdict, Verdict::Forwarded, "{xml}");
                 assert_eq!(out_to.to_bare(), *target, "{xml}");
                 let res = out_to.resource().expect("to a resource").as_str();
                 assert!(
@@ -658,12 +671,18 @@ impl HeldRequests {
                 );
                 // Its time ran out (service-unavailable), or it was released but its sender's
                 // address is too long to seal (not-acceptable; found by the fuzzer).
+                let condition = crate::stanza::error_condition(out);
                 assert!(
                     matches!(
-                        crate::stanza::error_condition(out).as_deref(),
+                        condition.as_deref(),
                         Some("service-unavailable" | "not-acceptable")
                     ),
                     "{xml}"
+                );
+                assert!(
+                    matches!(outcome.verdict, Verdict::Refused(c) if Some(c.name()) == condition.as_deref()),
+                    "{:?}: {xml}",
+                    outcome.verdict
                 );
                 self.leave(&id, &out_to, &xml);
                 None
@@ -1048,6 +1067,7 @@ impl Wire {
             while let Some(out) = self.proxy.poll_transmit(clock, &mut self.rng) {
                 self.held
                     .transmitted(&out, &eligible(&self.proxy), &self.target, NOW * 1000);
+                let out = out.transmit.expect("poll_transmit always transmits");
                 self.writer
                     .element(&out, &mut self.out)
                     .expect("everything the core emits serialises");

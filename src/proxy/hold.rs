@@ -10,7 +10,7 @@ use jid::Jid;
 use tracing::debug;
 use xmpp_parsers::minidom::Element;
 
-use super::{Clock, Outcome, Proxy, To, Verdict, bare};
+use super::{Clock, Outcome, Proxy, Stanza, To, Verdict, bare};
 use crate::random::Random;
 use crate::stanza::{self, Condition};
 
@@ -92,14 +92,18 @@ impl Held {
 }
 
 impl Proxy {
-    /// The next stanza to send that is not the direct answer to an input: a held request
-    /// forwarded (a resource became known) or refused (its time ran out), or a probe. Take
-    /// them all after every [`Proxy::handle`] and [`Proxy::handle_timeout`]. Held requests
-    /// are released here one at a time, so that at most one of them is a tree at once.
-    pub fn poll_transmit(&mut self, clock: Clock, rng: &mut dyn Random) -> Option<Element> {
+    /// The next stanza to send that is not the direct answer to an input, always in
+    /// `transmit`, with what it is: a held request forwarded (a resource became known:
+    /// [`Verdict::Forwarded`]) or refused (its time ran out, or it cannot be forwarded:
+    /// [`Verdict::Refused`]), both of [`Stanza::Iq`]; or a probe ([`Verdict::Probe`], of
+    /// [`Stanza::Presence`]). A held request whose refusal is not sent (its sender's error
+    /// budget is spent) leaves no outcome. Take them all after every [`Proxy::handle`] and
+    /// [`Proxy::handle_timeout`]. Held requests are released here one at a time, so that at
+    /// most one of them is a tree at once.
+    pub fn poll_transmit(&mut self, clock: Clock, rng: &mut dyn Random) -> Option<Outcome> {
         loop {
-            if let Some(el) = self.transmit.pop_front() {
-                return Some(el);
+            if let Some(out) = self.transmit.pop_front() {
+                return Some(out);
             }
             if !self.resources.any_eligible() {
                 return None;
@@ -118,11 +122,10 @@ impl Proxy {
                 continue;
             };
             debug!(id = el.attr("id"), "held request released");
-            if let Some(out) = self
-                .forward(el, &h.from, &h.to, &resource, clock, rng)
-                .transmit
-            {
-                return Some(out);
+            let stanza = Stanza::of(el.name());
+            let out = self.forward(el, &h.from, &h.to, &resource, clock, rng);
+            if out.transmit.is_some() {
+                return Some(Outcome { stanza, ..out });
             }
         }
     }
@@ -141,7 +144,7 @@ impl Proxy {
         if !self.held.is_empty()
             && let Some(p) = self.probe_due(clock.mono_ms, HOLD_PROBE_GAP_MS)
         {
-            self.transmit.push_back(p);
+            self.transmit.push_back(Outcome::probe(p));
         }
     }
 
@@ -175,17 +178,19 @@ impl Proxy {
             id = h.head.attr("id"),
             "held request refused: no resource became known"
         );
-        if let Some(out) = self
-            .refuse(
-                &h.head,
-                &h.from,
-                Condition::ServiceUnavailable,
-                "the service is not available",
-                clock,
-            )
-            .transmit
-        {
-            self.transmit.push_back(out);
+        let out = self.refuse(
+            &h.head,
+            &h.from,
+            Condition::ServiceUnavailable,
+            "the service is not available",
+            clock,
+        );
+        // Not sent (the sender's error budget is spent): nothing to transmit, as before.
+        if out.transmit.is_some() {
+            self.transmit.push_back(Outcome {
+                stanza: Stanza::of(h.head.name()),
+                ..out
+            });
         }
     }
 
@@ -252,7 +257,7 @@ impl Proxy {
     /// the next periodic probe.
     pub(super) fn unavailable(&mut self, el: &Element, from: &Jid, clock: Clock) -> Outcome {
         if let Some(p) = self.probe_due(clock.mono_ms, REFUSE_PROBE_GAP_MS) {
-            self.transmit.push_back(p);
+            self.transmit.push_back(Outcome::probe(p));
         }
         self.refuse(
             el,

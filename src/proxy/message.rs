@@ -18,7 +18,7 @@ use tracing::{debug, trace};
 use xmpp_parsers::minidom::Element;
 
 use super::reply::token_of;
-use super::{Clock, Outbound, Outcome, Proxy, To, bare, dropped};
+use super::{Clock, DropReason, Outbound, Outcome, Proxy, To, bare, dropped};
 use crate::random::Random;
 use crate::stanza::Condition;
 use crate::token::Binding;
@@ -37,7 +37,7 @@ pub enum Messages {
 impl Proxy {
     pub(super) fn message(&mut self, el: Element, clock: Clock, rng: &mut dyn Random) -> Outcome {
         let Some((from, to)) = self.addresses(el.attr("from"), el.attr("to")) else {
-            return dropped("message with missing or invalid addresses");
+            return dropped(DropReason::MessageAddresses);
         };
         let error = el.attr("type") == Some("error");
         // A message the implementing client starts (`outbound`) is not one it is sent:
@@ -52,7 +52,7 @@ impl Proxy {
         }
         if self.settings.messages == Messages::Refuse {
             return if error {
-                dropped("message error")
+                dropped(DropReason::MessageError)
             } else {
                 self.refuse_message(&el, &from, "this address does not accept messages", clock)
             };
@@ -64,7 +64,7 @@ impl Proxy {
             // A bounce of a message delivered to a sender: nothing says which resource of the
             // implementing client wrote it.
             trace!("message error from outside the target account dropped");
-            return dropped("message error");
+            return dropped(DropReason::MessageError);
         }
         if let Some(out) = self.admit(&el, &from, clock) {
             return out;
@@ -88,9 +88,12 @@ impl Proxy {
             Ok(t) => t,
             Err(why) => {
                 if el.attr("type") == Some("error") {
-                    return dropped("message error");
+                    return dropped(DropReason::MessageError);
                 }
-                debug!(why, "message of the implementing client refused");
+                debug!(
+                    why = why.label(),
+                    "message of the implementing client refused"
+                );
                 return self.refuse_message(
                     &el,
                     from,
@@ -110,7 +113,7 @@ impl Proxy {
     /// answered with an error).
     fn refuse_message(&mut self, el: &Element, from: &Jid, text: &str, clock: Clock) -> Outcome {
         if el.attr("type") == Some("headline") {
-            return dropped("headline message");
+            return dropped(DropReason::Headline);
         }
         // RFC 6121 §5.2.2: a message of unknown type is treated as 'normal'.
         self.refuse(el, from, Condition::FeatureNotImplemented, text, clock)

@@ -41,6 +41,7 @@ mod message;
 mod outbound;
 mod oversized;
 mod presence;
+mod reason;
 mod reply;
 mod request;
 mod select;
@@ -49,6 +50,7 @@ use hold::Held;
 pub use hold::{HOLD_PROBE_GAP_MS, MAX_HELD_BYTES, REFUSE_PROBE_GAP_MS};
 pub use message::Messages;
 pub use outbound::{Outbound, unescape};
+pub use reason::{DropReason, Limit};
 pub use select::{BadPattern, Balance, Learnt, Pattern, Resources, Selection};
 
 /// What the proxy needs to know about its deployment.
@@ -106,14 +108,15 @@ pub struct Proxy {
     pings: u64,
     held: std::collections::VecDeque<Held>,
     held_bytes: usize,
-    /// Stanzas to send besides each input's own answer: held requests released or refused,
-    /// probes (see [`Proxy::poll_transmit`]).
-    transmit: std::collections::VecDeque<Element>,
+    /// Stanzas to send besides each input's own answer, each with its verdict: held
+    /// requests refused, probes (see [`Proxy::poll_transmit`]). Each has a `transmit`.
+    transmit: std::collections::VecDeque<Outcome>,
     last_probe_ms: Option<u64>,
 }
 
 /// What the core made of one input: the stanza to send in answer, if any, and what the
-/// input was. The shell sends `transmit` and never looks at `verdict` to decide anything; the
+/// input was (or, from [`Proxy::poll_transmit`], a stanza the core sends on its own, and what
+/// it is). The shell sends `transmit` and never looks at `verdict` to decide anything; the
 /// verdict is for logs, counters and tests.
 #[derive(Debug)]
 #[must_use = "the stanza in `transmit` must be sent"]
@@ -166,6 +169,14 @@ impl Outcome {
             reply_latency_ms: None,
         }
     }
+
+    /// A probe the core sends on its own (see [`Proxy::poll_transmit`]).
+    fn probe(el: Element) -> Outcome {
+        Outcome {
+            stanza: Stanza::Presence,
+            ..Outcome::send(el, Verdict::Probe)
+        }
+    }
 }
 
 /// What one stanza was, from the proxy's point of view.
@@ -189,8 +200,25 @@ pub enum Verdict {
     Held,
     /// Nothing sent: the token it was sent to did not open.
     TokenRejected(crate::token::Rejected),
-    /// Nothing sent.
-    Dropped(&'static str),
+    /// Nothing sent, for this reason.
+    Dropped(DropReason),
+    /// Only from [`Proxy::poll_transmit`]: a presence probe of the target the core sends on
+    /// its own (while requests are held, or after one was refused for want of a resource).
+    /// Not a stanza received: not counted.
+    Probe,
+}
+
+impl Verdict {
+    /// The rate limit the stanza was over, if it was refused or dropped for one: a request
+    /// answered `resource-constraint`, or a stanza dropped over a limit
+    /// ([`DropReason::rate_limit`]).
+    pub fn rate_limit(self) -> Option<Limit> {
+        match self {
+            Verdict::Refused(Condition::ResourceConstraint) => Some(Limit::Request),
+            Verdict::Dropped(why) => why.rate_limit(),
+            _ => None,
+        }
+    }
 }
 
 impl Proxy {
@@ -335,14 +363,14 @@ impl Proxy {
             }
             Inbound::Element(el) => {
                 if !el.has_ns(NS) {
-                    return dropped("not a stanza of the component stream");
+                    return dropped(DropReason::NotComponentStanza);
                 }
                 let stanza = Stanza::of(el.name());
                 let out = match stanza {
                     Stanza::Iq => self.iq(el, clock, rng),
                     Stanza::Message => self.message(el, clock, rng),
                     Stanza::Presence => self.presence(&el),
-                    Stanza::Other => dropped("unknown top-level element"),
+                    Stanza::Other => dropped(DropReason::UnknownElement),
                 };
                 Outcome { stanza, ..out }
             }
@@ -358,7 +386,7 @@ impl Proxy {
 
     fn iq(&mut self, el: Element, clock: Clock, rng: &mut dyn Random) -> Outcome {
         let Some((from, to)) = self.addresses(el.attr("from"), el.attr("to")) else {
-            return dropped("iq with missing or invalid addresses");
+            return dropped(DropReason::IqAddresses);
         };
         match el.attr("type") {
             Some("get") | Some("set") => self.request(el, from, to, clock, rng),
@@ -380,7 +408,7 @@ impl Proxy {
         clock: Clock,
     ) -> Outcome {
         let (Some(from), Some(to)) = (el.attr("from"), el.attr("to")) else {
-            return dropped("cannot answer a stanza without addresses");
+            return dropped(DropReason::CannotAnswer);
         };
         if !self.limiter.error(bare(sender), clock.mono_ms) {
             return over_error_budget(condition);
@@ -462,8 +490,8 @@ fn join(bare: &str, resource: &str) -> String {
     s
 }
 
-fn dropped(why: &'static str) -> Outcome {
-    trace!(why, "stanza dropped");
+fn dropped(why: DropReason) -> Outcome {
+    trace!(why = why.label(), "stanza dropped");
     Outcome::maybe(None, Verdict::Dropped(why))
 }
 
@@ -472,7 +500,7 @@ fn over_error_budget(condition: Condition) -> Outcome {
         condition = condition.name(),
         "error not sent: the sender's error budget is spent"
     );
-    Outcome::maybe(None, Verdict::Dropped("over the sender's error budget"))
+    Outcome::maybe(None, Verdict::Dropped(DropReason::OverErrorBudget))
 }
 
 /// The bare JID of `jid` as a slice of its text; no allocation.

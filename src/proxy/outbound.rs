@@ -17,7 +17,7 @@ use tracing::debug;
 use xmpp_parsers::minidom::Element;
 
 use super::reply::token_of;
-use super::{Clock, Outcome, Proxy, To, Verdict, bare, dropped};
+use super::{Clock, DropReason, Outcome, Proxy, To, Verdict, bare, dropped};
 use crate::random::Random;
 use crate::stanza::{self, Condition};
 use crate::token::{self, Binding, Kind, Route, SALT_LEN};
@@ -45,40 +45,35 @@ pub(super) struct Peer {
 impl Proxy {
     /// The peer that `to` (as written: `raw_to`) names for a stanza the implementing client
     /// starts, or why none. The peer must pass `[policy]` as a sender would.
-    pub(super) fn peer_of(
-        &self,
-        to: &To,
-        raw_to: &str,
-        clock: Clock,
-    ) -> Result<Peer, &'static str> {
+    pub(super) fn peer_of(&self, to: &To, raw_to: &str, clock: Clock) -> Result<Peer, DropReason> {
         let peer = self.peer_named(to, raw_to, clock)?;
         let Ok(jid) = Jid::new(&peer.to) else {
-            return Err("not an address");
+            return Err(DropReason::NotAnAddress);
         };
         if !self.settings.policy.permits(&jid) {
-            return Err("refused by policy");
+            return Err(DropReason::PeerRefusedByPolicy);
         }
         Ok(peer)
     }
 
-    fn peer_named(&self, to: &To, raw_to: &str, clock: Clock) -> Result<Peer, &'static str> {
+    fn peer_named(&self, to: &To, raw_to: &str, clock: Clock) -> Result<Peer, DropReason> {
         if let To::Other(j) = to
             && j.node().is_some()
         {
             if self.settings.outbound != Outbound::Any {
-                return Err("an escaped address needs outbound = \"any\"");
+                return Err(DropReason::EscapedNeedsAny);
             }
             if j.resource().is_some() {
-                return Err("an escaped address has no resource");
+                return Err(DropReason::EscapedWithResource);
             }
             // The node as written, before JID preparation case-folds it (a resource is
             // case-sensitive). The server may have folded it already: see docs/behaviour.md.
             let node = raw_to.split_once('@').map_or("", |(n, _)| n);
             let peer = unescape(node)
                 .and_then(|s| Jid::new(&s).ok())
-                .ok_or("not a JID escaped as XEP-0106 says")?;
+                .ok_or(DropReason::NotEscaped)?;
             if peer.domain().as_str() == self.settings.component || self.is_target(&peer) {
-                return Err("not an address outside the component and the implementing client");
+                return Err(DropReason::EscapedInside);
             }
             return Ok(Peer {
                 to: peer.to_string(),
@@ -101,7 +96,7 @@ impl Proxy {
         };
         if clock.unix_ms >= reversal.issued_ms.saturating_add(own * 1000) {
             debug!("outbound stanza dropped: token expired");
-            return Err("token rejected");
+            return Err(DropReason::TokenRejected);
         }
         Ok(Peer {
             to: reversal.sender,
@@ -154,7 +149,7 @@ impl Proxy {
         let peer = match self.peer_of(to, &raw_to, clock) {
             Ok(p) => p,
             Err(why) => {
-                debug!(id, why, "outbound request refused");
+                debug!(id, why = why.label(), "outbound request refused");
                 return self.refuse(
                     &el,
                     from,
@@ -210,12 +205,12 @@ impl Proxy {
         // The budget of every stanza the implementing client starts (see outbound_request).
         if !self.limiter.outbound(clock.mono_ms) {
             debug!("outbound message dropped: over the outbound rate limit");
-            return dropped("over the implementing client's outbound rate limit");
+            return dropped(DropReason::OverOutboundRate);
         }
         let peer = match self.peer_of(to, raw_to, clock) {
             Ok(p) => p,
             Err(why) => {
-                debug!(why, "outbound message dropped");
+                debug!(why = why.label(), "outbound message dropped");
                 return dropped(why);
             }
         };
@@ -229,10 +224,10 @@ impl Proxy {
     /// implementing client started, if its id is a route that opens for this peer.
     pub(super) fn outbound_reply(&mut self, mut el: Element, from: &Jid, clock: Clock) -> Outcome {
         let Some(id) = el.attr("id") else {
-            return dropped("reply without id");
+            return dropped(DropReason::ReplyWithoutId);
         };
         if !self.settings.policy.permits(from) {
-            return dropped("reply from a peer refused by policy");
+            return dropped(DropReason::ReplyFromRefusedPeer);
         }
         // Charged to the peer's routed-reply budget before any key derivation: a flood of
         // forged routes, or replays of a genuine reply, is bounded per account. Not to its
@@ -241,7 +236,7 @@ impl Proxy {
         // here tells the implementing client which tokens or addresses name one account.
         if !self.limiter.routed(bare(from), clock.mono_ms) {
             debug!("reply from outside the target account dropped: over the peer's rate limit");
-            return dropped("over the peer's rate limit");
+            return dropped(DropReason::OverRoutedRate);
         }
         let route = match token::open_route(
             &self.keys,
@@ -254,15 +249,15 @@ impl Proxy {
             Ok(r) => r,
             Err(reason) => {
                 debug!(%reason, "reply from outside the target account dropped");
-                return dropped("reply from outside the target account");
+                return dropped(DropReason::ReplyFromOutside);
             }
         };
         let (Ok(client), Ok(client_to)) = (Jid::new(&route.client), Jid::new(&route.client_to))
         else {
-            return dropped("route holds an invalid address");
+            return dropped(DropReason::RouteInvalidAddress);
         };
         if !self.is_target(&client) || client_to.domain().as_str() != self.settings.component {
-            return dropped("route outside the target account or the component");
+            return dropped(DropReason::RouteOutside);
         }
         debug!(id = route.id, "outbound reply routed");
         stanza::set_attr(&mut el, "id", route.id);

@@ -2,7 +2,7 @@
 
 use tracing::debug;
 
-use super::{Clock, Outcome, Proxy, Verdict, bare, dropped, over_error_budget};
+use super::{Clock, DropReason, Outcome, Proxy, Verdict, bare, dropped, over_error_budget};
 use crate::inbound::Oversized;
 use crate::stanza::{self, Condition, NS};
 
@@ -10,10 +10,10 @@ impl Proxy {
     pub(super) fn oversized(&mut self, o: Oversized, clock: Clock) -> Outcome {
         debug!(name = %o.name, exceeded = %o.exceeded, "oversized stanza");
         if o.ns != NS {
-            return dropped("oversized element");
+            return dropped(DropReason::OversizedElement);
         }
         let Some((from, to)) = self.addresses(o.from.as_deref(), o.to.as_deref()) else {
-            return dropped("oversized stanza with missing or invalid addresses");
+            return dropped(DropReason::OversizedAddresses);
         };
         let text = o.exceeded.to_string();
         let mut error_to_sender = |name: &str| {
@@ -33,7 +33,7 @@ impl Proxy {
         if o.name == "iq" && o.id.is_none() {
             // An error without the request's id answers nothing (its id alone may have been
             // what was too long).
-            return dropped("oversized iq without a readable id");
+            return dropped(DropReason::OversizedIqWithoutId);
         }
         match (o.name.as_str(), o.type_.as_deref()) {
             ("iq", Some("get" | "set")) => error_to_sender("iq"),
@@ -61,7 +61,7 @@ impl Proxy {
                 }
             }
             ("message", t) if t != Some("error") => error_to_sender("message"),
-            _ => dropped("oversized stanza"),
+            _ => dropped(DropReason::OversizedStanza),
         }
     }
 }

@@ -3,16 +3,16 @@
 use tracing::{debug, warn};
 use xmpp_parsers::minidom::Element;
 
-use super::{Learnt, Outcome, Proxy, Verdict, dropped};
+use super::{DropReason, Learnt, Outcome, Proxy, Verdict, dropped};
 use crate::stanza;
 
 impl Proxy {
     pub(super) fn presence(&mut self, el: &Element) -> Outcome {
         let Some((from, _)) = self.addresses(el.attr("from"), el.attr("to")) else {
-            return dropped("presence with missing or invalid addresses");
+            return dropped(DropReason::PresenceAddresses);
         };
         if !self.is_target(&from) {
-            return dropped("presence from outside the target account");
+            return dropped(DropReason::PresenceFromOutside);
         }
         let resource = from.resource().map(|r| r.as_str());
         let component = &self.settings.component;

@@ -5,7 +5,7 @@ use jid::Jid;
 use tracing::{debug, trace};
 use xmpp_parsers::minidom::Element;
 
-use super::{Clock, Outbound, Outcome, Proxy, To, Verdict, dropped};
+use super::{Clock, DropReason, Outbound, Outcome, Proxy, To, Verdict, dropped};
 use crate::stanza;
 use crate::token::{self, Binding, Opened};
 
@@ -14,7 +14,7 @@ pub(super) enum NotOpened {
     /// The token was rejected.
     Token(token::Rejected),
     /// It opened, to nothing jat-proxy may send to.
-    Other(&'static str),
+    Other(DropReason),
 }
 
 impl NotOpened {
@@ -26,11 +26,11 @@ impl NotOpened {
         }
     }
 
-    /// Why, in words (for logs).
-    pub(super) fn why(&self) -> &'static str {
+    /// Why, as a reason a stanza is dropped for (a rejected token: [`DropReason::TokenRejected`]).
+    pub(super) fn why(&self) -> DropReason {
         match self {
-            NotOpened::Token(_) => "token rejected",
-            NotOpened::Other(why) => why,
+            NotOpened::Token(_) => DropReason::TokenRejected,
+            NotOpened::Other(why) => *why,
         }
     }
 }
@@ -57,17 +57,17 @@ impl Proxy {
                 return self.outbound_reply(el, from, clock);
             }
             debug!("reply from outside the target account dropped");
-            return dropped("reply from outside the target account");
+            return dropped(DropReason::ReplyFromOutside);
         }
         let token = match token_of(to) {
             Ok(t) => t,
             Err(why) => {
-                trace!(id = el.attr("id"), why, "reply dropped");
+                trace!(id = el.attr("id"), why = why.label(), "reply dropped");
                 return dropped(why);
             }
         };
         let Some(id) = el.attr("id") else {
-            return dropped("reply without id");
+            return dropped(DropReason::ReplyWithoutId);
         };
         let binding = Binding::iq(&self.settings.component, id);
         let reversal = match self.open_token(binding, token, self.settings.token_lifetime, clock) {
@@ -124,15 +124,15 @@ impl Proxy {
             }
         };
         let Ok(sender) = Jid::new(&opened.sender) else {
-            return Err(NotOpened::Other("token holds an invalid address"));
+            return Err(NotOpened::Other(DropReason::TokenInvalidAddress));
         };
         if sender.domain().as_str() == self.settings.component {
-            return Err(NotOpened::Other("token addressed to the component itself"));
+            return Err(NotOpened::Other(DropReason::TokenToComponent));
         }
         // Only senders other than the target are ever sealed; a token naming the target would
         // loop its stanza back to it.
         if self.is_target(&sender) {
-            return Err(NotOpened::Other("token names the implementing client"));
+            return Err(NotOpened::Other(DropReason::TokenNamesTarget));
         }
         // The answer comes from where the stanza went: an address at the component, never
         // anything else, whatever a token may hold.
@@ -142,9 +142,7 @@ impl Proxy {
                 Ok(j) if j.domain().as_str() == self.settings.component => j.to_string(),
                 _ => {
                     debug!("token's original address is not at the component");
-                    return Err(NotOpened::Other(
-                        "token's original address is not at the component",
-                    ));
+                    return Err(NotOpened::Other(DropReason::TokenOriginalNotAtComponent));
                 }
             },
         };
@@ -175,7 +173,7 @@ impl Proxy {
                     "message dropped: over the recipient's rate limit"
                 );
             }
-            return dropped("over the recipient's reply rate limit");
+            return dropped(DropReason::OverReplyRate);
         }
         if iq {
             debug!(id = el.attr("id"), sender = %r.sender, "reply reversed");
@@ -189,13 +187,13 @@ impl Proxy {
 }
 
 /// The token of a token address (`domain/TOKEN`), or why there is none.
-pub(super) fn token_of(to: &To) -> Result<&str, &'static str> {
+pub(super) fn token_of(to: &To) -> Result<&str, DropReason> {
     match to {
         To::Token(t) => Ok(t.as_str()),
         To::Other(j) if j.node().is_none() && j.resource().is_some() => {
             Ok(j.resource().expect("checked").as_str())
         }
-        To::Other(_) => Err("sent to an address that is not a token"),
-        To::Bare => Err("sent to the bare component address"),
+        To::Other(_) => Err(DropReason::NotATokenAddress),
+        To::Bare => Err(DropReason::BareComponentAddress),
     }
 }

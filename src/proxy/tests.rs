@@ -566,7 +566,7 @@ fn generated_errors_stop_at_the_senders_error_budget() {
                 assert_eq!(condition(&e), "bad-request");
                 errors += 1;
             }
-            (None, Verdict::Dropped("over the sender's error budget")) => silent += 1,
+            (None, Verdict::Dropped(DropReason::OverErrorBudget)) => silent += 1,
             other => panic!("{other:?}"),
         }
     }
@@ -582,7 +582,7 @@ fn generated_errors_stop_at_the_senders_error_budget() {
     );
     assert_eq!(
         w.send_verdict(&deep),
-        (None, Verdict::Dropped("over the sender's error budget"))
+        (None, Verdict::Dropped(DropReason::OverErrorBudget))
     );
     // ...but its requests are a budget of their own.
     assert_eq!(
@@ -639,7 +639,7 @@ fn replaying_one_reply_is_limited_per_token() {
                 assert_eq!(attr(&out, "to"), "u@example/r");
                 delivered += 1;
             }
-            (None, Verdict::Dropped("over the recipient's reply rate limit")) => {}
+            (None, Verdict::Dropped(DropReason::OverReplyRate)) => {}
             other => panic!("{other:?}"),
         }
     }
@@ -704,7 +704,7 @@ fn a_reply_comes_only_from_an_address_at_the_component() {
             reverse(&mut w, bad, i as u8),
             (
                 None,
-                Verdict::Dropped("token's original address is not at the component")
+                Verdict::Dropped(DropReason::TokenOriginalNotAtComponent)
             ),
             "{bad}"
         );
@@ -739,9 +739,32 @@ fn bare_is_a_slice_of_the_full_address() {
     }
 }
 
+/// What the core sends on its own now, each checked against the verdict it comes with.
 fn transmitted(w: &mut World) -> Vec<Element> {
     let clock = w.clock;
-    std::iter::from_fn(|| w.proxy.poll_transmit(clock, &mut w.rng)).collect()
+    std::iter::from_fn(|| w.proxy.poll_transmit(clock, &mut w.rng))
+        .map(|out| {
+            let el = out.transmit.expect("poll_transmit always transmits");
+            let xml = stanza::to_xml(&el);
+            assert_eq!(out.reply_latency_ms, None, "{xml}");
+            match (out.verdict, out.stanza) {
+                (Verdict::Probe, Stanza::Presence) => {
+                    assert_eq!(el.name(), "presence", "{xml}");
+                    assert_eq!(attr(&el, "type"), "probe", "{xml}");
+                }
+                (Verdict::Forwarded, Stanza::Iq) => {
+                    assert_eq!(el.name(), "iq", "{xml}");
+                    assert!(matches!(attr(&el, "type"), "get" | "set"), "{xml}");
+                }
+                (Verdict::Refused(c), Stanza::Iq) => {
+                    assert_eq!(el.name(), "iq", "{xml}");
+                    assert_eq!(condition(&el), c.name(), "{xml}");
+                }
+                (v, s) => panic!("unexpected {v:?} on {s:?}: {xml}"),
+            }
+            el
+        })
+        .collect()
 }
 
 const HELD_REQUEST: &str =
@@ -1437,10 +1460,7 @@ fn budgets_tell_the_implementing_client_nothing_about_who_a_token_names() {
         "<message to='{c}' from='impl@example/a'><body>hi</body></message>"
     ));
     assert!(m.is_none());
-    assert_eq!(
-        v,
-        Verdict::Dropped("over the implementing client's outbound rate limit")
-    );
+    assert_eq!(v, Verdict::Dropped(DropReason::OverOutboundRate));
 }
 
 #[test]

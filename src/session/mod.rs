@@ -518,10 +518,12 @@ impl Shell {
         let Some(first) = self.out_link() else {
             return;
         };
-        while let Some(el) = self.proxy.poll_transmit(clock(), &mut self.rng) {
-            crate::metrics::global().transmitted(&el);
-            if let Some(up) = self.up_mut(first) {
-                up.conn.queue(&el);
+        while let Some(outcome) = self.proxy.poll_transmit(clock(), &mut self.rng) {
+            crate::metrics::global().record(&outcome);
+            if let Some(el) = &outcome.transmit
+                && let Some(up) = self.up_mut(first)
+            {
+                up.conn.queue(el);
             }
         }
     }
