@@ -15,6 +15,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod endpoint;
 pub mod http;
 pub mod inbound;
 pub mod invariants;

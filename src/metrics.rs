@@ -17,6 +17,7 @@
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::endpoint::Event;
 use crate::keys::KeySet;
 use crate::proxy::{DropReason, Limit, Outcome, Stanza, Verdict};
 use crate::stanza::Condition;
@@ -425,8 +426,39 @@ impl Metrics {
     /// The key set in use (at start and after every reload).
     pub fn keys(&self, keys: &KeySet) {
         let current = keys.current();
-        self.key_id.set(i64::from(current.id()));
-        self.key_created.store(current.created(), Ordering::Relaxed);
+        self.key(current.id(), current.created());
+    }
+
+    /// The key that seals new tokens: its id, and when it was created (Unix seconds).
+    pub fn key(&self, id: u32, created: u64) {
+        self.key_id.set(i64::from(id));
+        self.key_created.store(created, Ordering::Relaxed);
+    }
+
+    /// Counts what the endpoint reports (the only way the session feeds the metrics).
+    pub fn observe(&self, event: &Event) {
+        match event {
+            Event::Stanza {
+                verdict,
+                stanza,
+                reply_latency_ms,
+            } => {
+                self.count(*verdict, *stanza);
+                if let Some(ms) = reply_latency_ms {
+                    self.reply_latency.observe(*ms as f64 / 1000.0);
+                }
+            }
+            Event::LoggedIn { .. } => self.logged_in(),
+            Event::LoginFailed { .. } => self.login_failed(),
+            Event::StreamLost { .. } => self.stream_lost(),
+            Event::SessionUp { established_ms } => self.session_up(*established_ms),
+            Event::SessionDown => self.session_down(),
+            Event::Streams(n) => self.streams(*n),
+            Event::Servers(n) => self.servers(*n),
+            Event::Resources(n) => self.resources(*n),
+            Event::Key { id, created } => self.key(*id, *created),
+            _ => {}
+        }
     }
 
     /// What `/healthz` says now.

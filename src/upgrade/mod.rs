@@ -406,6 +406,13 @@ impl BuildId {
         id
     }
 
+    /// A fixed id (tests).
+    pub fn fixed(id: &str) -> BuildId {
+        let cell = std::sync::OnceLock::new();
+        let _ = cell.set(id.to_owned());
+        BuildId(std::sync::Arc::new(cell))
+    }
+
     /// The id, or `unknown` while it is being computed.
     pub fn get(&self) -> &str {
         self.0.get().map_or("unknown", String::as_str)
