@@ -107,12 +107,13 @@ fn core(c: &mut Criterion) {
         ("reply_in_reversed_out", reply.as_bytes(), true),
         ("reply_in_reversed_out_uncounted", reply.as_bytes(), false),
     ] {
+        let metrics = jat_proxy::metrics::Metrics::new();
         g.bench_function(name, |b| {
             b.iter(|| {
                 let el = read(black_box(input));
                 let outcome = proxy.handle(el, CLOCK, &mut rng);
                 if counted {
-                    jat_proxy::metrics::global().record(&outcome);
+                    metrics.record(&outcome);
                 }
                 let o = outcome.transmit;
                 out.clear();
@@ -206,7 +207,7 @@ fn limiter(c: &mut Criterion) {
 
 /// What the session adds per stanza for the metrics: one counter increment by verdict.
 fn metrics(c: &mut Criterion) {
-    let m = jat_proxy::metrics::global();
+    let m = jat_proxy::metrics::Metrics::new();
     let mut g = c.benchmark_group("metrics");
     g.throughput(Throughput::Elements(1));
     g.bench_function("record_forwarded", |b| {

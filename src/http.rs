@@ -38,7 +38,7 @@ use tokio::task::AbortHandle;
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, info, warn};
 
-use crate::metrics;
+use crate::metrics::{self, Metrics};
 
 /// Connections served at once; when all are taken, a new one closes the oldest (after its
 /// [`EVICTION_GRACE`]).
@@ -65,7 +65,7 @@ const BIND_RETRY: Duration = Duration::from_secs(5);
 
 /// Starts the listener on `addr` on a thread of its own, with a runtime of its own: no
 /// request, however hostile, is parsed on the session's thread.
-pub fn spawn(addr: SocketAddr) {
+pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) {
     if !addr.ip().is_loopback() {
         warn!(
             %addr,
@@ -96,7 +96,7 @@ pub fn spawn(addr: SocketAddr) {
                     }
                 };
                 info!(%addr, "serving /metrics and /healthz");
-                serve(listener).await;
+                serve(listener, metrics).await;
             });
         });
     if let Err(e) = started {
@@ -117,7 +117,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts and serves connections on `listener` for ever.
-pub async fn serve(listener: TcpListener) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // The connections served, oldest first, with when each was started; each holds one of
     // `slots` until its task ends. Some may have ended on their own since.
@@ -155,18 +155,19 @@ pub async fn serve(listener: TcpListener) {
                 freed.expect("the semaphore is never closed")
             }
         };
+        let metrics = metrics.clone();
         let task = tokio::spawn(async move {
-            connection(tcp).await;
+            connection(tcp, metrics).await;
             drop(slot);
         });
         open.push_back((Instant::now(), task.abort_handle()));
     }
 }
 
-async fn connection(tcp: TcpStream) {
+async fn connection(tcp: TcpStream, metrics: Arc<Metrics>) {
     let served = AtomicU32::new(0);
     let service = service_fn(move |req: Request<Incoming>| {
-        let mut resp = respond(&req);
+        let mut resp = respond(&req, &metrics);
         if served.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_REQUESTS {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -192,7 +193,7 @@ async fn connection(tcp: TcpStream) {
     }
 }
 
-fn respond(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let readable = matches!(*req.method(), Method::GET | Method::HEAD);
     match path {
@@ -202,7 +203,7 @@ fn respond(req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             r
         }
-        "/metrics" => match metrics::global().encode(crate::session::unix_now_ms()) {
+        "/metrics" => match metrics.encode(crate::session::unix_now_ms()) {
             Ok(body) => with_type(StatusCode::OK, body.into(), metrics::CONTENT_TYPE),
             Err(e) => {
                 warn!("{e}");
@@ -213,7 +214,7 @@ fn respond(req: &Request<Incoming>) -> Response<Full<Bytes>> {
             }
         },
         "/healthz" => {
-            let health = metrics::global().health();
+            let health = metrics.health();
             let status = if health.ok() {
                 StatusCode::OK
             } else {
@@ -259,7 +260,7 @@ mod tests {
     async fn a_new_connection_closes_the_oldest_when_every_slot_is_taken() {
         let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener));
+        let server = tokio::spawn(serve(listener, Arc::new(Metrics::new())));
         let mut idle = Vec::new();
         for _ in 0..3 * MAX_CONNECTIONS {
             idle.push(TcpStream::connect(addr).await.unwrap());

@@ -14,7 +14,6 @@
 //! process starts, also after an in-place upgrade (a new process image), which Prometheus's
 //! `rate()` and `increase()` treat as the counter reset it is.
 
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::endpoint::Event;
@@ -171,13 +170,6 @@ impl std::fmt::Display for EncodeError {
 }
 
 impl std::error::Error for EncodeError {}
-
-static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
-
-/// The process's metrics, created on first use.
-pub fn global() -> &'static Metrics {
-    &GLOBAL
-}
 
 /// Registers `metric` and returns it. The names and labels are constants of this module:
 /// a failure is a bug, caught by the unit tests.

@@ -253,7 +253,7 @@ enum Stopping {
 pub struct Endpoint {
     settings: Settings,
     proxy: Proxy,
-    rng: Box<dyn Random + Send>,
+    rng: Box<dyn Random + Send + Sync>,
     links: Vec<Link>,
     events: VecDeque<Event>,
     /// Whether any stream is up (the session is up).
@@ -277,7 +277,7 @@ impl Endpoint {
         settings: Settings,
         core: crate::proxy::Settings,
         keys: KeySet,
-        mut rng: Box<dyn Random + Send>,
+        mut rng: Box<dyn Random + Send + Sync>,
         now: Clock,
     ) -> Endpoint {
         let proxy = Proxy::new(core, keys);
@@ -332,6 +332,11 @@ impl Endpoint {
     }
 
     // ---- outputs ----
+
+    /// Whether an event waits.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {

@@ -9,21 +9,17 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tracing::{info, warn};
 
-use super::Stream;
-use super::conn::Conn;
 use crate::config::Config;
-use crate::upgrade::{Handover, Program, Record, StreamRecord, format_for, formats_from_check};
+use crate::endpoint::{Endpoint, History, LinkId};
+use crate::upgrade::{Handover, Program, formats_from_check};
 
 /// How long the new binary may take to check the configuration before an upgrade.
 const CHECK_LIMIT: Duration = Duration::from_secs(20);
 
 /// What an upgrade needs: the command to `exec` (whose binary checks the configuration
-/// first), and what the checked binary said it reads.
+/// first).
 pub(super) struct Upgrader {
     pub(super) program: Program,
-    pub(super) build: crate::upgrade::BuildId,
-    /// The handover record formats the binary that passed the last check reads.
-    pub(super) reads: Vec<u16>,
 }
 
 /// The new binary's check: the record formats it reads, or why the upgrade is refused.
@@ -78,93 +74,17 @@ impl Upgrader {
             ))
         })
     }
-
-    /// After the new binary passed its check, reporting the record formats it `reads`:
-    /// whether it can take `streams` streams (those up now; with none, any build that
-    /// reports a format will do), else why not.
-    pub(super) fn accept(&mut self, reads: Vec<u16>, streams: usize) -> Result<(), String> {
-        if streams > 0 && format_for(streams, &reads).is_none() {
-            return Err(self.cannot_take(&reads, streams));
-        }
-        self.reads = reads;
-        Ok(())
-    }
-
-    fn cannot_take(&self, reads: &[u16], streams: usize) -> String {
-        format!(
-            "{} reads handover formats {reads:?}, none of which this build writes for {streams} \
-             stream(s) (1 for one stream, 2 for any number): restart the service to run it",
-            self.program.path().display()
-        )
-    }
-
-    /// `exec`s the new binary with `streams` (each: its server, connection, the bytes of its
-    /// element not yet complete, and its history) and the resources known: returns only if
-    /// that failed (logged).
-    pub(super) fn hand_over(
-        &self,
-        component: &str,
-        streams: &[(&str, &Conn, Vec<u8>, Stream)],
-        resources: Vec<String>,
-    ) {
-        let mut records = Vec::with_capacity(streams.len());
-        for (server, conn, pending, stream) in streams {
-            let Some(header) = conn.reader.header_bytes() else {
-                warn!(server = %server, "upgrade failed: the stream's header is not known; still serving");
-                return;
-            };
-            records.push(StreamRecord {
-                server: (*server).to_owned(),
-                header: header.to_vec(),
-                pending: pending.clone(),
-                established_unix_ms: stream.established_ms,
-                upgrades: stream.upgrades + 1,
-            });
-        }
-        let record = Record {
-            component: component.to_owned(),
-            streams: records,
-            resources,
-            build: self.build.get().to_owned(),
-        };
-        // The streams up now may not be those up when the binary was checked.
-        let Some((format, bytes)) = format_for(record.streams.len(), &self.reads)
-            .and_then(|format| Some((format, record.encode_as(format)?)))
-        else {
-            let why = self.cannot_take(&self.reads, record.streams.len());
-            warn!("upgrade refused: {why}; still serving");
-            return;
-        };
-        info!(
-            binary = %self.program.path().display(),
-            streams = record.streams.len(),
-            format,
-            pending_bytes = record.streams.iter().map(|s| s.pending.len()).sum::<usize>(),
-            resources = record.resources.len(),
-            "handing the stream over to the new binary"
-        );
-        let sockets: Vec<_> = streams.iter().map(|(_, c, _, _)| c.socket()).collect();
-        let e = self.program.exec(Some((&sockets, &bytes)));
-        warn!(
-            binary = %self.program.path().display(),
-            "upgrade failed: cannot exec: {e}; still serving"
-        );
-    }
-}
-
-/// A stream an upgrade handed over, ready to be served.
-pub(super) struct Resumed {
-    /// Its server, as configured.
-    pub(super) server: String,
-    pub(super) conn: Conn,
-    pub(super) stream: Stream,
 }
 
 /// The streams an upgrade handed over that can be used, and the resources known then. A
 /// stream is closed with a footer (and its server logged in to again, if configured) when
 /// it cannot be used: the record is of another format, or the configuration now names
 /// another component or no longer that server.
-pub(super) fn resume(h: Handover, config: &Config) -> (Vec<Resumed>, Vec<String>) {
+pub(super) fn resume(
+    h: Handover,
+    config: &Config,
+    ep: &mut Endpoint,
+) -> (Vec<(LinkId, TcpStream)>, Vec<String>) {
     let unusable = |sockets: Vec<std::net::TcpStream>, why: String| {
         warn!("cannot go on with the stream handed over: {why}; closing it and logging in again");
         for s in sockets {
@@ -192,6 +112,7 @@ pub(super) fn resume(h: Handover, config: &Config) -> (Vec<Resumed>, Vec<String>
         return unusable(h.sockets, why);
     }
     let mut resumed = Vec::new();
+    let now = super::clock();
     for (socket, st) in h.sockets.into_iter().zip(record.streams) {
         if !config.component.servers.contains(&st.server) {
             warn!(
@@ -201,37 +122,30 @@ pub(super) fn resume(h: Handover, config: &Config) -> (Vec<Resumed>, Vec<String>
             close_handed_over(socket);
             continue;
         }
-        let conn = socket
+        let history = History {
+            established_ms: st.established_unix_ms,
+            upgrades: st.upgrades,
+        };
+        let resumed_link = socket
             .set_nonblocking(true)
             .and_then(|()| TcpStream::from_std(socket))
             .map_err(|e| e.to_string())
             .and_then(|tcp| {
-                Conn::resumed(
-                    tcp,
-                    config.limits,
-                    config.component.keepalive_timeout,
-                    &st.header,
-                    &st.pending,
-                )
-                .map_err(|e| e.to_string())
+                ep.resume(&st.server, &st.header, &st.pending, history, now)
+                    .map_err(|e| e.to_string())
+                    .map(|link| link.map(|l| (l, tcp)))
             });
-        match conn {
-            Ok(conn) => {
+        match resumed_link {
+            Ok(Some(link)) => {
                 info!(
                     server = %st.server,
                     pending_bytes = st.pending.len(),
                     upgrades = st.upgrades,
                     "going on with the stream handed over"
                 );
-                resumed.push(Resumed {
-                    server: st.server,
-                    conn,
-                    stream: Stream {
-                        established_ms: st.established_unix_ms,
-                        upgrades: st.upgrades,
-                    },
-                });
+                resumed.push(link);
             }
+            Ok(None) => {}
             Err(e) => {
                 warn!(server = %st.server, "cannot go on with the stream handed over: {e}; logging in again");
             }
