@@ -13,7 +13,8 @@ use crate::inbound::{Inbound, Limits, read_one};
 use crate::keys::KeySet;
 use crate::policy::{Entry, Policy};
 use crate::proxy::{
-    Clock, Messages, Outbound, Outcome, Proxy, Selection, Settings, Stanza, Verdict,
+    Clock, Messages, Outbound, Outcome, PSEUDONYM_LEN, Proxy, Selection, Sender, Settings, Stanza,
+    Verdict,
 };
 
 /// The message token lifetime of the harness, in seconds.
@@ -198,6 +199,7 @@ pub fn settings() -> Settings {
         messages: Messages::Forward,
         message_token_lifetime: MESSAGE_LIFETIME,
         outbound: Outbound::Any,
+        sender: Sender::Sealed,
     }
 }
 
@@ -261,6 +263,11 @@ pub fn proxy(data: &[u8]) {
         1 => (Messages::Forward, Outbound::Known),
         2 => (Messages::Refuse, Outbound::None),
         _ => (Messages::Refuse, Outbound::Known),
+    };
+    settings.sender = if (data.len() / 4) % 2 == 0 {
+        Sender::Sealed
+    } else {
+        Sender::Pseudonym
     };
     let mut budgets = Budgets::new(settings.rate);
     let mut proxy = Proxy::new(settings, keys());
@@ -341,7 +348,7 @@ pub fn proxy(data: &[u8]) {
             &out,
             verdict,
             &resources_before,
-            (&target, flows.messages, flows.outbound),
+            (&target, flows.messages, flows.outbound, flows.sender),
             clock.unix_ms,
         ) {
             last_token = t.into_bytes();
@@ -373,6 +380,31 @@ fn drain(
     token
 }
 
+/// A token resource split into its pseudonym, if it has one (`PSEUDONYM.TOKEN`: 16 base64url
+/// characters and a `.`, which no token holds), and its token. Written here apart from the
+/// core's own reading.
+fn split_pseudonym(resource: &str) -> (Option<&str>, &str) {
+    match resource.split_once('.') {
+        Some((p, t))
+            if p.len() == PSEUDONYM_LEN
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            (Some(p), t)
+        }
+        _ => (None, resource),
+    }
+}
+
+/// A pseudonym the core wrote is the one of the sender's account, under the key file's
+/// pseudonym key.
+fn check_pseudonym(pseudonym: Option<&str>, sender: &Jid) {
+    if let Some(p) = pseudonym {
+        let bare = sender.to_bare().to_string();
+        assert_eq!(p, crate::proxy::pseudonym(&keys().pseudonym_key(), &bare));
+    }
+}
+
 /// Checks one output against its input; returns the token if a request or message was
 /// forwarded.
 fn check_output(
@@ -380,7 +412,7 @@ fn check_output(
     out: &Element,
     verdict: Verdict,
     resources_before: &[String],
-    (target, messages, outbound): (&BareJid, Messages, Outbound),
+    (target, messages, outbound, sender): (&BareJid, Messages, Outbound, Sender),
     now_ms: u64,
 ) -> Option<String> {
     let xml = String::from(out);
@@ -403,8 +435,8 @@ fn check_output(
     let is_reply = |t: &Option<String>| matches!(t.as_deref(), Some("result") | Some("error"));
     let from_target = in_from.to_bare() == *target;
     let opened_in = |binding: Binding<'_>, lifetime: u64| {
-        let t = in_to.resource()?.as_str().to_owned();
-        token::open(&keys(), binding, &t, now_ms, lifetime).ok()
+        let (_, t) = split_pseudonym(in_to.resource()?.as_str());
+        token::open(&keys(), binding, t, now_ms, lifetime).ok()
     };
     let reversed = |opened: token::Opened| {
         assert_eq!(out_to, jid(Some(&opened.sender)).unwrap(), "{xml}");
@@ -549,24 +581,27 @@ fn check_output(
             );
             assert_eq!(out.name(), h.name);
             assert_eq!(out.attr("id"), h.id.as_deref());
-            let t = out_from
-                .resource()
-                .expect("from a token")
-                .as_str()
-                .to_owned();
+            let resource = out_from.resource().expect("from a token").as_str();
+            let (pseudonym, t) = split_pseudonym(resource);
+            assert_eq!(
+                pseudonym.is_some(),
+                sender == Sender::Pseudonym,
+                "a pseudonym where, and only where, configured: {xml}"
+            );
             let lifetime = if h.name == "message" {
                 MESSAGE_LIFETIME
             } else {
                 300
             };
             let opened =
-                token::open(&keys(), binding, &t, now_ms, lifetime).expect("a fresh token opens");
+                token::open(&keys(), binding, t, now_ms, lifetime).expect("a fresh token opens");
             assert_eq!(
                 jid(Some(&opened.sender)).unwrap(),
                 in_from,
                 "token holds the sender"
             );
-            Some(t)
+            check_pseudonym(pseudonym, &in_from);
+            Some(resource.to_owned())
         }
         Verdict::Presence => {
             assert_eq!(out.name(), "presence");
@@ -650,16 +685,14 @@ impl HeldRequests {
                 );
                 let out_from = jid(out.attr("from")).expect("valid from");
                 assert_eq!(out_from.domain().as_str(), COMPONENT, "{xml}");
-                let t = out_from
-                    .resource()
-                    .expect("from a token")
-                    .as_str()
-                    .to_owned();
+                let resource = out_from.resource().expect("from a token").as_str();
+                let (pseudonym, t) = split_pseudonym(resource);
                 let binding = Binding::iq(COMPONENT, &id);
-                let opened = token::open(&keys(), binding, &t, now_ms, 300).expect("a fresh token");
+                let opened = token::open(&keys(), binding, t, now_ms, 300).expect("a fresh token");
                 let sender = jid(Some(&opened.sender)).expect("a valid sender");
+                check_pseudonym(pseudonym, &sender);
                 self.leave(&id, &sender, &xml);
-                Some(t)
+                Some(resource.to_owned())
             }
             Some("error") => {
                 // From the address the request was sent to: any at the component's domain
@@ -1056,7 +1089,7 @@ impl Wire {
                     &out,
                     verdict,
                     &resources_before,
-                    (&self.target, flows.messages, flows.outbound),
+                    (&self.target, flows.messages, flows.outbound, flows.sender),
                     NOW * 1000,
                 );
                 self.writer

@@ -118,6 +118,8 @@ pub const SELECTION_ID: u32 = 0;
 /// The HMAC message that derives a selection key from the oldest token key, for a key file
 /// without a selection secret that cannot be written.
 const SELECTION_LABEL: &[u8] = b"jat-proxy selection";
+/// The HMAC message that derives the pseudonym key from the selection secret.
+const PSEUDONYM_LABEL: &[u8] = b"jat-proxy pseudonym";
 
 impl KeySet {
     fn new(keys: Vec<Key>) -> Option<KeySet> {
@@ -147,6 +149,15 @@ impl KeySet {
             Some(secret) => hmac::Key::new(hmac::HMAC_SHA256, &secret[..]),
             None => hmac::Key::new(hmac::HMAC_SHA256, &self.derived_selection()[..]),
         }
+    }
+
+    /// The key of sender pseudonyms (`[proxy] sender = "pseudonym"`): HMAC-SHA256(selection
+    /// secret, "jat-proxy pseudonym"), so it has the selection secret's properties (every
+    /// instance reading the key file has the same, rotation keeps it) and is not the key
+    /// sticky selection hashes under (a pseudonym says nothing about where a sender lands).
+    pub fn pseudonym_key(&self) -> hmac::Key {
+        let derived = hmac::sign(&self.selection_key(), PSEUDONYM_LABEL);
+        hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
     }
 
     /// HMAC-SHA256(oldest key, "jat-proxy selection").
@@ -934,6 +945,24 @@ mod tests {
         assert_eq!(set.ids(), vec![second]);
         assert!(set.get(first).is_none());
         assert_eq!(set.get(second).unwrap().id(), second);
+    }
+
+    #[test]
+    fn the_pseudonym_key_survives_rotation_and_pruning_and_is_not_the_selection_key() {
+        let pseudonym = |set: &KeySet| {
+            hmac::sign(&set.pseudonym_key(), b"alice@example")
+                .as_ref()
+                .to_vec()
+        };
+        let mut rng = SeededRandom::new(5);
+        let mut set = KeySet::generate(&mut rng, 1000);
+        let before = pseudonym(&set);
+        assert_ne!(before, tag(&set));
+        set.rotate(&mut rng, 5000);
+        assert_eq!(pseudonym(&set), before);
+        set.prune(5000 + 300 + 10 + MAX_CLOCK_SKEW + 1, 300, 10);
+        assert_eq!(pseudonym(&set), before);
+        assert_ne!(pseudonym(&KeySet::generate(&mut rng, 1000)), before);
     }
 
     fn tag(set: &KeySet) -> Vec<u8> {

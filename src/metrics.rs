@@ -633,6 +633,7 @@ mod tests {
             messages: Messages::Refuse,
             message_token_lifetime: 3600,
             outbound: Outbound::None,
+            sender: crate::proxy::Sender::Sealed,
         };
         let keys = KeySet::from_secrets(&[(1, 0, [7; 32])]).unwrap();
         let mut proxy = crate::proxy::Proxy::new(settings, keys);

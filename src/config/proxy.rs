@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::error::Invalid;
 use super::range;
 use crate::policy::Policy;
-use crate::proxy::{Balance, Messages, Outbound, Pattern, Selection, Settings};
+use crate::proxy::{Balance, Messages, Outbound, Pattern, Selection, Sender, Settings};
 use crate::rate::RateLimit;
 
 /// `[proxy]` as written.
@@ -36,6 +36,8 @@ pub(super) struct RawProxy {
     message_token_lifetime_secs: u64,
     #[serde(default)]
     outbound: Outbound,
+    #[serde(default)]
+    sender: Sender,
 }
 
 /// The token lifetimes of `[proxy]`, all the key commands read of it (its other keys are
@@ -96,6 +98,7 @@ pub(super) struct Proxy {
     messages: Messages,
     message_token_lifetime: u64,
     outbound: Outbound,
+    sender: Sender,
     /// The longest lifetime of the tokens sealed (see [`RawLifetimes::longest`]).
     pub(super) longest_lifetime: u64,
 }
@@ -154,6 +157,7 @@ impl RawProxy {
             messages: self.messages,
             message_token_lifetime,
             outbound: self.outbound,
+            sender: self.sender,
             longest_lifetime: longest(self.messages, token_lifetime, message_token_lifetime),
         })
     }
@@ -184,6 +188,7 @@ impl Proxy {
             messages: self.messages,
             message_token_lifetime: self.message_token_lifetime,
             outbound: self.outbound,
+            sender: self.sender,
         }
     }
 }
@@ -225,7 +230,7 @@ fn message_lifetime(v: u64) -> Result<u64, Invalid> {
 #[cfg(test)]
 mod tests {
     use super::super::tests::{GOOD, parse_str};
-    use crate::proxy::{Balance, Selection};
+    use crate::proxy::{Balance, Selection, Sender};
 
     #[test]
     fn selection() {
@@ -239,5 +244,22 @@ mod tests {
         assert_eq!(c.proxy.selection.balance, Balance::Sticky);
         assert!(c.proxy.selection.admits("focus") && c.proxy.selection.admits("worker-7"));
         assert!(!c.proxy.selection.admits("phone") && !c.proxy.selection.admits("focus2"));
+    }
+
+    #[test]
+    fn sender() {
+        assert_eq!(parse_str(GOOD).unwrap().proxy.sender, Sender::Sealed);
+        let with = |v: &str| GOOD.replace("[proxy]", &format!("[proxy]\nsender = \"{v}\""));
+        let c = parse_str(&with("pseudonym")).unwrap();
+        assert_eq!(c.proxy.sender, Sender::Pseudonym);
+        // Not built yet (issue 21): refused with the modes there are, not taken for another.
+        let e = parse_str(&with("revealed")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("proxy.sender"), "{e}");
+        let shown = e.to_string();
+        assert!(
+            shown.contains("sealed") && shown.contains("pseudonym"),
+            "{shown}"
+        );
+        assert!(e.line.is_some(), "{e}");
     }
 }

@@ -51,6 +51,7 @@ pub use hold::{HOLD_PROBE_GAP_MS, MAX_HELD_BYTES, REFUSE_PROBE_GAP_MS};
 pub use message::Messages;
 pub use outbound::{Outbound, unescape};
 pub use reason::{DropReason, Limit};
+pub use request::{PSEUDONYM_LEN, Sender, pseudonym};
 pub use select::{BadPattern, Balance, Learnt, Pattern, Resources, Selection};
 
 /// What the proxy needs to know about its deployment.
@@ -84,6 +85,8 @@ pub struct Settings {
     pub message_token_lifetime: u64,
     /// Which stanzas the implementing client may start.
     pub outbound: Outbound,
+    /// What the implementing client learns of who sent a request or message.
+    pub sender: Sender,
 }
 
 /// The time of one stanza, from two clocks read by the session.
@@ -103,6 +106,8 @@ pub struct Proxy {
     settings: Settings,
     target: String,
     keys: KeySet,
+    /// [`KeySet::pseudonym_key`] of `keys`, kept: one HMAC less per stanza.
+    pseudonym_key: ring::hmac::Key,
     resources: Resources,
     limiter: Limiter,
     pings: u64,
@@ -231,9 +236,11 @@ impl Proxy {
             keys.selection_key(),
         );
         let limiter = Limiter::new(settings.rate);
+        let pseudonym_key = keys.pseudonym_key();
         Proxy {
             settings,
             target,
+            pseudonym_key,
             keys,
             resources,
             limiter,
@@ -258,6 +265,7 @@ impl Proxy {
     /// Replaces the token keys (after a rotation on disk).
     pub fn set_keys(&mut self, keys: KeySet) {
         self.resources.set_sticky_key(keys.selection_key());
+        self.pseudonym_key = keys.pseudonym_key();
         self.keys = keys;
     }
 

@@ -190,9 +190,9 @@ impl Proxy {
 pub(super) fn token_of(to: &To) -> Result<&str, DropReason> {
     match to {
         To::Token(t) => Ok(t.as_str()),
-        To::Other(j) if j.node().is_none() && j.resource().is_some() => {
-            Ok(j.resource().expect("checked").as_str())
-        }
+        To::Other(j) if j.node().is_none() && j.resource().is_some() => Ok(
+            super::request::without_pseudonym(j.resource().expect("checked").as_str()),
+        ),
         To::Other(_) => Err(DropReason::NotATokenAddress),
         To::Bare => Err(DropReason::BareComponentAddress),
     }

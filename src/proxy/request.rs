@@ -1,7 +1,9 @@
 //! A request to the component, forwarded to a resource of the implementing client with the
 //! sender sealed into the token it comes from.
 
+use base64::Engine as _;
 use jid::Jid;
+use ring::hmac;
 use tracing::debug;
 use xmpp_parsers::minidom::Element;
 
@@ -10,6 +12,47 @@ use crate::random::Random;
 use crate::rate::Over;
 use crate::stanza::{self, Condition};
 use crate::token::{self, Binding, Contents, SALT_LEN};
+
+/// What the implementing client learns of who sent a request or message (`[proxy] sender`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sender {
+    /// Nothing: the resource it sees is a token, different for every stanza.
+    #[default]
+    Sealed,
+    /// A stable pseudonym of the sender's account before the token
+    /// (`proxy.example/PSEUDONYM.TOKEN`, see [`pseudonym`]): one account's stanzas can be told
+    /// apart from another's, not who the account is.
+    Pseudonym,
+}
+
+/// Characters of a pseudonym: 12 bytes (96 bits) of HMAC-SHA256 in base64url.
+pub const PSEUDONYM_LEN: usize = 16;
+
+/// The pseudonym of the account `bare` under `key` ([`crate::keys::KeySet::pseudonym_key`]):
+/// the first 12 bytes of HMAC-SHA256(key, bare JID), in base64url without padding.
+pub fn pseudonym(key: &hmac::Key, bare: &str) -> String {
+    let tag = hmac::sign(key, bare.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&tag.as_ref()[..PSEUDONYM_LEN / 4 * 3])
+}
+
+/// The token of a token resource: the resource itself, or what follows a pseudonym and a
+/// `.` (`PSEUDONYM.TOKEN`). The pseudonym is not checked: the token alone, authenticated,
+/// decides where a stanza goes, and replies to either form are reversed in every mode (so
+/// that changing `sender` loses nothing in flight).
+pub(super) fn without_pseudonym(resource: &str) -> &str {
+    let b = resource.as_bytes();
+    if b.len() > PSEUDONYM_LEN + 1
+        && b[PSEUDONYM_LEN] == b'.'
+        && b[..PSEUDONYM_LEN]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    {
+        &resource[PSEUDONYM_LEN + 1..]
+    } else {
+        resource
+    }
+}
 
 impl Proxy {
     pub(super) fn request(
@@ -116,6 +159,23 @@ impl Proxy {
                     token::SealError::OpenOnly => "the request cannot be proxied".to_owned(),
                 };
                 return self.refuse(&el, from, Condition::NotAcceptable, &text, clock);
+            }
+        };
+        let token = match self.settings.sender {
+            Sender::Sealed => token,
+            Sender::Pseudonym => {
+                // A resource is at most 1023 bytes (RFC 7622), the token included.
+                if PSEUDONYM_LEN + 1 + token.len() > token::MAX_TOKEN_LEN {
+                    let text = format!(
+                        "sender address too long to be proxied ({} bytes)",
+                        sender.len()
+                    );
+                    return self.refuse(&el, from, Condition::NotAcceptable, &text, clock);
+                }
+                let mut r = pseudonym(&self.pseudonym_key, bare(from));
+                r.push('.');
+                r.push_str(&token);
+                r
             }
         };
         let dest = join(&self.target, resource);

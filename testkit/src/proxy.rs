@@ -120,6 +120,11 @@ impl ProxyProcess {
         }
     }
 
+    /// Its configuration file.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
     /// Whether it has exited (and how), without waiting.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.process.exited()
