@@ -48,6 +48,7 @@ fn core() -> crate::proxy::Settings {
         messages: Messages::Refuse,
         message_token_lifetime: 3600,
         outbound: Outbound::None,
+        sender: crate::proxy::Sender::Sealed,
     }
 }
 
