@@ -11,13 +11,14 @@
 //!   randomness to the stanza to send.
 //! - [`stream`] — the component stream without I/O: bytes in, bounded raw elements
 //!   ([`Inbound`]) out, and back.
-//! - [`session`] — the only module with sockets, clocks and signals: [`run`] drives the
-//!   streams, the core, the key file and the metrics; [`upgrade`] is the in-place upgrade
-//!   it and the binary share; [`metrics`] the counters it keeps and serves.
+//! - [`session`] — the daemon: [`run`] drives the streams, the core, the key file and the
+//!   metrics. Sockets and signals are only there and in what it uses: [`upgrade`]
+//!   (the in-place upgrade, shared with the binary), the monitoring listener (`http`, which
+//!   serves [`metrics`], the counters the session keeps) and systemd notification (`notify`).
 //! - Inside the crate: the reading of one stanza (`inbound`), the rate limits (`rate`), the
 //!   sender policy (`policy`), randomness (`random`), stanza builders (`stanza`), the
-//!   reconnect backoff, the metrics HTTP server, systemd notification and TOML diagnostics.
-//!   What of them is API is re-exported here.
+//!   reconnect backoff (`backoff`) and TOML diagnostics (`tomldiag`). What of them is API is
+//!   re-exported here.
 //!
 //! `invariants` (what must hold for any input: the fuzz targets' bodies, replayed by the
 //! tests) exists only with the `fuzzing` feature, which the fuzz crate and this package's own
