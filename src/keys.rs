@@ -431,7 +431,7 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// Reads the key file (see [`read_private`] for what it must be).
+/// Reads the key file (see `read_private` in the source for what it must be).
 pub fn load(path: &Path) -> Result<KeySet, KeyFileError> {
     let text = read_private(path, "the key file", MAX_KEY_FILE_LEN)
         .map_err(|reason| file_error(path, reason))?;
@@ -575,7 +575,7 @@ pub struct Rotation {
     pub created: bool,
 }
 
-/// `jat-proxy keys rotate`: under an exclusive lock (see [`lock`]), reads the key file (or
+/// `jat-proxy keys rotate`: under an exclusive lock (see `lock` in the source), reads the key file (or
 /// creates it), adds a new current key, prunes keys whose tokens have all expired
 /// ([`KeySet::prune`]) and writes the file back atomically. Rotations running at the same
 /// time, in threads or processes, are serialised: each one's key is kept.

@@ -57,7 +57,7 @@ mod tomldiag;
 pub mod invariants;
 
 pub use config::{Config, ConfigError};
-pub use inbound::{Exceeded, Inbound, Limits, Oversized};
+pub use inbound::{Exceeded, Inbound, Limits, MAX_NODES, Oversized};
 pub use keys::KeySet;
 pub use policy::{Entry, Policy};
 pub use proxy::{Clock, DropReason, Outcome, Proxy, Settings, Stanza, Verdict};
