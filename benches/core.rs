@@ -6,13 +6,13 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use jat_proxy::inbound::{Limits, TEST_HEADER, read_one};
-use jat_proxy::invariants::{COMPONENT, NOW, NOW_MS, keys, settings};
+use jat_proxy::invariants::{
+    COMPONENT, NOW, NOW_MS, SeededRandom, TEST_HEADER, keys, read_one, settings,
+};
 use jat_proxy::proxy::{Balance, Clock, DropReason, Proxy, Selection, Stanza, Verdict};
-use jat_proxy::random::SeededRandom;
-use jat_proxy::rate::{Limiter, RateLimit};
 use jat_proxy::stream::{Frame, Reader, Writer};
 use jat_proxy::token::{self, Binding, Contents, SALT_LEN};
+use jat_proxy::{Limiter, Limits, RateLimit};
 
 /// A sender JID of exactly `len` bytes.
 fn sender(len: usize) -> String {

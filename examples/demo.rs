@@ -37,7 +37,7 @@ async fn main() {
     println!("\njat-proxy configuration:\n{config_text}");
     let config =
         jat_proxy::config::parse(Path::new("demo.toml"), &config_text).expect("demo configuration");
-    let mut rng = jat_proxy::random::OsRandom::new();
+    let mut rng = jat_proxy::OsRandom::new();
     let (keys, _) = jat_proxy::keys::load_or_create(
         &config.keys.key_file,
         &mut rng,

@@ -105,7 +105,7 @@ impl std::fmt::Display for Exceeded {
 
 /// Bytes of names, namespaces, attribute values and text a tree holds, as the reader counts
 /// them against [`Limits::tree_bytes`] (each element its own namespace).
-pub fn tree_strings(el: &Element) -> usize {
+pub(crate) fn tree_strings(el: &Element) -> usize {
     el.ns().len()
         + el.name().len()
         + el.attrs()
@@ -123,7 +123,7 @@ pub fn tree_strings(el: &Element) -> usize {
 /// Reads the first element of `xml` as the session would read it from a component stream
 /// (whose default namespace is `jabber:component:accept`). `None` if `xml` does not hold a
 /// complete well-formed element. For tests, benchmarks and the fuzzer, which drive the proxy
-/// from bytes.
+/// from bytes (`invariants::read_one`), and for a held request read again at its release.
 pub fn read_one(xml: &[u8], limits: Limits) -> Option<Inbound> {
     use crate::stream::{Frame, Reader};
     let mut reader = Reader::resume(limits, TEST_HEADER).ok()?;

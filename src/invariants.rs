@@ -9,7 +9,7 @@ use std::path::Path;
 use jid::{BareJid, Jid};
 use xmpp_parsers::minidom::Element;
 
-use crate::inbound::{Inbound, Limits, read_one};
+use crate::inbound::{Inbound, Limits};
 use crate::keys::KeySet;
 use crate::policy::{Entry, Policy};
 use crate::proxy::{
@@ -19,10 +19,15 @@ use crate::proxy::{
 
 /// The message token lifetime of the harness, in seconds.
 const MESSAGE_LIFETIME: u64 = 3600;
-use crate::random::{Random, SeededRandom};
+use crate::random::Random;
 use crate::rate::{Limiter, RateLimit};
 use crate::stream::{Frame, ReadError, Reader, Writer};
 use crate::token::{self, Binding, Contents};
+
+// What the tests and benchmarks use besides the harnesses: the one-stanza reader (the
+// header it reads under) and the deterministic randomness.
+pub use crate::inbound::{TEST_HEADER, read_one};
+pub use crate::random::SeededRandom;
 
 /// The component the harnesses run as.
 pub const COMPONENT: &str = "proxy.example";

@@ -333,7 +333,11 @@ const FILE_HEADER: &str = "\
 /// hands the key file to the service's user (see [`load_or_create`]).
 ///
 /// `what` names the file in messages ("the key file"); no message quotes its content.
-pub fn read_private(path: &Path, what: &str, max_len: u64) -> Result<Zeroizing<String>, String> {
+pub(crate) fn read_private(
+    path: &Path,
+    what: &str,
+    max_len: u64,
+) -> Result<Zeroizing<String>, String> {
     use rustix::fs::OFlags;
     let mut file = fs::OpenOptions::new()
         .read(true)
@@ -405,7 +409,7 @@ pub fn read_private(path: &Path, what: &str, max_len: u64) -> Result<Zeroizing<S
 /// Whether a file holding a secret is private: owned by the user jat-proxy runs as or by
 /// root (or, when jat-proxy runs as root, by the owner of its directory), and not accessible
 /// by group or others. `what` names the file in the message.
-pub fn check_private(path: &Path, meta: &fs::Metadata, what: &str) -> Result<(), String> {
+pub(crate) fn check_private(path: &Path, meta: &fs::Metadata, what: &str) -> Result<(), String> {
     let euid = rustix::process::geteuid().as_raw();
     if meta.uid() != euid && meta.uid() != 0 && !(euid == 0 && owned_by_dir_owner(path, meta.uid()))
     {
@@ -438,7 +442,7 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// Reads the key file (see [`read_private`] for what it must be).
+/// Reads the key file (see `read_private` in the source for what it must be).
 pub fn load(path: &Path) -> Result<KeySet, KeyFileError> {
     let text = read_private(path, "the key file", MAX_KEY_FILE_LEN)
         .map_err(|reason| file_error(path, reason))?;
@@ -582,7 +586,7 @@ pub struct Rotation {
     pub created: bool,
 }
 
-/// `jat-proxy keys rotate`: under an exclusive lock (see [`lock`]), reads the key file (or
+/// `jat-proxy keys rotate`: under an exclusive lock (see `lock` in the source), reads the key file (or
 /// creates it), adds a new current key, prunes keys whose tokens have all expired
 /// ([`KeySet::prune`]) and writes the file back atomically. Rotations running at the same
 /// time, in threads or processes, are serialised: each one's key is kept.
@@ -607,7 +611,7 @@ pub fn rotate(
 }
 
 /// The lock file of a key file: `.NAME.lock` in the same directory.
-pub fn lock_path(path: &Path) -> PathBuf {
+pub(crate) fn lock_path(path: &Path) -> PathBuf {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     path.with_file_name(format!(".{name}.lock"))
 }
@@ -615,7 +619,7 @@ pub fn lock_path(path: &Path) -> PathBuf {
 /// Takes the exclusive lock (`flock`) of the key file's lock file, creating it (mode 0600,
 /// owned like a new key file) if needed; it is held until the returned file is dropped.
 /// Gives up after 30 s.
-pub fn lock(path: &Path) -> Result<fs::File, KeyFileError> {
+pub(crate) fn lock(path: &Path) -> Result<fs::File, KeyFileError> {
     use rustix::fs::{FlockOperation, OFlags, flock};
     let lock = lock_path(path);
     let err = |m: String| file_error(path, m);

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use jat_proxy::{config, keys, random::OsRandom, session, upgrade};
+use jat_proxy::{OsRandom, config, keys, session, upgrade};
 use tracing::{error, info, warn};
 
 mod log_json;

@@ -1,5 +1,5 @@
 //! What an operator can watch: counters and gauges of the running process, exposed in the
-//! Prometheus text format by [`crate::http`] (`GET /metrics`), and the health summary behind
+//! Prometheus text format by the monitoring listener (`http`: `GET /metrics`), and the health summary behind
 //! `GET /healthz`.
 //!
 //! The session counts what the core decided, from each stanza's [`Verdict`] (counting is not

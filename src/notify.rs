@@ -48,7 +48,8 @@ impl Notifier {
         Notifier { target, watchdog }
     }
 
-    /// A notifier that sends nothing (tests of the core, benchmarks).
+    /// A notifier that sends nothing (tests).
+    #[cfg(test)]
     pub fn none() -> Notifier {
         Notifier {
             target: None,

@@ -52,9 +52,12 @@ impl Random for OsRandom {
     }
 }
 
-/// A deterministic generator (SplitMix64) for tests, benchmarks and fuzzing. Not secure.
+/// A deterministic generator (SplitMix64) for tests, benchmarks and fuzzing. Not secure, and
+/// only with the `fuzzing` feature (as `invariants::SeededRandom`).
+#[cfg(any(test, feature = "fuzzing"))]
 pub struct SeededRandom(u64);
 
+#[cfg(any(test, feature = "fuzzing"))]
 impl SeededRandom {
     /// A generator whose output is fixed by `seed`.
     pub fn new(seed: u64) -> Self {
@@ -62,6 +65,7 @@ impl SeededRandom {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 impl Random for SeededRandom {
     fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {

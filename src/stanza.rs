@@ -149,7 +149,8 @@ pub fn error_condition(el: &Element) -> Option<String> {
         .map(|c| c.name().to_owned())
 }
 
-/// Serialises an element, for logs and tests.
+/// Serialises an element, for tests.
+#[cfg(test)]
 pub fn to_xml(el: &Element) -> String {
     String::from(el)
 }

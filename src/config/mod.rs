@@ -146,7 +146,7 @@ impl Raw {
 }
 
 /// Reads and validates the configuration file. The secret may come from `secret`,
-/// `secret_file` (see [`crate::keys::read_private`] for what that file must be) or, with
+/// `secret_file` (see `keys::read_private` in the source for what that file must be) or, with
 /// `secret_env = true`, the environment variable [`SECRET_ENV`].
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let (text, meta) = read_with_metadata(path)?;

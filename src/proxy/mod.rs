@@ -49,7 +49,9 @@ mod select;
 use hold::Held;
 pub use hold::{HOLD_PROBE_GAP_MS, MAX_HELD_BYTES, REFUSE_PROBE_GAP_MS};
 pub use message::Messages;
-pub use outbound::{Outbound, unescape};
+pub use outbound::Outbound;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use outbound::unescape;
 pub use reason::{DropReason, Limit};
 pub use request::{PSEUDONYM_LEN, Sender, pseudonym};
 pub use select::{BadPattern, Balance, Learnt, Pattern, Resources, Selection};

@@ -7,7 +7,7 @@
 //! Prosody and ejabberd both route such stanzas from ordinary users. Nothing in tokio-xmpp
 //! lets that be changed. Here:
 //!
-//! * a byte-level [`framer`] finds where each top-level element ends, counting its bytes
+//! * a byte-level framer (`framer`) finds where each top-level element ends, counting its bytes
 //!   and depth as they arrive; an element over `[limits]` is dropped as it streams in (only
 //!   its start tag is kept, to answer it with `policy-violation`), never held whole and never
 //!   shown to the parser;
@@ -19,7 +19,7 @@
 //! The seam for resuming a live stream (the in-place upgrade) is [`Reader::resume`], primed
 //! with the header's bytes, plus the bytes after the last complete element.
 
-pub mod framer;
+pub(crate) mod framer;
 mod reader;
 mod writer;
 

@@ -29,7 +29,7 @@ use rustix::io::{FdFlags, fcntl_setfd};
 pub use record::{MAX_RECORD_BYTES, READS, Record, RecordError, StreamRecord, VERSION};
 
 /// The hidden command-line option that names the handed-over descriptors.
-pub const HANDOVER_ARG: &str = "--handover";
+pub(crate) const HANDOVER_ARG: &str = "--handover";
 
 /// What `check` prints before it says the configuration is fine: `handover:` and the record
 /// formats this build reads, e.g. `handover: 1,2` (a build that prints no such line takes no
@@ -46,7 +46,7 @@ pub fn check_line() -> String {
 /// The record formats another build reads, from what its `check` printed on stdout (the
 /// numbers of its `handover:` line; formats this build does not know are kept, and never
 /// chosen): `None` if it printed no such line, or one without a number.
-pub fn formats_from_check(stdout: &str) -> Option<Vec<u16>> {
+pub(crate) fn formats_from_check(stdout: &str) -> Option<Vec<u16>> {
     let line = stdout
         .lines()
         .find_map(|l| l.trim().strip_prefix(CHECK_PREFIX))?;
@@ -60,7 +60,7 @@ pub fn formats_from_check(stdout: &str) -> Option<Vec<u16>> {
 /// The record format this build writes `streams` streams in for a build that reads
 /// `reads`: format 1 (that of builds keeping one stream) for one stream, if it reads it;
 /// else format 2, if it reads it; else none: such a build cannot take the streams.
-pub fn format_for(streams: usize, reads: &[u16]) -> Option<u16> {
+pub(crate) fn format_for(streams: usize, reads: &[u16]) -> Option<u16> {
     if streams == 1 && reads.contains(&1) {
         Some(1)
     } else if streams >= 1 && reads.contains(&2) {

@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use jat_proxy::inbound::{Inbound, Limits};
-use jat_proxy::stream::{Frame, Reader, Writer};
+use jat_proxy::{Frame, Inbound, Limits, Reader, Writer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
