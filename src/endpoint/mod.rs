@@ -343,6 +343,13 @@ impl Endpoint {
         self.events.pop_front()
     }
 
+    /// Whether the endpoint has decided to hand its streams over ([`Event::HandOver`] queued
+    /// or being done): from then until [`Endpoint::upgrade_failed`], nothing more may be read
+    /// or written on them, which the record would not account for.
+    pub fn handing_over(&self) -> bool {
+        self.upgrade == Upgrade::Exec
+    }
+
     /// What waits to be written on `link` (empty if nothing): write what the socket takes,
     /// then report it with [`Endpoint::wrote`].
     pub fn poll_transmit(&self, link: LinkId) -> &[u8] {
@@ -459,6 +466,11 @@ impl Endpoint {
             self.fail(link, Failure::Read(e));
         } else {
             self.frames(link);
+        }
+        // At shutdown, the limit counts every byte read, whether or not it completed a frame
+        // (a large element streaming in must not keep the drain going).
+        if self.draining(link) {
+            self.drain_limit(link);
         }
         self.after();
     }
@@ -968,6 +980,11 @@ impl Endpoint {
         self.events
             .push_back(Event::Notify(Notify::Stopping(why.into())));
         self.stopping = Stopping::Draining;
+        // An upgrade under way is dropped: this process is going, and must not tell the
+        // service manager it serves on.
+        if self.upgrade != Upgrade::Exec {
+            self.upgrade = Upgrade::Idle;
+        }
         for i in 0..self.links.len() {
             let link = &mut self.links[i];
             match &mut link.state {

@@ -544,6 +544,50 @@ fn stop_is_bounded_drain_1_s_write_5_s_footer_2_s() {
 }
 
 #[test]
+fn the_drain_limit_counts_bytes_that_complete_no_stanza() {
+    // A large element streaming in at shutdown: 4 MiB of it, no more, is read.
+    let mut t = T::new(1);
+    t.login(0);
+    t.written(0);
+    t.ep.signal(Signal::Terminate, t.now);
+    t.server(
+        0,
+        "<iq type='get' id='big' from='user@example/a' to='proxy.example'><q xmlns='urn:x'>",
+    );
+    let chunk = "x".repeat(64 * 1024);
+    let mut read = 0;
+    while t.ep.draining(0) {
+        assert!(read <= DRAIN_BYTES, "still draining after {read} bytes");
+        t.server(0, &chunk);
+        read += chunk.len();
+    }
+    assert!(read >= DRAIN_BYTES - chunk.len(), "{read}");
+}
+
+#[test]
+fn an_upgrade_under_way_at_shutdown_is_dropped_without_a_ready() {
+    let mut t = T::new(1);
+    t.login(0);
+    t.written(0);
+    t.ep.signal(Signal::Upgrade, t.now);
+    assert!(t.has(|e| matches!(e, Event::CheckUpgrade)));
+    t.ep.signal(Signal::Terminate, t.now);
+    t.take_events();
+    // The check ends while the stream closes, slowly (the drain takes its 1 s, the server
+    // takes nothing of our footer for 5 s): nothing more of the upgrade meanwhile.
+    t.ep.upgrade_checked(Ok(vec![1, 2]), t.now);
+    t.ep.wrote(0, 0, t.now);
+    t.advance(10_000);
+    let ev = t.take_events();
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, Event::Notify(Notify::Ready(_)) | Event::HandOver(_))),
+        "{ev:?}"
+    );
+    assert!(ev.iter().any(|e| matches!(e, Event::Stopped)));
+}
+
+#[test]
 fn keys_are_polled_and_reloaded_on_sighup() {
     let mut t = T::new(1);
     t.advance(0);

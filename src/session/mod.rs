@@ -216,6 +216,7 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
         notifier,
         metrics,
         buf: vec![0; READ_CHUNK],
+        turn: 0,
         config,
     };
     if let Some(h) = start.handover {
@@ -256,6 +257,8 @@ struct Shell {
     notifier: Notifier,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     buf: Vec<u8>,
+    /// The link the next look at the sockets starts at.
+    turn: LinkId,
 }
 
 impl Shell {
@@ -277,8 +280,13 @@ impl Shell {
             let due = ep.poll_timeout().map(instant);
             let slots = &mut self.slots;
             let epr = &*ep;
+            // Each pass starts looking after the link last read, so that a busy stream does
+            // not starve the others.
+            let turn = self.turn;
             let ready = std::future::poll_fn(|cx| {
-                for (i, slot) in slots.iter_mut().enumerate() {
+                let n = slots.len();
+                for i in (0..n).map(|k| (turn + k) % n) {
+                    let slot = &mut slots[i];
                     match slot {
                         Slot::Connecting(f) => {
                             if let Poll::Ready(r) = f.as_mut().poll(cx) {
@@ -302,8 +310,9 @@ impl Shell {
                 }
                 Poll::Pending
             });
+            // Not biased: a socket that is always ready must leave the signals and the timer
+            // their turn.
             tokio::select! {
-                biased;
                 r = ready => match r {
                     Ready::Connected(i, Ok(tcp)) => {
                         self.slots[i] = Slot::Open(tcp);
@@ -314,6 +323,7 @@ impl Shell {
                         ep.closed(i, Io::Connect(e.to_string()), clock());
                     }
                     Ready::Readable(i) => {
+                        self.turn = (i + 1) % self.slots.len();
                         self.read(ep, i);
                     }
                     Ready::Writable => {}
@@ -329,13 +339,20 @@ impl Shell {
                 _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                     // A last look at the sockets (the loop may have been busy): what arrived
                     // counts, and what they take now goes out.
+                    // Not once the endpoint decided to hand the streams over: what it would
+                    // read or write now, the handover record would not hold.
                     for i in 0..self.slots.len() {
+                        if ep.handing_over() {
+                            break;
+                        }
                         if ep.wants_read(i) {
                             self.read(ep, i);
                         }
                     }
-                    self.write(ep);
-                    ep.handle_timeout(clock());
+                    if !ep.handing_over() {
+                        self.write(ep);
+                        ep.handle_timeout(clock());
+                    }
                 }
             }
         }
@@ -460,14 +477,19 @@ impl Shell {
             warn!(binary = %program.path().display(), "upgrade failed: cannot exec: {e}");
             return;
         };
-        let sockets: Vec<_> = h
+        let sockets: Option<Vec<_>> = h
             .links
             .iter()
-            .filter_map(|&i| match &self.slots[i] {
+            .map(|&i| match &self.slots[i] {
                 Slot::Open(tcp) => Some(tcp.as_fd()),
                 _ => None,
             })
             .collect();
+        let Some(sockets) = sockets else {
+            // The record names a stream per socket: one missing would pair them wrongly.
+            warn!("upgrade failed: a stream to hand over has no socket; still serving");
+            return;
+        };
         let e = program.exec(Some((&sockets, bytes)));
         warn!(
             binary = %program.path().display(),
