@@ -612,28 +612,11 @@ mod tests {
 
     /// A proxy that holds requests for 2 s, with no resource known yet.
     fn holding_proxy() -> crate::proxy::Proxy {
-        use crate::proxy::{Messages, Outbound, Selection, Settings};
-        let settings = Settings {
-            component: "proxy.example".into(),
-            target: jid::BareJid::new("impl@example").unwrap(),
-            token_lifetime: 300,
-            max_resources: 8,
-            keepalive_to: "example".into(),
-            rate: crate::rate::RateLimit {
-                per_second: 10.0,
-                burst: 50.0,
-                max_senders: 100,
-                per_domain: 100.0,
-                domain_burst: 500.0,
-            },
+        let settings = crate::proxy::Settings {
             policy: crate::policy::Policy::default(),
             hold_ms: 2000,
             max_held: 8,
-            selection: Selection::default(),
-            messages: Messages::Refuse,
-            message_token_lifetime: 3600,
-            outbound: Outbound::None,
-            sender: crate::proxy::Sender::Sealed,
+            ..crate::proxy::Settings::example()
         };
         let keys = KeySet::from_secrets(&[(1, 0, [7; 32])]).unwrap();
         let mut proxy = crate::proxy::Proxy::new(settings, keys);

@@ -23,11 +23,6 @@ const SUBSCRIBE_OUT: &str =
 
 fn core() -> crate::proxy::Settings {
     crate::proxy::Settings {
-        component: "proxy.example".into(),
-        target: BareJid::new("impl@example").unwrap(),
-        token_lifetime: 300,
-        max_resources: 8,
-        keepalive_to: "example".into(),
         rate: crate::rate::RateLimit {
             per_second: 1000.0,
             burst: 1000.0,
@@ -35,20 +30,12 @@ fn core() -> crate::proxy::Settings {
             per_domain: 1000.0,
             domain_burst: 1000.0,
         },
-        policy: crate::policy::Policy {
-            allow: vec![],
-            deny: vec![],
-        },
-        hold_ms: 0,
-        max_held: 0,
+        policy: crate::policy::Policy::default(),
         selection: Selection {
             balance: Balance::Sticky,
             patterns: vec![],
         },
-        messages: Messages::Refuse,
-        message_token_lifetime: 3600,
-        outbound: Outbound::None,
-        sender: crate::proxy::Sender::Sealed,
+        ..crate::proxy::Settings::example()
     }
 }
 

@@ -91,6 +91,40 @@ pub struct Settings {
     pub sender: Sender,
 }
 
+#[cfg(test)]
+impl Settings {
+    /// What unit tests start from: `proxy.example` in front of `impl@example`, nothing held,
+    /// messages refused, senders sealed, 10 requests/s (50 at once) per account, 100 per
+    /// remote domain (500 at once), and `spam.example` denied.
+    pub(crate) fn example() -> Settings {
+        Settings {
+            component: "proxy.example".into(),
+            target: BareJid::new("impl@example").unwrap(),
+            token_lifetime: 300,
+            max_resources: 8,
+            keepalive_to: "example".into(),
+            rate: RateLimit {
+                per_second: 10.0,
+                burst: 50.0,
+                max_senders: 100,
+                per_domain: 100.0,
+                domain_burst: 500.0,
+            },
+            policy: Policy {
+                allow: vec![],
+                deny: vec![crate::policy::Entry::parse("spam.example").unwrap()],
+            },
+            hold_ms: 0,
+            max_held: 0,
+            selection: Selection::default(),
+            messages: Messages::Refuse,
+            message_token_lifetime: 3600,
+            outbound: Outbound::None,
+            sender: Sender::Sealed,
+        }
+    }
+}
+
 /// The time of one stanza, from two clocks read by the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Clock {

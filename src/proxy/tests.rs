@@ -47,31 +47,7 @@ impl World {
     }
 
     fn with(change: impl FnOnce(&mut Settings)) -> World {
-        let mut settings = Settings {
-            component: "proxy.example".into(),
-            target: BareJid::new("impl@example").unwrap(),
-            token_lifetime: 300,
-            max_resources: 8,
-            keepalive_to: "example".into(),
-            rate: crate::rate::RateLimit {
-                per_second: 10.0,
-                burst: 50.0,
-                max_senders: 100,
-                per_domain: 100.0,
-                domain_burst: 500.0,
-            },
-            policy: crate::policy::Policy {
-                allow: vec![],
-                deny: vec![crate::policy::Entry::parse("spam.example").unwrap()],
-            },
-            hold_ms: 0,
-            max_held: 0,
-            selection: Selection::default(),
-            messages: Messages::Refuse,
-            message_token_lifetime: 3600,
-            outbound: Outbound::None,
-            sender: Sender::Sealed,
-        };
+        let mut settings = Settings::example();
         change(&mut settings);
         let keys = KeySet::from_secrets(&[(1, 0, [7; 32])]).unwrap();
         let mut w = World {
