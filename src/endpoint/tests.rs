@@ -2,9 +2,8 @@
 //! failover, backoff, shutdown, probes, key polls, upgrades, and a random walk of inputs.
 
 use super::*;
-use crate::proxy::{Balance, Messages, Outbound, Selection};
+use crate::proxy::{Balance, Selection};
 use crate::random::SeededRandom;
-use jid::BareJid;
 
 const UNIX: u64 = 1_790_000_000_000;
 const MONO: u64 = 5_000_000;
