@@ -269,10 +269,10 @@ pub fn proxy(data: &[u8]) {
         2 => (Messages::Refuse, Outbound::None),
         _ => (Messages::Refuse, Outbound::Known),
     };
-    settings.sender = if (data.len() / 4) % 2 == 0 {
-        Sender::Sealed
-    } else {
-        Sender::Pseudonym
+    settings.sender = match (data.len() / 4) % 3 {
+        0 => Sender::Sealed,
+        1 => Sender::Pseudonym,
+        _ => Sender::Revealed,
     };
     let mut budgets = Budgets::new(settings.rate);
     let mut proxy = Proxy::new(settings, keys());
@@ -475,6 +475,24 @@ fn check_output(
         // A result or error is never answered: the only output is its reversal, to the
         // address its (valid) token holds, sent by the target's account.
         let id = h.id.as_deref().expect("a reversed reply has an id");
+        // The revealed form: to `component/SENDER` (no token there), `ID.TOKEN` as id; the
+        // token opens for ID and names SENDER; the sender gets ID back.
+        let resource = in_to.resource().map(|r| r.as_str()).unwrap_or_default();
+        if in_to.node().is_none()
+            && split_pseudonym(resource).0.is_none()
+            && !resource
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && let Some((original, t)) = id.rsplit_once('.')
+            && let Ok(opened) =
+                token::open(&keys(), Binding::iq(COMPONENT, original), t, now_ms, 300)
+        {
+            assert_eq!(opened.sender, resource, "a token names the address: {xml}");
+            assert_eq!(out_to, jid(Some(&opened.sender)).unwrap(), "{xml}");
+            assert_eq!(out.attr("id"), Some(original), "{xml}");
+            assert!(is_reply(&out.attr("type").map(str::to_owned)), "{xml}");
+            return None;
+        }
         let opened = opened_in(Binding::iq(COMPONENT, id), 300)
             .unwrap_or_else(|| panic!("reversed without a valid IQ token: {xml}"));
         reversed(opened);
@@ -585,8 +603,21 @@ fn check_output(
                 "to an available resource"
             );
             assert_eq!(out.name(), h.name);
-            assert_eq!(out.attr("id"), h.id.as_deref());
             let resource = out_from.resource().expect("from a token").as_str();
+            if sender == Sender::Revealed && h.name == "iq" {
+                // The sender in clear as the resource; the token in the id, after the
+                // original one.
+                assert_eq!(resource, in_from.as_str(), "{xml}");
+                let (original, t) = out
+                    .attr("id")
+                    .and_then(|i| i.rsplit_once('.'))
+                    .unwrap_or_else(|| panic!("ID.TOKEN: {xml}"));
+                assert_eq!(Some(original), h.id.as_deref());
+                let opened = token::open(&keys(), binding, t, now_ms, 300).expect("a fresh token");
+                assert_eq!(jid(Some(&opened.sender)).unwrap(), in_from);
+                return Some(t.to_owned());
+            }
+            assert_eq!(out.attr("id"), h.id.as_deref());
             let (pseudonym, t) = split_pseudonym(resource);
             assert_eq!(
                 pseudonym.is_some(),
@@ -691,6 +722,16 @@ impl HeldRequests {
                 let out_from = jid(out.attr("from")).expect("valid from");
                 assert_eq!(out_from.domain().as_str(), COMPONENT, "{xml}");
                 let resource = out_from.resource().expect("from a token").as_str();
+                // The revealed form: `ID.TOKEN` as id, the sender in clear as the resource.
+                if let Some((original, t)) = id.rsplit_once('.')
+                    && let Ok(opened) =
+                        token::open(&keys(), Binding::iq(COMPONENT, original), t, now_ms, 300)
+                {
+                    assert_eq!(opened.sender, resource, "{xml}");
+                    let sender = jid(Some(&opened.sender)).expect("a valid sender");
+                    self.leave(original, &sender, &xml);
+                    return Some(t.to_owned());
+                }
                 let (pseudonym, t) = split_pseudonym(resource);
                 let binding = Binding::iq(COMPONENT, &id);
                 let opened = token::open(&keys(), binding, t, now_ms, 300).expect("a fresh token");

@@ -252,12 +252,14 @@ mod tests {
         let with = |v: &str| GOOD.replace("[proxy]", &format!("[proxy]\nsender = \"{v}\""));
         let c = parse_str(&with("pseudonym")).unwrap();
         assert_eq!(c.proxy.sender, Sender::Pseudonym);
-        // Not built yet (issue 21): refused with the modes there are, not taken for another.
-        let e = parse_str(&with("revealed")).unwrap_err();
+        let c = parse_str(&with("revealed")).unwrap();
+        assert_eq!(c.proxy.sender, Sender::Revealed);
+        // Anything else is refused, with the modes there are.
+        let e = parse_str(&with("clear")).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("proxy.sender"), "{e}");
         let shown = e.to_string();
         assert!(
-            shown.contains("sealed") && shown.contains("pseudonym"),
+            shown.contains("sealed") && shown.contains("revealed"),
             "{shown}"
         );
         assert!(e.line.is_some(), "{e}");

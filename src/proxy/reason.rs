@@ -52,6 +52,9 @@ pub enum DropReason {
     /// the verdict is [`crate::proxy::Verdict::TokenRejected`]), or an outbound stanza's
     /// token past its own kind's lifetime.
     TokenRejected,
+    /// A reply in the revealed form (`proxy.example/SENDER`, the token in its id) whose token
+    /// opened to another sender than the address names.
+    RevealedMismatch,
     /// A reply or message to a sender over its token's reply budget (a rate limit:
     /// [`Limit::Reply`]).
     OverReplyRate,
@@ -92,7 +95,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, each at its index (`reason as usize`).
-    pub const ALL: [DropReason; 35] = [
+    pub const ALL: [DropReason; 36] = [
         DropReason::NotComponentStanza,
         DropReason::UnknownElement,
         DropReason::IqAddresses,
@@ -112,6 +115,7 @@ impl DropReason {
         DropReason::TokenNamesTarget,
         DropReason::TokenOriginalNotAtComponent,
         DropReason::TokenRejected,
+        DropReason::RevealedMismatch,
         DropReason::OverReplyRate,
         DropReason::OverOutboundRate,
         DropReason::EscapedNeedsAny,
@@ -173,6 +177,7 @@ impl DropReason {
             DropReason::OversizedAddresses => "oversized stanza with missing or invalid addresses",
             DropReason::OversizedIqWithoutId => "oversized iq without a readable id",
             DropReason::OversizedStanza => "oversized stanza",
+            DropReason::RevealedMismatch => "token names another sender than the address",
         }
     }
 

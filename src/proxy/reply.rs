@@ -59,21 +59,48 @@ impl Proxy {
             debug!("reply from outside the target account dropped");
             return dropped(DropReason::ReplyFromOutside);
         }
-        let token = match token_of(to) {
-            Ok(t) => t,
-            Err(why) => {
-                trace!(id = el.attr("id"), why = why.label(), "reply dropped");
-                return dropped(why);
+        // The revealed form (`[proxy] sender = "revealed"`): to `proxy.example/SENDER`, with
+        // the id `ID.TOKEN` it was forwarded with. Reversed in every mode, so that changing
+        // the mode loses nothing in flight.
+        let (reversal, restore) = if let Some((sender, original, token)) = revealed(to, &el) {
+            let binding = Binding::iq(&self.settings.component, original);
+            let reversal =
+                match self.open_token(binding, token, self.settings.token_lifetime, clock) {
+                    Ok(r) => r,
+                    Err(not) => return not.dropped(),
+                };
+            // The token authenticates the id, not the address: it must name the sender the
+            // address does, or a genuine id could be replayed to anybody.
+            if reversal.sender != sender {
+                debug!(
+                    id = el.attr("id"),
+                    "reply dropped: its token names another sender"
+                );
+                return dropped(DropReason::RevealedMismatch);
+            }
+            let original = original.to_owned();
+            (reversal, Some(original))
+        } else {
+            let token = match token_of(to) {
+                Ok(t) => t,
+                Err(why) => {
+                    trace!(id = el.attr("id"), why = why.label(), "reply dropped");
+                    return dropped(why);
+                }
+            };
+            let Some(id) = el.attr("id") else {
+                return dropped(DropReason::ReplyWithoutId);
+            };
+            let binding = Binding::iq(&self.settings.component, id);
+            match self.open_token(binding, token, self.settings.token_lifetime, clock) {
+                Ok(r) => (r, None),
+                Err(not) => return not.dropped(),
             }
         };
-        let Some(id) = el.attr("id") else {
-            return dropped(DropReason::ReplyWithoutId);
-        };
-        let binding = Binding::iq(&self.settings.component, id);
-        let reversal = match self.open_token(binding, token, self.settings.token_lifetime, clock) {
-            Ok(r) => r,
-            Err(not) => return not.dropped(),
-        };
+        let mut el = el;
+        if let Some(original) = restore {
+            stanza::set_attr(&mut el, "id", original);
+        }
         // A genuine reply also says whether its resource is online: a result proves it is;
         // the server's bounce of a request to a resource that went away
         // (service-unavailable from that full JID) proves it is not — this instance may not
@@ -184,6 +211,24 @@ impl Proxy {
         stanza::set_attr(&mut el, "to", r.sender);
         Outcome::send(el, Verdict::Reversed)
     }
+}
+
+/// A reply of the revealed form: the sender its address names (`domain/SENDER`, a resource
+/// that is neither a token nor `PSEUDONYM.TOKEN`), the original id and the token of its id
+/// (`ID.TOKEN`); `None` if it is not one.
+fn revealed<'a>(to: &'a To, el: &'a Element) -> Option<(&'a str, &'a str, &'a str)> {
+    let To::Other(j) = to else {
+        return None;
+    };
+    if j.node().is_some() {
+        return None;
+    }
+    let resource = j.resource()?.as_str();
+    if super::request::without_pseudonym(resource) != resource {
+        return None;
+    }
+    let (original, token) = super::request::split_revealed_id(el.attr("id")?)?;
+    Some((resource, original, token))
 }
 
 /// The token of a token address (`domain/TOKEN`), or why there is none.

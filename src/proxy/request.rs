@@ -24,6 +24,33 @@ pub enum Sender {
     /// (`proxy.example/PSEUDONYM.TOKEN`, see [`pseudonym`]): one account's stanzas can be told
     /// apart from another's, not who the account is.
     Pseudonym,
+    /// The sender's full JID in clear as the resource (`proxy.example/user@example/abc`), as
+    /// mod_client_proxy writes it, for services that authorize by it (Jitsi's jicofo). The
+    /// return path stays authenticated: a request's id becomes `ID.TOKEN` (see
+    /// [`revealed_id`]); only a reply with such an id, to the address its token names, is
+    /// reversed, with the original id. Messages keep the sealed form.
+    Revealed,
+}
+
+/// The id a request is forwarded with in the revealed mode: the original id, a `.`, and the
+/// token bound to that id (a token holds no `.`).
+pub fn revealed_id(id: &str, token: &str) -> String {
+    let mut s = String::with_capacity(id.len() + 1 + token.len());
+    s.push_str(id);
+    s.push('.');
+    s.push_str(token);
+    s
+}
+
+/// An id of the revealed form split into the original id and the token, if it is one.
+pub(super) fn split_revealed_id(id: &str) -> Option<(&str, &str)> {
+    let (original, token) = id.rsplit_once('.')?;
+    (!token.is_empty()
+        && token.len() <= token::MAX_TOKEN_LEN
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    .then_some((original, token))
 }
 
 /// Characters of a pseudonym: 12 bytes (96 bits) of HMAC-SHA256 in base64url.
@@ -161,8 +188,29 @@ impl Proxy {
                 return self.refuse(&el, from, Condition::NotAcceptable, &text, clock);
             }
         };
+        if el.name() == "message" {
+            debug!(id, resource, "message forwarded");
+        } else {
+            debug!(id, resource, "request forwarded");
+        }
+        let revealed = self.settings.sender == Sender::Revealed && el.name() == "iq";
         let token = match self.settings.sender {
             Sender::Sealed => token,
+            Sender::Revealed if revealed => {
+                // A resource is at most 1023 bytes (RFC 7622).
+                if sender.len() > token::MAX_TOKEN_LEN {
+                    let text = format!(
+                        "sender address too long to be proxied ({} bytes, at most {})",
+                        sender.len(),
+                        token::MAX_TOKEN_LEN
+                    );
+                    return self.refuse(&el, from, Condition::NotAcceptable, &text, clock);
+                }
+                let new_id = revealed_id(el.attr("id").unwrap_or_default(), &token);
+                stanza::set_attr(&mut el, "id", new_id);
+                sender
+            }
+            Sender::Revealed => token,
             Sender::Pseudonym => {
                 // A resource is at most 1023 bytes (RFC 7622), the token included.
                 if PSEUDONYM_LEN + 1 + token.len() > token::MAX_TOKEN_LEN {
@@ -179,11 +227,6 @@ impl Proxy {
             }
         };
         let dest = join(&self.target, resource);
-        if el.name() == "message" {
-            debug!(id, resource, "message forwarded");
-        } else {
-            debug!(id, resource, "request forwarded");
-        }
         let new_from = join(&self.settings.component, &token);
         stanza::set_attr(&mut el, "from", new_from);
         stanza::set_attr(&mut el, "to", dest);

@@ -1620,7 +1620,7 @@ fn a_pseudonym_is_stable_per_account_and_says_nothing_of_who() {
 
 #[test]
 fn policy_and_limits_are_the_same_in_every_sender_mode() {
-    for sender in [Sender::Sealed, Sender::Pseudonym] {
+    for sender in [Sender::Sealed, Sender::Pseudonym, Sender::Revealed] {
         let mut w = World::with(|s| s.sender = sender).online(&["a"]);
         let e = w.send("<iq type='get' id='1' to='proxy.example' from='x@spam.example/r'><q xmlns='urn:x'/></iq>").unwrap();
         assert_eq!(condition(&e), "forbidden", "{sender:?}");
@@ -1642,5 +1642,150 @@ fn policy_and_limits_are_the_same_in_every_sender_mode() {
             })
             .count();
         assert_eq!(refused, 30, "{sender:?}");
+    }
+}
+
+#[test]
+fn revealed_shows_the_sender_and_reverses_only_the_ids_it_issued() {
+    let mut w = World::with(|s| {
+        s.sender = Sender::Revealed;
+        s.messages = Messages::Forward;
+    })
+    .online(&["a"]);
+    let fwd = w
+        .send("<iq type='get' id='q.1' to='proxy.example' from='alice@example/phone'><q xmlns='urn:x'/></iq>")
+        .unwrap();
+    // As mod_client_proxy writes it: the sender's full JID is the resource.
+    assert_eq!(attr(&fwd, "from"), "proxy.example/alice@example/phone");
+    let from: Jid = attr(&fwd, "from").parse().unwrap();
+    let asked: Jid = from.resource().unwrap().as_str().parse().unwrap();
+    assert_eq!(asked.to_string(), "alice@example/phone");
+    // The id carries the token, after the original id.
+    let id = attr(&fwd, "id").to_owned();
+    let token = id.strip_prefix("q.1.").expect("ID.TOKEN").to_owned();
+    assert!(!token.contains('.'));
+    let reply = |to: &str, id: &str| {
+        format!(
+            "<iq type='result' id='{id}' to='{to}' from='impl@example/a'><r xmlns='urn:x'/></iq>"
+        )
+    };
+    let back = w
+        .send(&reply("proxy.example/alice@example/phone", &id))
+        .unwrap();
+    assert_eq!(attr(&back, "to"), "alice@example/phone");
+    assert_eq!(attr(&back, "from"), "proxy.example");
+    assert_eq!(attr(&back, "id"), "q.1", "the sender gets its own id back");
+    // Forged: an id jat-proxy never issued, to a real or made-up address; a genuine id
+    // replayed to another address (another account, another resource of the same one); a
+    // genuine token under another id.
+    for (to, id, why) in [
+        ("proxy.example/alice@example/phone", "made-up", None),
+        ("proxy.example/victim@example/x", "made-up", None),
+        (
+            "proxy.example/victim@example/x",
+            id.as_str(),
+            Some(DropReason::RevealedMismatch),
+        ),
+        (
+            "proxy.example/alice@example/laptop",
+            id.as_str(),
+            Some(DropReason::RevealedMismatch),
+        ),
+        (
+            "proxy.example/alice@example/phone",
+            &format!("q.2.{token}"),
+            None,
+        ),
+    ] {
+        let (out, verdict) = w.send_verdict(&reply(to, id));
+        assert_eq!(out, None, "{to} {id}");
+        if let Some(why) = why {
+            assert_eq!(verdict, Verdict::Dropped(why), "{to} {id}");
+        }
+    }
+    // An error of the implementing client goes back the same way.
+    let fwd = w
+        .send(
+            "<iq type='set' id='s' to='proxy.example' from='bob@example/x'><q xmlns='urn:x'/></iq>",
+        )
+        .unwrap();
+    let err = format!(
+        "<iq type='error' id='{}' to='proxy.example/bob@example/x' from='impl@example/a'><error type='cancel'><forbidden xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+        attr(&fwd, "id")
+    );
+    let back = w.send(&err).unwrap();
+    assert_eq!(
+        (attr(&back, "to"), attr(&back, "id")),
+        ("bob@example/x", "s")
+    );
+    assert_eq!(condition(&back), "forbidden");
+    // Messages keep the sealed form: no id to carry a token through a conversation.
+    let msg = w
+        .send("<message to='proxy.example' from='alice@example/phone' id='m'><body>hi</body></message>")
+        .unwrap();
+    assert!(!attr(&msg, "from").contains("alice"));
+    assert_eq!(attr(&msg, "id"), "m");
+}
+
+#[test]
+fn every_sender_mode_reverses_the_forms_of_the_others() {
+    // Changing `sender` (a restart, or instances of a cluster upgraded one by one) loses no
+    // reply in flight: each form is reversed whatever the mode.
+    let forms: Vec<(Sender, String, String)> =
+        [Sender::Sealed, Sender::Pseudonym, Sender::Revealed]
+            .into_iter()
+            .map(|mode| {
+                let mut w = World::with(|s| s.sender = mode).online(&["a"]);
+                let fwd = w.send(&get("7", "carol@example/r")).unwrap();
+                (
+                    mode,
+                    attr(&fwd, "from").to_owned(),
+                    attr(&fwd, "id").to_owned(),
+                )
+            })
+            .collect();
+    for mode in [Sender::Sealed, Sender::Pseudonym, Sender::Revealed] {
+        let mut w = World::with(|s| s.sender = mode).online(&["a"]);
+        for (issued, to, id) in &forms {
+            let back = w
+                .send(&format!(
+                    "<iq type='result' id='{id}' to='{to}' from='impl@example/a'/>"
+                ))
+                .unwrap_or_else(|| panic!("{issued:?} form under {mode:?}"));
+            assert_eq!(
+                (attr(&back, "to"), attr(&back, "id")),
+                ("carol@example/r", "7")
+            );
+        }
+    }
+}
+
+#[test]
+fn revealed_outbound_starts_only_at_a_token_never_at_a_jid() {
+    let mut w = World::with(|s| {
+        s.sender = Sender::Revealed;
+        s.messages = Messages::Forward;
+        s.outbound = Outbound::Known;
+    })
+    .online(&["a"]);
+    let fwd = w.send(&get("q1", "user@example/abc")).unwrap();
+    let token = attr(&fwd, "id").rsplit_once('.').unwrap().1.to_owned();
+    // The token of the request's id is an address it may start stanzas to (outbound known)…
+    let out = w
+        .send(&format!("<iq type='get' id='push' to='proxy.example/{token}' from='impl@example/a'><q xmlns='urn:x'/></iq>"))
+        .unwrap();
+    assert_eq!(attr(&out, "to"), "user@example/abc");
+    // …a JID in clear is not, whatever it names.
+    for to in [
+        "proxy.example/user@example/abc",
+        "proxy.example/victim@example/x",
+    ] {
+        let out = w
+            .send(&format!(
+                "<iq type='get' id='p2' to='{to}' from='impl@example/a'><q xmlns='urn:x'/></iq>"
+            ))
+            .unwrap();
+        assert_eq!(attr(&out, "type"), "error", "{to}");
+        assert_eq!(attr(&out, "to"), "impl@example/a", "{to}");
     }
 }
