@@ -17,6 +17,9 @@ use crate::proxy::{
     Verdict,
 };
 
+/// What the core binds tokens of the revealed form to (`[proxy] sender = "revealed"`).
+const REVEALED: &str = "proxy.example/revealed";
+
 /// The message token lifetime of the harness, in seconds.
 const MESSAGE_LIFETIME: u64 = 3600;
 use crate::random::Random;
@@ -475,20 +478,24 @@ fn check_output(
         // A result or error is never answered: the only output is its reversal, to the
         // address its (valid) token holds, sent by the target's account.
         let id = h.id.as_deref().expect("a reversed reply has an id");
-        // The revealed form: to `component/SENDER` (no token there), `ID.TOKEN` as id; the
-        // token opens for ID and names SENDER; the sender gets ID back.
-        let resource = in_to.resource().map(|r| r.as_str()).unwrap_or_default();
-        if in_to.node().is_none()
-            && split_pseudonym(resource).0.is_none()
-            && !resource
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            && let Some((original, t)) = id.rsplit_once('.')
+        // The revealed form: `ID.TOKEN` as id, TOKEN a revealed token (bound to
+        // `component/revealed`, which only that form opens) for ID, naming the sender the
+        // address's resource is; the sender gets ID back, from where the request went.
+        if let Some((original, t)) = id.rsplit_once('.')
             && let Ok(opened) =
-                token::open(&keys(), Binding::iq(COMPONENT, original), t, now_ms, 300)
+                token::open(&keys(), Binding::iq(REVEALED, original), t, now_ms, 300)
         {
-            assert_eq!(opened.sender, resource, "a token names the address: {xml}");
+            assert_eq!(
+                in_to.resource().map(|r| r.as_str()),
+                Some(opened.sender.as_str()),
+                "a revealed token names the address: {xml}"
+            );
             assert_eq!(out_to, jid(Some(&opened.sender)).unwrap(), "{xml}");
+            match &opened.original_to {
+                Some(a) => assert_eq!(Some(&out_from), jid(Some(a)).as_ref(), "{xml}"),
+                None => assert_eq!(out.attr("from"), Some(COMPONENT), "{xml}"),
+            }
+            assert_eq!(out.name(), h.name, "{xml}");
             assert_eq!(out.attr("id"), Some(original), "{xml}");
             assert!(is_reply(&out.attr("type").map(str::to_owned)), "{xml}");
             return None;
@@ -613,9 +620,14 @@ fn check_output(
                     .and_then(|i| i.rsplit_once('.'))
                     .unwrap_or_else(|| panic!("ID.TOKEN: {xml}"));
                 assert_eq!(Some(original), h.id.as_deref());
+                let binding = Binding::iq(REVEALED, original);
                 let opened = token::open(&keys(), binding, t, now_ms, 300).expect("a fresh token");
                 assert_eq!(jid(Some(&opened.sender)).unwrap(), in_from);
-                return Some(t.to_owned());
+                // Revealed tokens open only as revealed replies: never as a token address.
+                assert!(
+                    token::open(&keys(), Binding::iq(COMPONENT, original), t, now_ms, 300).is_err()
+                );
+                return Some(out.attr("id").expect("checked").to_owned());
             }
             assert_eq!(out.attr("id"), h.id.as_deref());
             let (pseudonym, t) = split_pseudonym(resource);
@@ -725,12 +737,12 @@ impl HeldRequests {
                 // The revealed form: `ID.TOKEN` as id, the sender in clear as the resource.
                 if let Some((original, t)) = id.rsplit_once('.')
                     && let Ok(opened) =
-                        token::open(&keys(), Binding::iq(COMPONENT, original), t, now_ms, 300)
+                        token::open(&keys(), Binding::iq(REVEALED, original), t, now_ms, 300)
                 {
                     assert_eq!(opened.sender, resource, "{xml}");
                     let sender = jid(Some(&opened.sender)).expect("a valid sender");
                     self.leave(original, &sender, &xml);
-                    return Some(t.to_owned());
+                    return Some(id.clone());
                 }
                 let (pseudonym, t) = split_pseudonym(resource);
                 let binding = Binding::iq(COMPONENT, &id);

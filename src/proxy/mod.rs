@@ -144,6 +144,10 @@ pub struct Proxy {
     keys: KeySet,
     /// [`KeySet::pseudonym_key`] of `keys`, kept: one HMAC less per stanza.
     pseudonym_key: ring::hmac::Key,
+    /// What tokens of the revealed form are bound to instead of the component's domain:
+    /// `DOMAIN/revealed`, which no domain is, so that they open only as revealed replies and
+    /// a token issued in another mode never does (see `reply::revealed`).
+    revealed_component: String,
     resources: Resources,
     limiter: Limiter,
     pings: u64,
@@ -273,10 +277,12 @@ impl Proxy {
         );
         let limiter = Limiter::new(settings.rate);
         let pseudonym_key = keys.pseudonym_key();
+        let revealed_component = format!("{}/revealed", settings.component);
         Proxy {
             settings,
             target,
             pseudonym_key,
+            revealed_component,
             keys,
             resources,
             limiter,

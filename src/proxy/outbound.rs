@@ -86,8 +86,14 @@ impl Proxy {
         let binding = Binding::Peer {
             component: &self.settings.component,
         };
+        // A token of the revealed form (an IQ's, from its id) too: its sender is no secret
+        // from the implementing client, which saw the address.
+        let revealed = Binding::Peer {
+            component: &self.revealed_component,
+        };
         let reversal = self
             .open_token(binding, token, lifetime, clock)
+            .or_else(|_| self.open_token(revealed, token, lifetime, clock))
             .map_err(|not| not.why())?;
         // Opened under the longer lifetime; each kind then lives its own.
         let own = match reversal.kind {

@@ -60,25 +60,15 @@ impl Proxy {
             return dropped(DropReason::ReplyFromOutside);
         }
         // The revealed form (`[proxy] sender = "revealed"`): to `proxy.example/SENDER`, with
-        // the id `ID.TOKEN` it was forwarded with. Reversed in every mode, so that changing
-        // the mode loses nothing in flight.
-        let (reversal, restore) = if let Some((sender, original, token)) = revealed(to, &el) {
-            let binding = Binding::iq(&self.settings.component, original);
-            let reversal =
-                match self.open_token(binding, token, self.settings.token_lifetime, clock) {
-                    Ok(r) => r,
-                    Err(not) => return not.dropped(),
-                };
-            // The token authenticates the id, not the address: it must name the sender the
-            // address does, or a genuine id could be replayed to anybody.
-            if reversal.sender != sender {
-                debug!(
-                    id = el.attr("id"),
-                    "reply dropped: its token names another sender"
-                );
-                return dropped(DropReason::RevealedMismatch);
-            }
-            let original = original.to_owned();
+        // the id `ID.TOKEN` it was forwarded with; decided by the id, whose token opens only
+        // if it was issued in that form (bound to `revealed_component`), so a reply naming a
+        // guessed address in another mode learns nothing. Reversed in every mode, so that
+        // changing the mode loses nothing in flight.
+        let (reversal, restore) = if let Some(found) = self.revealed(to, &el, clock) {
+            let (reversal, original) = match found {
+                Ok(r) => r,
+                Err(why) => return dropped(why),
+            };
             (reversal, Some(original))
         } else {
             let token = match token_of(to) {
@@ -128,6 +118,43 @@ impl Proxy {
             out.reply_latency_ms = Some(clock.unix_ms.saturating_sub(issued_ms));
         }
         out
+    }
+
+    /// A reply of the revealed form: its id is `ID.TOKEN` and TOKEN opens as a revealed token
+    /// bound to ID. Then `Ok` with the reversal and ID if the token names the sender the
+    /// address does (its resource, byte for byte), else why it is dropped; `None` if it is
+    /// not one (the other forms are tried).
+    fn revealed(
+        &self,
+        to: &To,
+        el: &Element,
+        clock: Clock,
+    ) -> Option<Result<(Reversal, String), DropReason>> {
+        let (original, token) = super::request::split_revealed_id(el.attr("id")?)?;
+        let binding = Binding::iq(&self.revealed_component, original);
+        let life = self.settings.token_lifetime;
+        // Quietly first: most ids with a `.` are not of this form, and their replies are not
+        // dropped.
+        token::open(&self.keys, binding, token, clock.unix_ms, life).ok()?;
+        let reversal = match self.open_token(binding, token, life, clock) {
+            Ok(r) => r,
+            Err(not) => return Some(Err(not.why())),
+        };
+        let addressed = match to {
+            To::Token(r) => Some(r.as_str()),
+            To::Other(j) if j.node().is_none() => j.resource().map(|r| r.as_str()),
+            _ => None,
+        };
+        // The token authenticates the id, not the address: it must name the sender the
+        // address does, or a genuine id could be replayed to anybody.
+        if addressed != Some(reversal.sender.as_str()) {
+            debug!(
+                id = el.attr("id"),
+                "reply dropped: its token names another sender"
+            );
+            return Some(Err(DropReason::RevealedMismatch));
+        }
+        Some(Ok((reversal, original.to_owned())))
     }
 
     /// Opens `token` for `binding`; on success, where the reversed stanza goes and comes from;
@@ -211,24 +238,6 @@ impl Proxy {
         stanza::set_attr(&mut el, "to", r.sender);
         Outcome::send(el, Verdict::Reversed)
     }
-}
-
-/// A reply of the revealed form: the sender its address names (`domain/SENDER`, a resource
-/// that is neither a token nor `PSEUDONYM.TOKEN`), the original id and the token of its id
-/// (`ID.TOKEN`); `None` if it is not one.
-fn revealed<'a>(to: &'a To, el: &'a Element) -> Option<(&'a str, &'a str, &'a str)> {
-    let To::Other(j) = to else {
-        return None;
-    };
-    if j.node().is_some() {
-        return None;
-    }
-    let resource = j.resource()?.as_str();
-    if super::request::without_pseudonym(resource) != resource {
-        return None;
-    }
-    let (original, token) = super::request::split_revealed_id(el.attr("id")?)?;
-    Some((resource, original, token))
 }
 
 /// The token of a token address (`domain/TOKEN`), or why there is none.

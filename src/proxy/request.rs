@@ -157,8 +157,10 @@ impl Proxy {
         rng: &mut dyn Random,
     ) -> Outcome {
         let id = el.attr("id");
+        let revealed = self.settings.sender == Sender::Revealed && el.name() == "iq";
         let binding = match (el.name(), id) {
             ("message", _) => Binding::message(&self.settings.component),
+            (_, Some(id)) if revealed => Binding::iq(&self.revealed_component, id),
             (_, Some(id)) => Binding::iq(&self.settings.component, id),
             (_, None) => {
                 return self.refuse(&el, from, Condition::BadRequest, "IQ without id", clock);
@@ -193,18 +195,25 @@ impl Proxy {
         } else {
             debug!(id, resource, "request forwarded");
         }
-        let revealed = self.settings.sender == Sender::Revealed && el.name() == "iq";
         let token = match self.settings.sender {
             Sender::Sealed => token,
             Sender::Revealed if revealed => {
-                // A resource is at most 1023 bytes (RFC 7622).
-                if sender.len() > token::MAX_TOKEN_LEN {
-                    let text = format!(
-                        "sender address too long to be proxied ({} bytes, at most {})",
-                        sender.len(),
-                        token::MAX_TOKEN_LEN
+                // The reply comes back to `component/SENDER`, which must be a valid address
+                // whose resource is SENDER byte for byte: a JID whose parts pass preparation
+                // one by one may not as one resource (a mix of left-to-right and
+                // right-to-left scripts), and its reply could never be matched.
+                let address = join(&self.settings.component, &sender);
+                if Jid::new(&address)
+                    .ok()
+                    .is_none_or(|j| j.resource().map(|r| r.as_str()) != Some(sender.as_str()))
+                {
+                    return self.refuse(
+                        &el,
+                        from,
+                        Condition::NotAcceptable,
+                        "this address cannot be shown as a resource",
+                        clock,
                     );
-                    return self.refuse(&el, from, Condition::NotAcceptable, &text, clock);
                 }
                 let new_id = revealed_id(el.attr("id").unwrap_or_default(), &token);
                 stanza::set_attr(&mut el, "id", new_id);

@@ -1789,3 +1789,61 @@ fn revealed_outbound_starts_only_at_a_token_never_at_a_jid() {
         assert_eq!(attr(&out, "to"), "impl@example/a", "{to}");
     }
 }
+
+#[test]
+fn the_revealed_form_tells_nothing_in_the_other_modes() {
+    // Sealed (or pseudonym): the implementing client puts the token of its request in the
+    // id (`ID.TOKEN`) and a guessed address as the resource. Were that reversed when the
+    // guess is right, it could test guesses one by one. It never is, right or wrong.
+    for mode in [Sender::Sealed, Sender::Pseudonym] {
+        let mut w = World::with(|s| s.sender = mode).online(&["a"]);
+        let fwd = w.send(&get("7", "alice@example/phone")).unwrap();
+        let resource = attr(&fwd, "from").strip_prefix("proxy.example/").unwrap();
+        let token = resource
+            .rsplit_once('.')
+            .map_or(resource, |(_, t)| t)
+            .to_owned();
+        let verdicts: Vec<Verdict> = ["alice@example/phone", "bob@example/phone"]
+            .into_iter()
+            .map(|guess| {
+                let (out, verdict) = w.send_verdict(&format!(
+                    "<iq type='result' id='7.{token}' to='proxy.example/{guess}' from='impl@example/a'/>"
+                ));
+                assert_eq!(out, None, "{mode:?} {guess}");
+                verdict
+            })
+            .collect();
+        assert_eq!(
+            verdicts[0], verdicts[1],
+            "{mode:?}: the same for a right guess"
+        );
+    }
+}
+
+#[test]
+fn revealed_serves_every_address_that_fits_a_resource_and_refuses_the_others() {
+    let mut w = World::with(|s| s.sender = Sender::Revealed).online(&["a"]);
+    // Addresses that look like tokens or like `PSEUDONYM.TOKEN`: answered all the same.
+    for sender in [
+        "server.example",
+        "localhost",
+        "abcdefghijklmnop.example",
+        "christopher_long.smith@example/r",
+    ] {
+        let fwd = w.send(&get("1", sender)).unwrap();
+        assert_eq!(attr(&fwd, "from"), format!("proxy.example/{sender}"));
+        let back = w
+            .send(&format!(
+                "<iq type='result' id='{}' to='{}' from='impl@example/a'/>",
+                attr(&fwd, "id"),
+                attr(&fwd, "from")
+            ))
+            .unwrap_or_else(|| panic!("{sender}'s reply"));
+        assert_eq!((attr(&back, "to"), attr(&back, "id")), (sender, "1"));
+    }
+    // One whose parts are valid one by one but not as one resource (left-to-right and
+    // right-to-left scripts mixed): refused at once, not left waiting for a reply that
+    // could never be matched.
+    let e = w.send(&get("2", "user@example/שלום")).unwrap();
+    assert_eq!(condition(&e), "not-acceptable");
+}
