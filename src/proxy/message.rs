@@ -103,7 +103,12 @@ impl Proxy {
             }
         };
         let binding = Binding::message(&self.settings.component);
-        match self.open_token(binding, token, self.settings.message_token_lifetime, clock) {
+        match self.open_token(
+            &[binding],
+            token,
+            self.settings.message_token_lifetime,
+            clock,
+        ) {
             Ok(reversal) => self.deliver(el, reversal, clock),
             Err(not) => not.dropped(),
         }

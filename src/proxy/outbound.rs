@@ -92,8 +92,7 @@ impl Proxy {
             component: &self.revealed_component,
         };
         let reversal = self
-            .open_token(binding, token, lifetime, clock)
-            .or_else(|_| self.open_token(revealed, token, lifetime, clock))
+            .open_token(&[binding, revealed], token, lifetime, clock)
             .map_err(|not| not.why())?;
         // Opened under the longer lifetime; each kind then lives its own.
         let own = match reversal.kind {

@@ -82,7 +82,7 @@ impl Proxy {
                 return dropped(DropReason::ReplyWithoutId);
             };
             let binding = Binding::iq(&self.settings.component, id);
-            match self.open_token(binding, token, self.settings.token_lifetime, clock) {
+            match self.open_token(&[binding], token, self.settings.token_lifetime, clock) {
                 Ok(r) => (r, None),
                 Err(not) => return not.dropped(),
             }
@@ -133,10 +133,9 @@ impl Proxy {
         let (original, token) = super::request::split_revealed_id(el.attr("id")?)?;
         let binding = Binding::iq(&self.revealed_component, original);
         let life = self.settings.token_lifetime;
-        // Quietly first: most ids with a `.` are not of this form, and their replies are not
-        // dropped.
-        token::open(&self.keys, binding, token, clock.unix_ms, life).ok()?;
-        let reversal = match self.open_token(binding, token, life, clock) {
+        // Quietly: most ids with a `.` are not of this form, and their replies are not dropped.
+        let opened = token::open(&self.keys, binding, token, clock.unix_ms, life).ok()?;
+        let reversal = match self.reversal(opened, token) {
             Ok(r) => r,
             Err(not) => return Some(Err(not.why())),
         };
@@ -157,26 +156,34 @@ impl Proxy {
         Some(Ok((reversal, original.to_owned())))
     }
 
-    /// Opens `token` for `binding`; on success, where the reversed stanza goes and comes from;
-    /// else why the stanza is dropped.
+    /// Opens `token` for the first of `bindings` it opens for; on success, where the reversed
+    /// stanza goes and comes from; else why the stanza is dropped (the first binding's reason).
     pub(super) fn open_token(
         &self,
-        binding: Binding<'_>,
+        bindings: &[Binding<'_>],
         token: &str,
         lifetime: u64,
         clock: Clock,
     ) -> Result<Reversal, NotOpened> {
-        let opened: Opened = match token::open(&self.keys, binding, token, clock.unix_ms, lifetime)
-        {
-            Ok(o) => o,
-            Err(reason) => {
-                match binding {
-                    Binding::Iq { id, .. } => debug!(id, %reason, "reply dropped"),
-                    _ => debug!(%reason, "message dropped"),
+        let mut first = None;
+        for &binding in bindings {
+            match token::open(&self.keys, binding, token, clock.unix_ms, lifetime) {
+                Ok(opened) => return self.reversal(opened, token),
+                Err(reason) => {
+                    first.get_or_insert((binding, reason));
                 }
-                return Err(NotOpened::Token(reason));
             }
-        };
+        }
+        let (binding, reason) = first.expect("at least one binding");
+        match binding {
+            Binding::Iq { id, .. } => debug!(id, %reason, "reply dropped"),
+            _ => debug!(%reason, "message dropped"),
+        }
+        Err(NotOpened::Token(reason))
+    }
+
+    /// Where the stanza of an opened `token` goes and comes from, or why it may not.
+    fn reversal(&self, opened: Opened, token: &str) -> Result<Reversal, NotOpened> {
         let Ok(sender) = Jid::new(&opened.sender) else {
             return Err(NotOpened::Other(DropReason::TokenInvalidAddress));
         };

@@ -195,8 +195,8 @@ impl Proxy {
         } else {
             debug!(id, resource, "request forwarded");
         }
-        let token = match self.settings.sender {
-            Sender::Sealed => token,
+        // The address the implementing client sees the stanza come from.
+        let new_from = match self.settings.sender {
             Sender::Revealed if revealed => {
                 // The reply comes back to `component/SENDER`, which must be a valid address
                 // whose resource is SENDER byte for byte: a JID whose parts pass preparation
@@ -217,9 +217,8 @@ impl Proxy {
                 }
                 let new_id = revealed_id(el.attr("id").unwrap_or_default(), &token);
                 stanza::set_attr(&mut el, "id", new_id);
-                sender
+                address
             }
-            Sender::Revealed => token,
             Sender::Pseudonym => {
                 // A resource is at most 1023 bytes (RFC 7622), the token included.
                 if PSEUDONYM_LEN + 1 + token.len() > token::MAX_TOKEN_LEN {
@@ -232,11 +231,12 @@ impl Proxy {
                 let mut r = pseudonym(&self.pseudonym_key, bare(from));
                 r.push('.');
                 r.push_str(&token);
-                r
+                join(&self.settings.component, &r)
             }
+            // Messages keep the sealed form in the revealed mode.
+            Sender::Sealed | Sender::Revealed => join(&self.settings.component, &token),
         };
         let dest = join(&self.target, resource);
-        let new_from = join(&self.settings.component, &token);
         stanza::set_attr(&mut el, "from", new_from);
         stanza::set_attr(&mut el, "to", dest);
         Outcome::send(el, Verdict::Forwarded)
