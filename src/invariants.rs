@@ -13,8 +13,8 @@ use crate::inbound::{Inbound, Limits};
 use crate::keys::KeySet;
 use crate::policy::{Entry, Policy};
 use crate::proxy::{
-    Clock, Messages, Outbound, Outcome, PSEUDONYM_LEN, Proxy, Selection, Sender, Settings, Stanza,
-    Verdict,
+    Balance, Clock, Messages, Outbound, Outcome, PSEUDONYM_LEN, Proxy, Selection, Sender, Settings,
+    Stanza, Verdict,
 };
 
 /// What the core binds tokens of the revealed form to (`[proxy] sender = "revealed"`).
@@ -202,6 +202,7 @@ pub fn settings() -> Settings {
             deny: vec![Entry::parse("spam.example").unwrap()],
         },
         hold_ms: 2000,
+        learn_ms: crate::proxy::LEARN_MS,
         max_held: 4,
         selection: Selection::default(),
         messages: Messages::Forward,
@@ -277,6 +278,12 @@ pub fn proxy(data: &[u8]) {
         1 => Sender::Pseudonym,
         _ => Sender::Revealed,
     };
+    // Sticky and priority picks wait for the probe round after the login (2 s).
+    settings.selection.balance = match (data.len() / 12) % 3 {
+        0 => Balance::Random,
+        1 => Balance::Sticky,
+        _ => Balance::Priority,
+    };
     let mut budgets = Budgets::new(settings.rate);
     let mut proxy = Proxy::new(settings, keys());
     let mut rng = SeededRandom::new(data.len() as u64);
@@ -285,7 +292,7 @@ pub fn proxy(data: &[u8]) {
         mono_ms: 0,
     };
     let target = BareJid::new(TARGET).unwrap();
-    for out in proxy.connected() {
+    for out in proxy.connected(clock) {
         assert_eq!(out.attr("to"), Some(TARGET));
     }
     let mut last_token: Vec<u8> = b"none".to_vec();
@@ -1096,7 +1103,10 @@ struct Wire {
 impl Wire {
     fn new() -> Wire {
         let mut proxy = Proxy::new(settings(), keys());
-        let _ = proxy.connected();
+        let _ = proxy.connected(Clock {
+            unix_ms: NOW * 1000,
+            mono_ms: 0,
+        });
         Wire {
             reader: Reader::new(WIRE_LIMITS),
             writer: Writer::resumed(),

@@ -620,7 +620,10 @@ mod tests {
         };
         let keys = KeySet::from_secrets(&[(1, 0, [7; 32])]).unwrap();
         let mut proxy = crate::proxy::Proxy::new(settings, keys);
-        let _ = proxy.connected();
+        let _ = proxy.connected(crate::proxy::Clock {
+            unix_ms: 0,
+            mono_ms: 0,
+        });
         proxy
     }
 

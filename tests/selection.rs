@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use testkit::client::{Answer, Client, reply_to};
 use testkit::deployment::{
-    COMPONENT, Deployment, WAIT, ejabberd_with_proxies, error_condition, implementing_at, request,
-    wait_resource,
+    COMPONENT, Deployment, WAIT, ejabberd_with_proxies, error_condition, implementing_at,
+    learnt_within, request, wait_resource,
 };
 use testkit::proxy::ProxyProcess;
 
@@ -216,5 +216,112 @@ async fn sticky_picks_the_same_resource_on_every_instance_on_ejabberd() {
     assert!(
         forwarded.iter().all(|&n| n > 0),
         "ejabberd used both instances"
+    );
+}
+
+/// Issue 21 item 6: two instances behind ejabberd restarted at once, with the implementing
+/// client's three resources online all along. Each presence of the target reaches one of
+/// them, so right after login each instance knows only some of the resources; a sticky pick
+/// made then would differ between them. The pick waits for the probe round under way
+/// (`hold_ms`, 2 s by default), so every account's requests reach one resource, whichever
+/// instance forwarded them, from the first request on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_agrees_while_instances_restarted_together_are_still_learning() {
+    let (ejabberd, mut proxies) = ejabberd_with_proxies(&binary(), 2, "balance = \"sticky\"", "");
+    let users: Vec<String> = (0..6).map(|i| format!("learning{i}")).collect();
+    for u in &users {
+        ejabberd.register(u, "pw");
+    }
+    let c2s = ejabberd.c2s;
+    let mut resources = Vec::new();
+    for r in ["a", "b", "c"] {
+        resources
+            .push(Client::login(c2s, "localhost", "impl", "pw", r, Answer::Subscriptions).await);
+        // Once an instance saw `r`, the subscription is in place.
+        let seen = testkit::wait_until(WAIT, || {
+            proxies
+                .iter()
+                .any(|p| learnt_within(p, r, Duration::ZERO).is_some())
+                .then_some(())
+        });
+        assert!(seen.is_some(), "no instance saw impl/{r}");
+    }
+    let mut clients = Vec::new();
+    for u in &users {
+        clients.push(Client::login(c2s, "localhost", u, "pw", "phone", Answer::Nothing).await);
+    }
+    // Serve everything, recording which resource got which account's requests.
+    let served: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let mut servers = Vec::new();
+    for (mut c, name) in resources.into_iter().zip(["a", "b", "c"]) {
+        let record = served.clone();
+        servers.push(tokio::spawn(async move {
+            loop {
+                let Some(req) = c.recv_request(Duration::from_secs(1)).await else {
+                    continue;
+                };
+                if !req.attr("from").unwrap_or_default().starts_with(COMPONENT) {
+                    continue; // the server's own (roster pushes)
+                }
+                let id = req.attr("id").unwrap_or_default().to_owned();
+                record.lock().unwrap().push((id, name.to_owned()));
+                c.send(reply_to(
+                    &req,
+                    "result",
+                    "<query xmlns='urn:example:echo'/>",
+                ));
+            }
+        }));
+    }
+    // Both instances start again together: whatever they knew is gone.
+    for p in proxies.iter_mut() {
+        p.restart();
+    }
+    for p in &proxies {
+        p.wait_sessions(1, Duration::from_secs(30));
+    }
+    // At once, every account sends its requests, all outstanding together.
+    const PER_USER: usize = 5;
+    for round in 0..PER_USER {
+        for (i, c) in clients.iter().enumerate() {
+            c.send_xml(&request(&format!("u{i}-{round}")));
+        }
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        for round in 0..PER_USER {
+            let id = format!("u{i}-{round}");
+            let res = c.recv_iq(&id, WAIT).await.expect("result reaches user");
+            assert_eq!(res.attr("type"), Some("result"), "{id}");
+        }
+    }
+    for s in &servers {
+        s.abort();
+    }
+    let served = served.lock().unwrap().clone();
+    let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
+    for (id, res) in &served {
+        let user = id.split('-').next().unwrap().to_owned();
+        by_user.entry(user).or_default().push(res.clone());
+    }
+    assert_eq!(by_user.len(), users.len());
+    for (user, resources) in &by_user {
+        assert_eq!(resources.len(), PER_USER, "{user}");
+        assert!(
+            resources.iter().all(|r| r == &resources[0]),
+            "{user}'s requests went to {resources:?}"
+        );
+    }
+    let forwarded: Vec<usize> = proxies
+        .iter()
+        .map(|p| p.log().matches("request forwarded").count())
+        .collect();
+    let held: Vec<usize> = proxies
+        .iter()
+        .map(|p| p.log().matches("request held for the probe round").count())
+        .collect();
+    println!(
+        "[measured] sticky right after a restart of both instances: {} requests of {} accounts, forwarded per instance {forwarded:?}, held for the probe round {held:?}",
+        served.len(),
+        by_user.len(),
     );
 }

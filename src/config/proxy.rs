@@ -183,6 +183,7 @@ impl Proxy {
             rate,
             policy,
             hold_ms: self.hold_ms,
+            learn_ms: crate::proxy::LEARN_MS,
             max_held: self.max_held,
             selection: self.selection,
             messages: self.messages,

@@ -833,9 +833,9 @@ impl Endpoint {
         let els = if self.up {
             // Presence answers come on the node of each resource: ask again, now that this
             // stream's node can route them here too.
-            self.proxy.joined()
+            self.proxy.joined(self.now)
         } else {
-            self.proxy.connected()
+            self.proxy.connected(self.now)
         };
         for el in &els {
             self.queue(i, el);
@@ -930,7 +930,7 @@ impl Endpoint {
         // Other streams are up: what was learnt through this one may have gone with its
         // server (the resources connected to that node): relearn.
         if let Some(first) = self.out_link() {
-            let probe = self.proxy.stream_lost();
+            let probe = self.proxy.stream_lost(self.now);
             self.queue(first, &probe);
         }
     }

@@ -1,6 +1,14 @@
 //! Requests that arrive while no resource of the target is known wait here, bounded in count,
 //! bytes and time, while the core probes the target; they leave forwarded or refused.
 //!
+//! So do requests whose pick depends on every resource being known (`balance = "sticky"` or
+//! `"priority"`) while a probe round is under way ([`LEARN_MS`] after a (re)connection, or a
+//! stream lost or joined): behind a server that spreads a component domain over
+//! connections, each presence reaches one instance, and an instance still learning would pick
+//! among fewer resources than the others and send one sender's requests elsewhere. They
+//! leave when the round ends, picked from what it taught, or when their own hold time
+//! (`hold_ms`) runs out, picked from what is known then.
+//!
 //! A held request is kept as its XML text, not as a tree: a tree costs up to about fifty
 //! times the bytes it was read from (a node is about 200 bytes on the heap), so holding
 //! trees would let a few large requests cost hundreds of MiB. [`MAX_HELD_BYTES`] bounds the
@@ -23,6 +31,13 @@ pub const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
 /// request's instance learns the resources within a few probes — its own or another
 /// instance's.
 pub const HOLD_PROBE_GAP_MS: u64 = 250;
+
+/// How long a probe round lasts: after the session's first login, a stream lost, or another
+/// stream joined, the target is probed every [`HOLD_PROBE_GAP_MS`] for this long (about
+/// eight probes). Each probe's answers reach one of the instances serving the domain at
+/// random; with two instances probing together, an instance misses a resource in a round
+/// with odds of about 2^-16.
+pub const LEARN_MS: u64 = 2000;
 
 /// Without held requests (holding disabled or full), a request refused for want of a
 /// resource probes the target at most this often.
@@ -108,6 +123,15 @@ impl Proxy {
             if !self.resources.any_eligible() {
                 return None;
             }
+            // Held for the probe round: they wait for it to end, or for their own time.
+            if self.round_pending(clock.mono_ms)
+                && self
+                    .held
+                    .front()
+                    .is_some_and(|h| h.until_ms > clock.mono_ms)
+            {
+                return None;
+            }
             let h = self.pop_held()?;
             let resource = self
                 .resources
@@ -130,22 +154,66 @@ impl Proxy {
         }
     }
 
-    /// When [`Proxy::handle_timeout`] is next due (monotonic milliseconds), if ever.
+    /// When [`Proxy::handle_timeout`] is next due (monotonic milliseconds), if ever: the
+    /// first held request's time, the end of a probe round, the next probe while either
+    /// waits.
     pub fn poll_timeout(&self) -> Option<u64> {
-        let first = self.held.front()?;
-        let probe = self.last_probe_ms.map_or(0, |t| t + HOLD_PROBE_GAP_MS);
-        Some(first.until_ms.min(probe))
+        let held = self.held.front().map(|h| h.until_ms);
+        if held.is_none() && self.learning_until_ms.is_none() {
+            return None;
+        }
+        let probe = self.next_probe_ms();
+        [held, self.learning_until_ms, Some(probe)]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Time passed: held requests whose time ran out are refused, and the target is probed
-    /// again while requests wait.
+    /// Time passed: held requests whose time ran out are refused (or released, once a
+    /// resource is known: [`Proxy::poll_transmit`]), a probe round that is over ends, and the
+    /// target is probed again while requests wait or a round is under way.
     pub fn handle_timeout(&mut self, clock: Clock) {
         self.settle_held(clock);
-        if !self.held.is_empty()
+        if self.learning_until_ms.is_some_and(|t| t <= clock.mono_ms) {
+            debug!("probe round over");
+            self.learning_until_ms = None;
+        }
+        if (!self.held.is_empty() || self.learning_until_ms.is_some())
+            && self.next_probe_ms() <= clock.mono_ms
             && let Some(p) = self.probe_due(clock.mono_ms, HOLD_PROBE_GAP_MS)
         {
             self.transmit.push_back(Outcome::probe(p));
         }
+    }
+
+    /// A probe round starts now (its first probe is sent by the caller): see [`LEARN_MS`].
+    pub(super) fn learn(&mut self, clock: Clock) {
+        if self.settings.learn_ms == 0 {
+            return;
+        }
+        self.learning_since_ms = clock.mono_ms;
+        self.learning_until_ms = Some(clock.mono_ms + self.settings.learn_ms);
+    }
+
+    /// When the next probe is due while requests are held or a round is under way: a gap
+    /// after the last probe the core sent, and after the one the round started with (sent
+    /// by the caller of [`Proxy::learn`], so not in `last_probe_ms`, which says when the core
+    /// may answer a refusal with a probe at once).
+    fn next_probe_ms(&self) -> u64 {
+        let last = self.last_probe_ms.map_or(0, |t| t + HOLD_PROBE_GAP_MS);
+        match self.learning_until_ms {
+            Some(_) => last.max(self.learning_since_ms + HOLD_PROBE_GAP_MS),
+            None => last,
+        }
+    }
+
+    /// Whether a request's pick waits for the probe round under way: only while one is, only
+    /// where the pick depends on every resource being known (`sticky`, `priority`; a `random`
+    /// pick is as good among fewer), and only where requests may be held at all.
+    pub(super) fn round_pending(&self, now_ms: u64) -> bool {
+        self.learning_until_ms.is_some_and(|t| now_ms < t)
+            && self.settings.hold_ms > 0
+            && self.settings.selection.balance != super::Balance::Random
     }
 
     /// How many requests wait for a resource.
@@ -222,33 +290,58 @@ impl Proxy {
     /// A request (checked and charged to its limits) arrived while no resource of the
     /// target is known: held for a while, with a probe, or refused.
     pub(super) fn no_resource(&mut self, el: Element, from: Jid, to: To, clock: Clock) -> Outcome {
-        if self.settings.hold_ms > 0 && self.held.len() < self.settings.max_held {
-            let xml = String::from(&el);
-            let read_limit = xml.len().max(crate::inbound::tree_strings(&el).div_ceil(2));
-            let head = Held::head_of(&el);
-            let cost = Held::cost_of(&xml, &head, &from, &to);
-            if self.held_bytes + cost <= MAX_HELD_BYTES {
-                debug!(
-                    id = el.attr("id"),
-                    "no resource known: request held while the target is probed"
-                );
-                drop(el);
-                self.held_bytes += cost;
-                self.held.push_back(Held {
-                    xml,
-                    read_limit,
-                    head,
-                    from,
-                    to,
-                    until_ms: clock.mono_ms + self.settings.hold_ms,
-                });
-                return Outcome::maybe(
-                    self.probe_due(clock.mono_ms, HOLD_PROBE_GAP_MS),
-                    Verdict::Held,
-                );
-            }
+        match self.hold(el, from, to, clock) {
+            Ok(out) => out,
+            Err((el, from, _)) => self.unavailable(&el, &from, clock),
         }
-        self.unavailable(&el, &from, clock)
+    }
+
+    /// Holds a request (checked and charged to its limits) until a resource is known or the
+    /// probe round under way ends, with a probe if one is due; or gives it back if holding is
+    /// off or full.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn hold(
+        &mut self,
+        el: Element,
+        from: Jid,
+        to: To,
+        clock: Clock,
+    ) -> Result<Outcome, (Element, Jid, To)> {
+        if self.settings.hold_ms == 0 || self.held.len() >= self.settings.max_held {
+            return Err((el, from, to));
+        }
+        let xml = String::from(&el);
+        let read_limit = xml.len().max(crate::inbound::tree_strings(&el).div_ceil(2));
+        let head = Held::head_of(&el);
+        let cost = Held::cost_of(&xml, &head, &from, &to);
+        if self.held_bytes + cost > MAX_HELD_BYTES {
+            return Err((el, from, to));
+        }
+        if self.resources.any_eligible() {
+            debug!(
+                id = el.attr("id"),
+                "request held for the probe round under way"
+            );
+        } else {
+            debug!(
+                id = el.attr("id"),
+                "no resource known: request held while the target is probed"
+            );
+        }
+        drop(el);
+        self.held_bytes += cost;
+        self.held.push_back(Held {
+            xml,
+            read_limit,
+            head,
+            from,
+            to,
+            until_ms: clock.mono_ms + self.settings.hold_ms,
+        });
+        Ok(Outcome::maybe(
+            self.probe_due(clock.mono_ms, HOLD_PROBE_GAP_MS),
+            Verdict::Held,
+        ))
     }
 
     /// `service-unavailable` for a stanza no resource can take now (a message, which is not

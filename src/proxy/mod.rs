@@ -47,7 +47,7 @@ mod request;
 mod select;
 
 use hold::Held;
-pub use hold::{HOLD_PROBE_GAP_MS, MAX_HELD_BYTES, REFUSE_PROBE_GAP_MS};
+pub use hold::{HOLD_PROBE_GAP_MS, LEARN_MS, MAX_HELD_BYTES, REFUSE_PROBE_GAP_MS};
 pub use message::Messages;
 pub use outbound::Outbound;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -77,6 +77,9 @@ pub struct Settings {
     /// How long a request may wait for a resource when none is known (0: refused at once
     /// with `service-unavailable`), in milliseconds.
     pub hold_ms: u64,
+    /// How long a probe round lasts after the first login, a stream lost or a stream
+    /// joined (0: none; [`LEARN_MS`] outside tests), in milliseconds.
+    pub learn_ms: u64,
     /// How many requests may wait at once, and their bytes at most (as serialised).
     pub max_held: usize,
     /// Which resources of the target may be chosen, and how.
@@ -94,6 +97,7 @@ pub struct Settings {
 #[cfg(test)]
 impl Settings {
     /// What unit tests start from: `proxy.example` in front of `impl@example`, nothing held,
+    /// no probe rounds,
     /// messages refused, senders sealed, 10 requests/s (50 at once) per account, 100 per
     /// remote domain (500 at once), and `spam.example` denied.
     pub(crate) fn example() -> Settings {
@@ -115,6 +119,7 @@ impl Settings {
                 deny: vec![crate::policy::Entry::parse("spam.example").unwrap()],
             },
             hold_ms: 0,
+            learn_ms: 0,
             max_held: 0,
             selection: Selection::default(),
             messages: Messages::Refuse,
@@ -157,6 +162,11 @@ pub struct Proxy {
     /// requests refused, probes (see [`Proxy::poll_transmit`]). Each has a `transmit`.
     transmit: std::collections::VecDeque<Outcome>,
     last_probe_ms: Option<u64>,
+    /// While the target's presence is being (re)learnt, when the probe round ends (see
+    /// [`LEARN_MS`]).
+    learning_until_ms: Option<u64>,
+    /// When the last probe round started.
+    learning_since_ms: u64,
 }
 
 /// What the core made of one input: the stanza to send in answer, if any, and what the
@@ -240,8 +250,9 @@ pub enum Verdict {
     Refused(Condition),
     /// A presence change or subscription handled (maybe with an answer).
     Presence,
-    /// A request held until a resource of the target is known (it leaves through
-    /// [`Proxy::poll_transmit`], forwarded or refused); the output, if any, is a probe.
+    /// A request held until a resource of the target is known, or until the probe round
+    /// under way ends (see [`LEARN_MS`]); it leaves through [`Proxy::poll_transmit`],
+    /// forwarded or refused. The output, if any, is a probe.
     Held,
     /// Nothing sent: the token it was sent to did not open.
     TokenRejected(crate::token::Rejected),
@@ -291,6 +302,8 @@ impl Proxy {
             held_bytes: 0,
             transmit: std::collections::VecDeque::new(),
             last_probe_ms: None,
+            learning_until_ms: None,
+            learning_since_ms: 0,
         }
     }
 
@@ -318,20 +331,23 @@ impl Proxy {
 
     /// Stanzas to send right after the component authenticated: presence is relearnt from
     /// scratch (probe, for the current state; subscribe, so the target's server lets it
-    /// through), since nothing from a previous session can be trusted.
+    /// through), since nothing from a previous session can be trusted. A probe round starts
+    /// (see [`LEARN_MS`]).
     ///
     /// The probe goes first: Prosody answers a probe from a non-subscriber with
     /// `unsubscribed` sent *as the target*, which cancels a subscription request that is
     /// still pending — after a subscribe, the request would be lost.
-    pub fn connected(&mut self) -> Vec<Element> {
+    pub fn connected(&mut self, clock: Clock) -> Vec<Element> {
         self.resources.clear();
-        self.joined()
+        self.joined(clock)
     }
 
     /// Another stream came up beside those already up (the session's servers are the nodes
     /// of one cluster): the probe and subscription request of [`Proxy::connected`] on it
-    /// too, so that neither depends on one stream's server, and nothing is forgotten.
-    pub fn joined(&self) -> Vec<Element> {
+    /// too, so that neither depends on one stream's server, and nothing is forgotten; and a
+    /// probe round, since presence this instance missed may come through it now.
+    pub fn joined(&mut self, clock: Clock) -> Vec<Element> {
+        self.learn(clock);
         let from = &self.settings.component;
         vec![
             stanza::presence(Some("probe"), from, &self.target),
@@ -364,10 +380,11 @@ impl Proxy {
     /// One of the session's streams was lost while others are up: the presence learnt
     /// through it may be stale (on an ejabberd cluster, a resource's presence comes through
     /// the stream to its node, which may be gone with it), so nothing is assumed; the
-    /// returned probe relearns what is online. Held requests wait on; requests that arrive
-    /// meanwhile are held (see [`Settings::hold_ms`]).
-    pub fn stream_lost(&mut self) -> Element {
+    /// returned probe relearns what is online, and a probe round starts. Held requests wait
+    /// on; requests that arrive meanwhile are held (see [`Settings::hold_ms`]).
+    pub fn stream_lost(&mut self, clock: Clock) -> Element {
         self.resources.clear();
+        self.learn(clock);
         self.probe()
     }
 
@@ -379,6 +396,7 @@ impl Proxy {
         self.held_bytes = 0;
         self.transmit.clear();
         self.last_probe_ms = None;
+        self.learning_until_ms = None;
     }
 
     /// A keepalive ping for an idle stream.

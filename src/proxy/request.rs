@@ -108,6 +108,16 @@ impl Proxy {
         if let Some(out) = self.admit(&el, &from, clock) {
             return out;
         }
+        // While a probe round is under way, a pick that depends on every resource being
+        // known waits for it (see `hold`).
+        let (el, from, to) = if self.round_pending(clock.mono_ms) {
+            match self.hold(el, from, to, clock) {
+                Ok(out) => return out,
+                Err(back) => back,
+            }
+        } else {
+            (el, from, to)
+        };
         let Some(resource) = self.resources.pick(bare(&from), rng).map(str::to_owned) else {
             return self.no_resource(el, from, to, clock);
         };

@@ -60,7 +60,7 @@ impl World {
                 mono_ms: 5_000_000,
             },
         };
-        w.proxy.connected();
+        w.proxy.connected(w.clock);
         w
     }
 
@@ -325,7 +325,7 @@ fn too_long_sender_gets_not_acceptable() {
 #[test]
 fn subscription_and_probe_are_answered() {
     let mut w = World::new();
-    let first = w.proxy.connected();
+    let first = w.proxy.connected(w.clock);
     assert_eq!(attr(&first[0], "type"), "probe");
     assert_eq!(attr(&first[0], "to"), "impl@example");
     assert_eq!(attr(&first[1], "type"), "subscribe");
@@ -1358,7 +1358,7 @@ fn outbound_details_from_review() {
 #[test]
 fn a_stream_lost_beside_others_relearns_presence_and_keeps_held_requests() {
     let mut w = World::holding(2000, 8).online(&["a"]);
-    let probe = w.proxy.stream_lost();
+    let probe = w.proxy.stream_lost(w.clock);
     assert_eq!(probe.name(), "presence");
     assert_eq!(attr(&probe, "type"), "probe");
     assert_eq!(attr(&probe, "to"), "impl@example");
@@ -1846,4 +1846,160 @@ fn revealed_serves_every_address_that_fits_a_resource_and_refuses_the_others() {
     // could never be matched.
     let e = w.send(&get("2", "user@example/שלום")).unwrap();
     assert_eq!(condition(&e), "not-acceptable");
+}
+
+/// A world as an instance of several behind ejabberd runs: `balance`, requests held up to
+/// `hold_ms`, and a probe round at every (re)connection (the one `World::with` makes starts
+/// now).
+fn learning(balance: Balance, hold_ms: u64) -> World {
+    World::with(|s| {
+        s.selection.balance = balance;
+        s.hold_ms = hold_ms;
+        s.max_held = 8;
+        s.learn_ms = LEARN_MS;
+    })
+}
+
+/// Lets `ms` pass, handling the core's timers when due; what it sends on its own meanwhile.
+fn run_for(w: &mut World, ms: u64) -> Vec<Element> {
+    let until = w.clock.mono_ms + ms;
+    let mut sent = transmitted(w);
+    while let Some(t) = w.proxy.poll_timeout()
+        && t <= until
+    {
+        w.advance(t.saturating_sub(w.clock.mono_ms));
+        w.proxy.handle_timeout(w.clock);
+        sent.extend(transmitted(w));
+        assert!(
+            w.proxy.poll_timeout().is_none_or(|n| n > w.clock.mono_ms),
+            "a timer still due"
+        );
+    }
+    w.advance(until - w.clock.mono_ms);
+    sent.extend(transmitted(w));
+    sent
+}
+
+/// A sender whose sticky resource among `a` and `b` is `b`, on an instance that knows both.
+fn sender_of_b() -> String {
+    let mut both = World::selecting(Balance::Sticky, &[]).online(&["a", "b"]);
+    (0..100)
+        .map(|i| format!("user{i}@example"))
+        .find(|s| routed(&mut both, "x", &format!("{s}/r")) == "b")
+        .expect("some sender's resource is b")
+}
+
+#[test]
+fn a_sticky_pick_waits_for_the_probe_round_under_way() {
+    let sender = sender_of_b();
+    let mut w = learning(Balance::Sticky, 5000).online(&["a"]);
+    let (_, v) = w.send_verdict(&get("1", &format!("{sender}/r")));
+    assert_eq!(v, Verdict::Held, "`a` is known, but the round is not over");
+    let sent = run_for(&mut w, 600);
+    assert!(
+        sent.iter().all(|e| e.name() == "presence"),
+        "only probes while the round lasts"
+    );
+    assert!(
+        sent.len() >= 2,
+        "the target is probed every {HOLD_PROBE_GAP_MS} ms"
+    );
+    // The round brings `b` (its presence went to another instance before).
+    w.send("<presence from='impl@example/b' to='proxy.example'/>");
+    assert!(transmitted(&mut w).is_empty(), "still held");
+    let sent = run_for(&mut w, LEARN_MS);
+    let forwarded: Vec<_> = sent.iter().filter(|e| e.name() == "iq").collect();
+    assert_eq!(forwarded.len(), 1, "released once, when the round ended");
+    assert_eq!(
+        attr(forwarded[0], "to"),
+        "impl@example/b",
+        "the pick of every instance"
+    );
+    assert_eq!(w.proxy.held(), 0);
+    assert_eq!(
+        w.proxy.poll_timeout(),
+        None,
+        "no round, nothing held: no timer"
+    );
+    // After the round, picked at once.
+    assert_eq!(routed(&mut w, "2", &format!("{sender}/r")), "b");
+    // Without the round, the pick would have been `a`.
+    let mut early = World::selecting(Balance::Sticky, &[]).online(&["a"]);
+    assert_eq!(routed(&mut early, "3", &format!("{sender}/r")), "a");
+}
+
+#[test]
+fn a_request_held_for_the_round_leaves_when_its_own_hold_time_runs_out() {
+    let sender = sender_of_b();
+    let mut w = learning(Balance::Sticky, 500).online(&["a"]);
+    let (_, v) = w.send_verdict(&get("1", &format!("{sender}/r")));
+    assert_eq!(v, Verdict::Held);
+    let sent = run_for(&mut w, 500);
+    let forwarded: Vec<_> = sent.iter().filter(|e| e.name() == "iq").collect();
+    assert_eq!(forwarded.len(), 1, "hold_ms bounds the wait: {sent:?}");
+    assert_eq!(
+        attr(forwarded[0], "to"),
+        "impl@example/a",
+        "what is known then"
+    );
+}
+
+#[test]
+fn priority_waits_for_the_round_and_random_does_not() {
+    let mut w = learning(Balance::Priority, 5000);
+    w.send(&presence_with_priority("phone", 1));
+    let (_, v) = w.send_verdict(&get("1", "u@example/r"));
+    assert_eq!(v, Verdict::Held);
+    w.send(&presence_with_priority("desktop", 5));
+    let sent = run_for(&mut w, LEARN_MS);
+    let forwarded: Vec<_> = sent.iter().filter(|e| e.name() == "iq").collect();
+    assert_eq!(attr(forwarded[0], "to"), "impl@example/desktop");
+
+    let mut w = learning(Balance::Random, 5000).online(&["a"]);
+    let (out, v) = w.send_verdict(&get("1", "u@example/r"));
+    assert_eq!(
+        v,
+        Verdict::Forwarded,
+        "a random pick is as good among fewer"
+    );
+    assert_eq!(attr(&out.unwrap(), "to"), "impl@example/a");
+    // The round still probes: the other instances learn from its answers too.
+    let probes = run_for(&mut w, LEARN_MS);
+    assert!(probes.len() >= 6, "{}", probes.len());
+    assert!(probes.iter().all(|e| attr(e, "type") == "probe"));
+}
+
+#[test]
+fn without_holding_a_sticky_pick_is_made_at_once() {
+    let mut w = learning(Balance::Sticky, 0).online(&["a"]);
+    assert_eq!(routed(&mut w, "1", "u@example/r"), "a");
+}
+
+#[test]
+fn a_stream_lost_or_joined_starts_a_round_and_the_session_lost_ends_it() {
+    let sender = sender_of_b();
+    let mut w = learning(Balance::Sticky, 5000).online(&["a", "b"]);
+    run_for(&mut w, LEARN_MS);
+    assert_eq!(routed(&mut w, "1", &format!("{sender}/r")), "b");
+    let joined = w.proxy.joined(w.clock);
+    assert_eq!(attr(&joined[0], "type"), "probe");
+    let (_, v) = w.send_verdict(&get("2", &format!("{sender}/r")));
+    assert_eq!(
+        v,
+        Verdict::Held,
+        "a stream joined: the round's presence may be new"
+    );
+    let sent = run_for(&mut w, LEARN_MS);
+    assert_eq!(sent.iter().filter(|e| e.name() == "iq").count(), 1);
+
+    let _ = w.proxy.stream_lost(w.clock);
+    w.send("<presence from='impl@example/a' to='proxy.example'/>");
+    let (_, v) = w.send_verdict(&get("3", &format!("{sender}/r")));
+    assert_eq!(v, Verdict::Held, "a stream lost: relearnt from scratch");
+    w.proxy.disconnected();
+    assert_eq!(
+        w.proxy.poll_timeout(),
+        None,
+        "the round ends with the session"
+    );
 }
