@@ -251,6 +251,46 @@ fn write_seed_corpora() {
         ]),
     );
 
+    // The harness runs an input with the sender mode `(len / 4) % 3` (sealed, pseudonym,
+    // revealed) and the balance `(len / 12) % 3` (random, sticky, priority): a last stanza
+    // of padding picks both.
+    let shaped = |stanzas: &[&str], sender: usize, balance: usize| {
+        let mut data = script(stanzas);
+        data.push(SEPARATOR);
+        data.extend_from_slice(b"<pad/>");
+        while (data.len() / 4) % 9 != balance * 3 + sender {
+            data.push(b' ');
+        }
+        data
+    };
+    let mut advance = vec![0xFE, 3];
+    advance.extend_from_slice(online.as_bytes());
+    let advance = String::from_utf8(advance).unwrap_or_default();
+    let revealed = [
+        online,
+        "<iq type='get' id='q1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>",
+        // Forgeries first: a made-up id, the genuine id to another address, no token.
+        "<iq type='result' id='q1.AAAA' to='proxy.example/u@example/r' from='impl@example/a'/>",
+        "<iq type='result' id='TOKEN' to='proxy.example/v@example/r' from='impl@example/a'/>",
+        "<iq type='result' id='TOKEN' to='proxy.example/u@example/other' from='impl@example/a'/>",
+        "<iq type='result' id='q1' to='proxy.example/u@example/r' from='impl@example/a'/>",
+        "<iq type='result' id='TOKEN' to='proxy.example/TOKEN' from='impl@example/a'/>",
+        "<iq type='result' id='TOKEN' to='proxy.example/u@example/r' from='impl@example/a'><q xmlns='urn:x'/></iq>",
+    ];
+    write("proxy", "revealed-reply", &shaped(&revealed, 2, 0));
+    // Sticky: the request waits for the probe round after the login (2 s), then the reply.
+    let round = [
+        online,
+        "<iq type='get' id='s1' to='proxy.example' from='u@example/r'><q xmlns='urn:x'/></iq>",
+        "<presence from='impl@example/b' to='proxy.example'/>",
+        &advance,
+        "<iq type='result' id='s1' to='proxy.example/TOKEN' from='impl@example/b'/>",
+        "<iq type='result' id='s1' to='proxy.example/TOKEN' from='impl@example/a'/>",
+    ];
+    write("proxy", "sticky-round", &shaped(&round, 0, 1));
+    write("proxy", "sticky-round-revealed", &shaped(&round, 2, 1));
+    write("proxy", "priority-round", &shaped(&round, 1, 2));
+
     // Configurations.
     let good = "[component]\njid = \"proxy.localhost\"\nserver = \"127.0.0.1:5347\"\nsecret = \"s\"\n\n[proxy]\ntarget_address = \"impl@localhost\"\n\n[keys]\nfile = \"/var/lib/jat-proxy/keys.toml\"\n";
     write("config", "minimal", good.as_bytes());
