@@ -525,3 +525,39 @@ fn concurrent_rotating_processes_all_take_effect() {
     assert_eq!(set.ids().len(), 1 + 12, "{:?}", set.ids());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The configuration docs/jitsi.md gives for replacing mod_client_proxy is one jat-proxy
+/// accepts as written (only its two file paths point into a temporary directory), with the
+/// sender revealed.
+#[test]
+fn the_jitsi_guide_s_configuration_is_accepted_as_written() {
+    let guide =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/jitsi.md"))
+            .unwrap();
+    let block = guide
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a toml block in docs/jitsi.md");
+    assert!(block.contains("sender = \"revealed\""), "{block}");
+    let dir = testkit::work_dir("files-jitsi");
+    let secret = dir.join("secret");
+    write_private(&secret, SECRET.as_bytes());
+    let keys = dir.join("keys.toml");
+    let text_of = block
+        .replace("/etc/jat-proxy/secret", secret.to_str().unwrap())
+        .replace("/var/lib/jat-proxy/keys.toml", keys.to_str().unwrap());
+    assert_ne!(text_of, block, "the guide's paths changed: update this test");
+    let cfg = dir.join("jitsi.toml");
+    std::fs::write(&cfg, &text_of).unwrap();
+    // The key file is made as the README says, before the first start.
+    let o = run(&["keys", "rotate", "--config", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let c = config::load(&cfg).unwrap();
+    assert_eq!(c.component.jid, "focus.example");
+    assert_eq!(c.proxy.target.to_string(), "focus@auth.example");
+    assert_eq!(c.proxy.sender, jat_proxy::proxy::Sender::Revealed);
+    std::fs::remove_dir_all(dir).unwrap();
+}
