@@ -547,7 +547,10 @@ fn the_jitsi_guide_s_configuration_is_accepted_as_written() {
     let text_of = block
         .replace("/etc/jat-proxy/secret", secret.to_str().unwrap())
         .replace("/var/lib/jat-proxy/keys.toml", keys.to_str().unwrap());
-    assert_ne!(text_of, block, "the guide's paths changed: update this test");
+    assert_ne!(
+        text_of, block,
+        "the guide's paths changed: update this test"
+    );
     let cfg = dir.join("jitsi.toml");
     std::fs::write(&cfg, &text_of).unwrap();
     // The key file is made as the README says, before the first start.

@@ -364,3 +364,45 @@ fn config_errors_name_the_key_and_exit_2() {
     let _ = stanza("<presence/>");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The first deployment: jat-proxy logs in while the implementing client, never subscribed,
+/// is offline. Its subscription request waits on the server for the client, however often
+/// jat-proxy probes meanwhile (the 2 s probe round after login, held requests' probes): each
+/// probe is answered `unsubscribed` as the target, which cancels the pending request, and
+/// jat-proxy asks again. The client, when it logs in, still finds the request, accepts it,
+/// and is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscription_request_outlasts_the_probes_sent_before_the_client_logs_in() {
+    let d = Deployment::start(&binary());
+    let mut user = d.client("user", "abc").await;
+    // A held request's probes too (refused after hold_ms: no resource).
+    user.send_xml(&request("early"));
+    let res = user.recv_iq("early", WAIT).await.expect("an answer");
+    assert_eq!(
+        error_condition(&res).as_deref(),
+        Some("service-unavailable")
+    );
+    // Past the probe round.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let asked_again = d
+        .proxy
+        .log()
+        .matches("asking for the subscription again")
+        .count();
+    let mut imp = d.implementing("a").await;
+    user.send_xml(&request("later"));
+    let req = imp.recv_request(WAIT).await.expect("request reaches impl");
+    imp.send(reply_to(
+        &req,
+        "result",
+        "<query xmlns='urn:example:echo'/>",
+    ));
+    let res = user
+        .recv_iq("later", WAIT)
+        .await
+        .expect("result reaches user");
+    assert_eq!(res.attr("type"), Some("result"));
+    println!(
+        "[measured] subscription requested again {asked_again} times before the client logged in"
+    );
+}

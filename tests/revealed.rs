@@ -71,3 +71,47 @@ async fn the_sender_is_shown_and_only_replies_to_issued_ids_go_back_on_prosody()
         Some("ok".to_owned())
     );
 }
+
+/// docs/jitsi.md's roster step: an implementing client that never accepts the component's
+/// subscription request (jicofo need not) is never seen online, so every request waits
+/// `hold_ms` and gets `service-unavailable`; once the subscription exists (here accepted by
+/// the client itself, where Jitsi's installation creates it on the server with
+/// mod_roster_command), requests reach it with the sender shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_roster_subscription_requests_are_refused_and_with_it_served() {
+    let d = Deployment::start_configured(&binary(), "sender = \"revealed\"", "");
+    // Logged in as jicofo would be, answering nothing.
+    let mut imp = d.client("impl", "focus").await;
+    let mut user = d.client("user", "abc").await;
+    user.send_xml(&request("no-roster"));
+    let res = user.recv_iq("no-roster", WAIT).await.expect("an answer");
+    assert_eq!(
+        testkit::deployment::error_condition(&res).as_deref(),
+        Some("service-unavailable"),
+        "{res:?}"
+    );
+    assert!(
+        imp.recv_request(QUIET).await.is_none(),
+        "a request reached the client without a subscription"
+    );
+    // The subscription is created: the server sends the client's presence to the component.
+    imp.send_xml(&format!("<presence type='subscribed' to='{COMPONENT}'/>"));
+    testkit::deployment::wait_resource(&d.proxy, "focus");
+    user.send_xml(&request("roster"));
+    let req = imp.recv_request(WAIT).await.expect("request reaches impl");
+    let from: jid::Jid = req.attr("from").unwrap().parse().unwrap();
+    assert_eq!(
+        from.resource().map(|r| r.as_str()),
+        Some("user@localhost/abc")
+    );
+    imp.send(reply_to(
+        &req,
+        "result",
+        "<query xmlns='urn:example:echo'>ok</query>",
+    ));
+    let res = user
+        .recv_iq("roster", WAIT)
+        .await
+        .expect("result reaches user");
+    assert_eq!(res.attr("type"), Some("result"));
+}

@@ -167,6 +167,11 @@ pub struct Proxy {
     learning_until_ms: Option<u64>,
     /// When the last probe round started.
     learning_since_ms: u64,
+    /// A probe went out (without a subscription request after it) since the last
+    /// `unsubscribed` of the target: Prosody answers a probe from a non-subscriber with
+    /// `unsubscribed` sent as the target, which cancels a subscription request still pending,
+    /// so that `unsubscribed` is answered with a new request.
+    probed: bool,
 }
 
 /// What the core made of one input: the stanza to send in answer, if any, and what the
@@ -304,6 +309,7 @@ impl Proxy {
             last_probe_ms: None,
             learning_until_ms: None,
             learning_since_ms: 0,
+            probed: false,
         }
     }
 
@@ -336,7 +342,8 @@ impl Proxy {
     ///
     /// The probe goes first: Prosody answers a probe from a non-subscriber with
     /// `unsubscribed` sent *as the target*, which cancels a subscription request that is
-    /// still pending — after a subscribe, the request would be lost.
+    /// still pending — after a subscribe, the request would be lost. (Later probes are
+    /// followed by a new request when their `unsubscribed` arrives: see `presence`.)
     pub fn connected(&mut self, clock: Clock) -> Vec<Element> {
         self.resources.clear();
         self.joined(clock)
@@ -360,7 +367,8 @@ impl Proxy {
     /// spreads a component domain over connections (ejabberd), each presence stanza of the
     /// target reaches *one* instance; periodic probes are how every instance learns every
     /// resource.
-    pub fn probe(&self) -> Element {
+    pub fn probe(&mut self) -> Element {
+        self.probed = true;
         stanza::presence(Some("probe"), &self.settings.component, &self.target)
     }
 

@@ -45,6 +45,17 @@ impl Proxy {
                 self.resources.unavailable(r);
                 None
             }
+            (Some("unsubscribed"), None) if self.probed => {
+                // Most likely the answer to a probe (Prosody's, to a non-subscriber), which
+                // cancelled the subscription request that was still pending: asked again,
+                // once per probe sent, so that it waits for the implementing client however
+                // often the target is probed. (One that denies every request gets one
+                // request per probe, never a loop.)
+                debug!("implementing client unsubscribed: asking for the subscription again");
+                self.probed = false;
+                self.resources.clear();
+                answer(Some("subscribe"))
+            }
             (Some("unavailable") | Some("error") | Some("unsubscribed"), None)
             | (Some("unsubscribed"), Some(_)) => {
                 debug!("implementing client unavailable or unsubscribed");

@@ -2003,3 +2003,24 @@ fn a_stream_lost_or_joined_starts_a_round_and_the_session_lost_ends_it() {
         "the round ends with the session"
     );
 }
+
+#[test]
+fn unsubscribed_after_a_probe_is_answered_with_a_new_subscription_request_once() {
+    let mut w = World::new();
+    let unsubscribed = "<presence type='unsubscribed' from='impl@example' to='proxy.example'/>";
+    // Right after login the probe is followed by its own subscription request.
+    assert_eq!(w.send(unsubscribed), None);
+    let _ = w.proxy.probe();
+    let again = w.send(unsubscribed).expect("asked again");
+    assert_eq!(attr(&again, "type"), "subscribe");
+    assert_eq!(attr(&again, "to"), "impl@example");
+    assert_eq!(attr(&again, "from"), "proxy.example");
+    // Once per probe: a client that denies every request is not answered in a loop.
+    assert_eq!(w.send(unsubscribed), None);
+    // From a full JID it is not the server's answer to a probe.
+    let _ = w.proxy.probe();
+    assert_eq!(
+        w.send("<presence type='unsubscribed' from='impl@example/a' to='proxy.example'/>"),
+        None
+    );
+}

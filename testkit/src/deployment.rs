@@ -100,9 +100,7 @@ impl Deployment {
 
     /// The implementing client logs in once (accepting the component's subscription, as a
     /// real one has before any production traffic) and out again; returns once the proxy
-    /// knows it is gone. From then on requests wait for it. (Without that first login, the
-    /// probes of held requests would cancel the subscription request still pending: Prosody
-    /// answers a probe from a non-subscriber with `unsubscribed` as the target.)
+    /// knows it is gone. From then on requests wait for it.
     pub async fn implementing_gone(&self, resource: &str) {
         self.implementing(resource).await.close().await;
         assert!(
