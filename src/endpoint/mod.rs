@@ -1049,7 +1049,7 @@ impl Endpoint {
             return;
         }
         self.stopping = Stopping::Closing;
-        self.proxy.refuse_held(self.now);
+        self.proxy.settle_held_at_close(self.now);
         self.transmit();
         let t = self.now.mono_ms;
         let limit = self.close_write_limit();

@@ -221,9 +221,15 @@ impl Proxy {
         self.held.len()
     }
 
-    /// The stream is about to close: every held request is refused now (queued for
-    /// [`Proxy::poll_transmit`]) rather than lost with the stream.
-    pub fn refuse_held(&mut self, clock: Clock) {
+    /// The stream is about to close: every held request leaves now (queued for
+    /// [`Proxy::poll_transmit`]) rather than being lost with the stream — refused, or, if a
+    /// resource is known (they waited for the probe round), forwarded to the pick of what is
+    /// known.
+    pub fn settle_held_at_close(&mut self, clock: Clock) {
+        if self.resources.any_eligible() {
+            self.learning_until_ms = None;
+            return;
+        }
         while let Some(h) = self.pop_held() {
             self.refuse_one_held(h, clock);
         }

@@ -831,7 +831,7 @@ fn holding_is_bounded_and_ends_with_the_stream() {
     assert_eq!(attr(&out.unwrap(), "id"), "3");
     // Closing: the held requests are answered, not lost with the stream.
     let clock = w.clock;
-    w.proxy.refuse_held(clock);
+    w.proxy.settle_held_at_close(clock);
     let out = transmitted(&mut w);
     let ids: Vec<&str> = out
         .iter()
@@ -2023,4 +2023,16 @@ fn unsubscribed_after_a_probe_is_answered_with_a_new_subscription_request_once()
         w.send("<presence type='unsubscribed' from='impl@example/a' to='proxy.example'/>"),
         None
     );
+}
+
+#[test]
+fn requests_held_for_the_round_are_forwarded_not_refused_when_the_stream_closes() {
+    let mut w = learning(Balance::Sticky, 5000).online(&["a"]);
+    let (_, v) = w.send_verdict(&get("1", "u@example/r"));
+    assert_eq!(v, Verdict::Held);
+    w.proxy.settle_held_at_close(w.clock);
+    let out = transmitted(&mut w);
+    assert_eq!(out.len(), 1);
+    assert_eq!(attr(&out[0], "to"), "impl@example/a");
+    assert_eq!(w.proxy.held(), 0);
 }
