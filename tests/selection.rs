@@ -273,12 +273,26 @@ async fn sticky_agrees_while_instances_restarted_together_are_still_learning() {
             }
         }));
     }
-    // Both instances start again together: whatever they knew is gone.
-    for p in proxies.iter_mut() {
-        p.restart();
-    }
-    for p in &proxies {
-        p.wait_sessions(1, Duration::from_secs(30));
+    // Both instances start again together: whatever they knew is gone. What is under test
+    // is instances whose probe rounds overlap: if a busy machine let more than a second pass
+    // between the restarts and the second login, they start again (the attempts are printed).
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let t = std::time::Instant::now();
+        for p in proxies.iter_mut() {
+            p.restart();
+        }
+        for p in &proxies {
+            p.wait_sessions(1, Duration::from_secs(30));
+        }
+        if t.elapsed() < Duration::from_secs(1) || attempts == 5 {
+            println!(
+                "[measured] both logged in {:?} after the restarts (attempt {attempts})",
+                t.elapsed()
+            );
+            break;
+        }
     }
     // At once, every account sends its requests, all outstanding together.
     const PER_USER: usize = 5;

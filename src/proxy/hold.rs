@@ -226,8 +226,8 @@ impl Proxy {
     /// resource is known (they waited for the probe round), forwarded to the pick of what is
     /// known.
     pub fn settle_held_at_close(&mut self, clock: Clock) {
+        self.learning_until_ms = None;
         if self.resources.any_eligible() {
-            self.learning_until_ms = None;
             return;
         }
         while let Some(h) = self.pop_held() {

@@ -405,6 +405,7 @@ impl Proxy {
         self.transmit.clear();
         self.last_probe_ms = None;
         self.learning_until_ms = None;
+        self.probed = false;
     }
 
     /// A keepalive ping for an idle stream.

@@ -109,8 +109,9 @@ impl Proxy {
             return out;
         }
         // While a probe round is under way, a pick that depends on every resource being
-        // known waits for it (see `hold`).
-        let (el, from, to) = if self.round_pending(clock.mono_ms) {
+        // known waits for it (see `hold`); and a request never overtakes one held before it
+        // (the round may have ended a moment before the timer that releases them).
+        let (el, from, to) = if self.round_pending(clock.mono_ms) || !self.held.is_empty() {
             match self.hold(el, from, to, clock) {
                 Ok(out) => return out,
                 Err(back) => back,
