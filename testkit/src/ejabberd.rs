@@ -48,6 +48,22 @@ impl Ejabberd {
         epmd_port: Option<u16>,
         extra_config: &str,
     ) -> Ejabberd {
+        Self::start_full(components, epmd_port, extra_config, None)
+    }
+
+    /// Starts ejabberd whose service listener takes direct TLS only (`tls: true`), with the
+    /// certificate and key in the one PEM file `certfile` (which the ejabberd user must be
+    /// able to read).
+    pub fn start_tls(components: &[(&str, &str)], certfile: &Path) -> Ejabberd {
+        Self::start_full(components, None, "", Some(certfile))
+    }
+
+    fn start_full(
+        components: &[(&str, &str)],
+        epmd_port: Option<u16>,
+        extra_config: &str,
+        certfile: Option<&Path>,
+    ) -> Ejabberd {
         require();
         let dir = crate::work_dir("ejabberd");
         let c2s_port = free_port();
@@ -75,6 +91,9 @@ impl Ejabberd {
                 "      \"{domain}\":\n        password: \"{secret}\"\n"
             ));
         }
+        let tls = certfile.map_or(String::new(), |f| {
+            format!("    tls: true\n    certfile: \"{}\"\n", f.display())
+        });
         let config = format!(
             r#"# written by jat-proxy's testkit
 hosts:
@@ -91,7 +110,7 @@ listen:
     port: {component_port}
     ip: "127.0.0.1"
     module: ejabberd_service
-    hosts:
+{tls}    hosts:
 {hosts}auth_method: internal
 auth_password_format: plain
 acl:

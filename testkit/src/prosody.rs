@@ -34,10 +34,41 @@ pub fn require() {
 impl Prosody {
     /// Starts Prosody with these `(component domain, secret)` pairs.
     pub fn start(components: &[(&str, &str)]) -> Prosody {
+        Self::start_full(components, None)
+    }
+
+    /// Starts Prosody whose components are reachable by direct TLS only: `mod_net_multiplex`
+    /// listens with TLS (`ssl_ports`, certificate `cert` and key `key`) and hands
+    /// `jabber:component:accept` streams to the component service, which has no plaintext
+    /// port (`component_ports = { }`). [`Prosody::component`] is the TLS port.
+    pub fn start_tls(components: &[(&str, &str)], cert: &Path, key: &Path) -> Prosody {
+        Self::start_full(components, Some((cert, key)))
+    }
+
+    fn start_full(components: &[(&str, &str)], tls: Option<(&Path, &Path)>) -> Prosody {
         require();
         let dir = crate::work_dir("prosody");
         let c2s_port = free_port();
         let component_port = free_port();
+        let (listener, modules) = match tls {
+            None => (
+                format!(
+                    "component_ports = {{ {component_port} }}\ncomponent_interfaces = {{ \"127.0.0.1\" }}\n"
+                ),
+                "",
+            ),
+            Some((cert, key)) => (
+                format!(
+                    "component_ports = {{ }}\nssl = {{ certificate = \"{}\"; key = \"{}\"; }}\n\
+                     ssl_ports = {{ {component_port} }}\nssl_interfaces = {{ \"127.0.0.1\" }}\n\
+                     certificates = \"{}\"\n",
+                    cert.display(),
+                    key.display(),
+                    dir.display()
+                ),
+                " \"net_multiplex\";",
+            ),
+        };
         let mut config = format!(
             r#"-- written by jat-proxy's testkit
 run_as_root = true
@@ -48,9 +79,7 @@ log = {{ {level} = "{dir}/prosody.log"; }}
 interfaces = {{ "127.0.0.1" }}
 c2s_ports = {{ {c2s_port} }}
 c2s_interfaces = {{ "127.0.0.1" }}
-component_ports = {{ {component_port} }}
-component_interfaces = {{ "127.0.0.1" }}
-modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix"; }}
+{listener}modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix";{modules} }}
 modules_disabled = {{ "s2s"; "offline"; }}
 c2s_require_encryption = false
 s2s_require_encryption = false
