@@ -453,3 +453,104 @@ fn gap_ms(log: &str) -> Option<u64> {
         .find(|t| *t >= from)?;
     Some(((to - from) * 1000.0) as u64)
 }
+
+/// A cluster node's two listeners for one domain, as docs/tls.md sets them up: plaintext on
+/// loopback, direct TLS for the other hosts; one instance lists both (a mixed `server` list).
+/// An in-place upgrade under load hands the plaintext stream over and closes the TLS one,
+/// which the new process logs in anew; ejabberd routes to the stream that stays meanwhile,
+/// and what it still routed to the TLS stream after our footer is answered on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejabberd_mixed_streams_an_upgrade_keeps_serving() {
+    testkit::ejabberd::require();
+    let pki = testkit::work_dir("tls-pki");
+    let ca = Ca::new("jat test CA");
+    let ca_file = ca.write(&pki, "ca");
+    let leaf = ca.issue(&pki, "server", NAMES);
+    let ejabberd = Ejabberd::start_mixed(&[(COMPONENT, SECRET)], &leaf.both);
+    for u in ["impl", "user"] {
+        ejabberd.register(u, "pw");
+    }
+    let bin = testkit::work_dir("tls-upgrade-bin");
+    install_build(&binary(), &bin.join("jat-proxy"), 0);
+    let tls_addr = ejabberd.component_tls.expect("a TLS listener");
+    let cfg = config(
+        ejabberd.dir(),
+        "jat-proxy.toml",
+        &format!(
+            "[\"{}\", {}]",
+            ejabberd.component,
+            tls_server(tls_addr, &ca_file, "")
+        ),
+    );
+    let proxy = ProxyProcess::start(&bin.join("jat-proxy"), &cfg);
+    proxy.wait_sessions(2, Duration::from_secs(30));
+    let pid = proxy.pid();
+    let answering =
+        answer_everything(implementing_at(ejabberd.c2s, "a", std::slice::from_ref(&proxy)).await);
+    let mut user = Client::login(
+        ejabberd.c2s,
+        "localhost",
+        "user",
+        "pw",
+        "u",
+        Answer::Nothing,
+    )
+    .await;
+    let build = install_build(&binary(), &bin.join("jat-proxy"), 1);
+    let mut tally = testkit::load::Tally::default();
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut signalled = false;
+    while start.elapsed() < Duration::from_secs(8) {
+        tokio::select! {
+            _ = tick.tick() => {
+                let id = format!("U{}", tally.sent.len());
+                user.send_xml(&request(&id));
+                tally.sent.push((id, start.elapsed()));
+            }
+            Some(r) = user.recv_where(Duration::from_millis(2), |e| e.name() == "iq") => tally.take(r),
+        }
+        if !signalled && start.elapsed() >= Duration::from_secs(2) {
+            proxy.signal("USR2");
+            signalled = true;
+        }
+    }
+    while tally.answers.len() < tally.sent.len() {
+        match user
+            .recv_where(Duration::from_secs(3), |e| e.name() == "iq")
+            .await
+        {
+            Some(r) => tally.take(r),
+            None => break,
+        }
+    }
+    proxy.wait_sessions(3, WAIT);
+    let log = proxy.log();
+    assert_eq!(proxy.pid(), pid);
+    assert!(
+        lines_with(&log, "running build")
+            .last()
+            .is_some_and(|l| l.contains(&build)),
+        "{log}"
+    );
+    // The plaintext stream went over; the TLS one was closed and logged in to anew.
+    assert_eq!(lines_with(&log, "upgraded in place").len(), 1, "{log}");
+    assert_eq!(lines_with(&log, "closing the TLS stream").len(), 1, "{log}");
+    let (results, errors, lost) = tally.all();
+    testkit::report(&format!(
+        "ejabberd, a plaintext and a TLS stream: an upgrade under 50 requests/s: {} sent, \
+         {results} results, errors {errors:?}, {} unanswered; from closing the TLS stream to \
+         its new login: {:?} ms",
+        tally.sent.len(),
+        lost.len(),
+        gap_ms(&log)
+    ));
+    assert!(
+        errors.is_empty() && lost.is_empty(),
+        "{errors:?} {lost:?}\n{log}"
+    );
+    answering.abort();
+    drop(proxy);
+    testkit::discard_work_dir(&bin, "binaries");
+    testkit::discard_work_dir(&pki, "pki");
+}

@@ -787,6 +787,13 @@ impl Endpoint {
     /// Handles every complete frame link `i`'s reader holds, as its phase says.
     fn frames(&mut self, i: LinkId) {
         loop {
+            // While an upgrade closes a TLS stream (not at shutdown), what its server still
+            // routes to it after our footer is handled and answered on another stream, if one
+            // is up, rather than dropped: any stream reaches the whole cluster.
+            let relay = (self.stopping == Stopping::No)
+                .then(|| self.out_link())
+                .flatten();
+            let mut relayed = None;
             let Some(open) = self.links.get_mut(i).and_then(Link::open_mut) else {
                 return;
             };
@@ -826,17 +833,27 @@ impl Endpoint {
                     },
                     frame,
                 ) => match frame {
-                    Frame::Stanza(Inbound::Element(el)) if el.has_ns(NS) => *dropped += 1,
-                    Frame::Stanza(Inbound::Oversized(_)) => *dropped += 1,
+                    Frame::Stanza(inbound) if routed(&inbound) => match relay {
+                        Some(j) => relayed = Some((j, inbound)),
+                        None => *dropped += 1,
+                    },
                     Frame::Footer => *footer = true,
                     _ => {}
                 },
                 (Phase::Footer { dropped, .. }, frame) => match frame {
-                    Frame::Stanza(Inbound::Element(el)) if el.has_ns(NS) => *dropped += 1,
-                    Frame::Stanza(Inbound::Oversized(_)) => *dropped += 1,
+                    Frame::Stanza(inbound) if routed(&inbound) => match relay {
+                        Some(j) => relayed = Some((j, inbound)),
+                        None => *dropped += 1,
+                    },
                     Frame::Footer => return self.finish(i),
                     _ => {}
                 },
+            }
+            if let Some((j, inbound)) = relayed {
+                debug!(server = %self.links[i].server, "routed here after our footer: answered on another stream");
+                let outcome = self.proxy.handle(inbound, self.now, &mut *self.rng);
+                self.outcome(j, outcome);
+                self.transmit();
             }
             if matches!(
                 self.links[i].open().map(|o| &o.phase),
@@ -1291,6 +1308,14 @@ enum Failure {
     Login(LoginError),
     LoginTimedOut,
     Lost(StreamLost),
+}
+
+/// Whether a frame is a stanza the server routed to us (not stream-level).
+fn routed(inbound: &Inbound) -> bool {
+    match inbound {
+        Inbound::Element(el) => el.has_ns(NS),
+        Inbound::Oversized(_) => true,
+    }
 }
 
 /// A stream error's conditions and text, for the log.
