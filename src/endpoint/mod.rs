@@ -943,7 +943,14 @@ impl Endpoint {
         };
         if login {
             let silent = link.open().is_none_or(|o| !o.heard) && link.tls.is_none();
+            let in_handshake = link
+                .open()
+                .and_then(|o| o.tls.as_ref())
+                .filter(|t| t.handshaking());
             let why = match f {
+                Failure::Io(Io::Eof | Io::Read(_)) if in_handshake.is_some() => {
+                    LoginError::Tls(in_handshake.expect("checked").closed_in_handshake())
+                }
                 Failure::Io(e @ (Io::Eof | Io::Read(_))) if silent && link.open().is_some() => {
                     LoginError::ClosedSilently(e)
                 }

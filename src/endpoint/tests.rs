@@ -1066,6 +1066,18 @@ fn tls_and_plaintext_listeners_mixed_up_are_said_so() {
         why.contains("answered in plain XML: its listener has no TLS"),
         "{why}"
     );
+    // A TLS listener that closes during the handshake (ejabberd without a `certfile`).
+    t.advance(t.ep.poll_timeout().unwrap() - t.now.mono_ms);
+    t.ep.connected(0, t.now);
+    t.ep.wrote(0, t.ep.poll_transmit(0).len(), t.now);
+    t.ep.closed(0, Io::Eof, t.now);
+    let why = t.login_failure();
+    assert!(matches!(why, LoginError::Tls(_)), "{why:?}");
+    assert!(
+        why.to_string()
+            .contains("closed the connection during the TLS handshake"),
+        "{why}"
+    );
     // Plaintext to a TLS listener: ejabberd closes without a byte, Prosody resets; a
     // listener that answers sends a TLS alert record.
     let mut t = T::new(1);
@@ -1187,6 +1199,9 @@ fn an_upgrade_closes_the_tls_streams_and_hands_over_the_others() {
     t.take_events();
     t.ep.signal(Signal::Upgrade, t.now);
     t.ep.upgrade_checked(Ok(vec![1, 2]), t.now);
+    // The wait for a handover point allows for the TLS close: 5 s, and drain 1 s, write 5 s,
+    // footer 2 s.
+    assert_eq!(t.ep.upgrade.timeout(), Some(t.now.mono_ms + 13_000));
     // The TLS stream is drained (what arrives is answered), then closed with footers.
     let ev = t.take_events();
     assert!(

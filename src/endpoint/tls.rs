@@ -95,6 +95,21 @@ impl TlsLayer {
         Ok(())
     }
 
+    /// Whether the TLS handshake is still under way.
+    pub(crate) fn handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    /// What a connection closed during the handshake means.
+    pub(crate) fn closed_in_handshake(&self) -> TlsFailure {
+        self.failure(
+            "the server closed the connection during the TLS handshake (ejabberd does that \
+             when the listener has no `certfile`, or the file holds no key)"
+                .into(),
+            false,
+        )
+    }
+
     /// The ciphertext waiting to be written.
     pub(crate) fn pending(&self) -> &[u8] {
         &self.tx[self.tx_sent..]

@@ -5,7 +5,7 @@
 
 use tracing::{info, warn};
 
-use super::link::{DRAIN_LIMIT_MS, History, Open, Phase, State, Up};
+use super::link::{DRAIN_LIMIT_MS, FOOTER_WAIT_MS, History, Open, Phase, State, Up};
 use super::{Clock, Endpoint, Event, LinkId, Notify};
 use crate::stream::{ReadError, Reader, Writer};
 use crate::upgrade::{Record, StreamRecord, format_for};
@@ -26,6 +26,9 @@ pub(crate) enum Upgrade {
     Waiting {
         since: u64,
         reads: Vec<u16>,
+        /// How long it may wait: [`HANDOVER_WAIT_MS`], and with TLS streams to close first,
+        /// the longest their close may take.
+        limit: u64,
     },
     /// Handed over: the shell `exec`s.
     Exec,
@@ -34,7 +37,7 @@ pub(crate) enum Upgrade {
 impl Upgrade {
     pub(crate) fn timeout(&self) -> Option<u64> {
         match self {
-            Upgrade::Waiting { since, .. } => Some(since + HANDOVER_WAIT_MS),
+            Upgrade::Waiting { since, limit, .. } => Some(since + limit),
             _ => None,
         }
     }
@@ -84,9 +87,16 @@ impl Endpoint {
         });
         match accepted {
             Ok(reads) => {
+                let tls = self.links.iter().any(|l| l.tls.is_some());
                 self.upgrade = Upgrade::Waiting {
                     since: now.mono_ms,
                     reads,
+                    limit: HANDOVER_WAIT_MS
+                        + if tls {
+                            DRAIN_LIMIT_MS + self.close_write_limit() + FOOTER_WAIT_MS
+                        } else {
+                            0
+                        },
                 }
             }
             Err(why) => {
@@ -202,9 +212,12 @@ impl Endpoint {
             .timeout()
             .is_some_and(|t| t <= self.now.mono_ms)
         {
+            let limit = match &self.upgrade {
+                Upgrade::Waiting { limit, .. } => *limit,
+                _ => HANDOVER_WAIT_MS,
+            };
             warn!(
-                "upgrade abandoned: the streams were never at a point they could be handed over at (a stanza over the limit streaming in, or output the server did not take) within {} ms; still serving",
-                HANDOVER_WAIT_MS
+                "upgrade abandoned: the streams were never at a point they could be handed over at (a stanza over the limit streaming in, output the server did not take, or a TLS stream not closed) within {limit} ms; still serving"
             );
             self.upgrade_over();
         }
