@@ -103,6 +103,18 @@ fn main() -> ExitCode {
     for d in &config.deprecated {
         warn!("{d}");
     }
+    // A stream without TLS to another host crosses the network in clear (issue 19).
+    for s in config
+        .component
+        .servers
+        .iter()
+        .filter(|s| s.tls.is_none() && !s.is_loopback())
+    {
+        warn!(
+            server = %s.address,
+            "this server is not on loopback and its stream has no TLS: the handshake digest, every stanza and every sender address cross the network in clear; set `tls = true` for it (README, \"TLS\")"
+        );
+    }
     if let Some(Command::Check) = command {
         return match keys::load_or_create(&config.keys.key_file, &mut rng, now) {
             Ok(_) => {

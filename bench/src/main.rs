@@ -7,7 +7,11 @@
 //! same server:
 //!
 //! 1. **direct**: senders → the implementing client's full JIDs (no proxy): the ceiling;
-//! 2. **proxied**: senders → jat-proxy → implementing client.
+//! 2. **proxied**: senders → jat-proxy → implementing client;
+//! 3. with `--tls`, **proxied-tls**: the same through a second jat-proxy instance, for a
+//!    second component domain ([`TLS_COMPONENT`]), whose stream to the same server is direct
+//!    TLS (ejabberd's `tls: true` listener, Prosody's `mod_net_multiplex`), with a CA made
+//!    for the run.
 //!
 //! For each: requests/s, latency percentiles, CPU seconds of the server (its whole process
 //! tree) and of jat-proxy (all instances) per 1000 requests (from /proc), jat-proxy's RSS
@@ -26,7 +30,10 @@ use testkit::Prosody;
 use testkit::client::{Answer, Client, reply_to};
 use testkit::deployment::{COMPONENT, SECRET, rss_kib};
 use testkit::ejabberd::Ejabberd;
-use testkit::proxy::{ConfigSpec, ProxyProcess, write_config};
+use testkit::proxy::{ConfigSpec, ProxyProcess, write_config, write_config_server};
+
+/// The component domain of the TLS instance (`--tls`).
+const TLS_COMPONENT: &str = "proxytls.localhost";
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -69,6 +76,10 @@ struct Args {
     /// requests) and report them summed: on a shared machine, both then see the same load.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Also measure the same flow through a jat-proxy instance whose stream is direct TLS
+    /// (a third phase, `proxied-tls`, in every round; `--flow iq`, one instance).
+    #[arg(long)]
+    tls: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -99,10 +110,25 @@ enum Server {
 }
 
 impl Server {
-    fn start(kind: ServerKind) -> Server {
-        match kind {
-            ServerKind::Prosody => Server::Prosody(Prosody::start(&[(COMPONENT, SECRET)])),
-            ServerKind::Ejabberd => Server::Ejabberd(Ejabberd::start(&[(COMPONENT, SECRET)])),
+    fn start(kind: ServerKind, tls: Option<&testkit::pki::Leaf>) -> Server {
+        let both = [(COMPONENT, SECRET), (TLS_COMPONENT, SECRET)];
+        match (kind, tls) {
+            (ServerKind::Prosody, None) => Server::Prosody(Prosody::start(&[(COMPONENT, SECRET)])),
+            (ServerKind::Ejabberd, None) => {
+                Server::Ejabberd(Ejabberd::start(&[(COMPONENT, SECRET)]))
+            }
+            (ServerKind::Prosody, Some(l)) => {
+                Server::Prosody(Prosody::start_mixed(&both, &l.cert, &l.key))
+            }
+            (ServerKind::Ejabberd, Some(l)) => {
+                Server::Ejabberd(Ejabberd::start_mixed(&both, &l.both))
+            }
+        }
+    }
+    fn component_tls(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Server::Prosody(p) => p.component_tls,
+            Server::Ejabberd(e) => e.component_tls,
         }
     }
     fn name(&self) -> &'static str {
@@ -195,6 +221,10 @@ struct Report<'a> {
     phases: &'a [Phase],
     proxied_over_direct_throughput: f64,
     proxy_cpu_over_server_cpu_per_request: f64,
+    /// With `--tls`: proxied-tls over proxied, throughput.
+    tls_over_plain_throughput: Option<f64>,
+    /// With `--tls`: proxied-tls over proxied, jat-proxy CPU per request.
+    tls_over_plain_proxy_cpu_per_request: Option<f64>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -211,7 +241,19 @@ async fn main() {
         eprintln!("jat-bench: --instances must be 1, or more with --server ejabberd");
         std::process::exit(2);
     }
-    let server = Server::start(args.server);
+    if args.tls && (args.instances != 1 || args.flow != Flow::Iq) {
+        eprintln!("jat-bench: --tls takes --instances 1 and --flow iq");
+        std::process::exit(2);
+    }
+    // A CA and a listener certificate made for the run.
+    let pki = args.tls.then(|| {
+        let dir = testkit::work_dir("bench-pki");
+        let ca = testkit::pki::Ca::new("jat-bench CA");
+        let ca_file = ca.write(&dir, "ca");
+        let leaf = ca.issue(&dir, "server", &["localhost", COMPONENT, TLS_COMPONENT]);
+        (dir, ca_file, leaf)
+    });
+    let server = Server::start(args.server, pki.as_ref().map(|(_, _, l)| l));
     server.register("impl");
     for i in 0..args.senders {
         server.register(&format!("s{i}"));
@@ -235,6 +277,40 @@ async fn main() {
         .collect();
     wait_for_login(&server, args.instances);
     let proxy_pids: Vec<u32> = proxies.iter().map(ProxyProcess::pid).collect();
+    // The TLS instance: its own domain, on the server's direct-TLS listener.
+    let tls_proxy = pki.as_ref().map(|(_, ca_file, _)| {
+        let addr = server.component_tls().expect("a TLS listener");
+        let config = write_config_server(
+            server.dir(),
+            "jat-proxy-tls.toml",
+            &ConfigSpec {
+                component: TLS_COMPONENT,
+                server: addr,
+                also: &[],
+                secret: SECRET,
+                target: "impl@localhost",
+                key_file: &server.dir().join("keys-tls.toml"),
+                proxy_extra: "",
+                extra: "\n[limits]\nrate_per_sender = 1000000.0\nrate_burst = 1000000\n",
+            },
+            &format!(
+                "{{ address = \"{addr}\", tls = true, name = \"{TLS_COMPONENT}\", ca = \"{}\" }}",
+                ca_file.display()
+            ),
+        );
+        let p = ProxyProcess::start_with_log(&args.proxy_bin, &config, "warn");
+        let up = testkit::wait_until(Duration::from_secs(30), || {
+            (server.component_logins() > args.instances || server_has_tls_login(&server))
+                .then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "the TLS instance did not log in:\n{}",
+            p.log()
+        );
+        p
+    });
+    let tls_pids: Vec<u32> = tls_proxy.iter().map(ProxyProcess::pid).collect();
 
     // The implementing client: every resource answers every request at once.
     let stop = Arc::new(AtomicBool::new(false));
@@ -298,6 +374,9 @@ async fn main() {
         // stanza).
         warm_up(&mut senders[0], COMPONENT, 20 * args.instances).await;
         warm_up(&mut senders[0], "impl@localhost/r0", 1).await;
+        if args.tls {
+            warm_up(&mut senders[0], TLS_COMPONENT, 20).await;
+        }
         let direct = (0..args.resources)
             .map(|r| format!("impl@localhost/r{r}"))
             .collect();
@@ -305,7 +384,8 @@ async fn main() {
     };
     let proxied_n = args.proxied_requests.unwrap_or(args.requests);
     let rounds = args.rounds.max(1);
-    let (mut directs, mut proxieds) = (Vec::new(), Vec::new());
+    let (mut directs, mut proxieds, mut tlss) = (Vec::new(), Vec::new(), Vec::new());
+    let tls_targets = vec![TLS_COMPONENT.to_string()];
     for _ in 0..rounds {
         let (s, direct) = run_phase(
             "direct",
@@ -328,6 +408,20 @@ async fn main() {
         )
         .await;
         senders = s;
+        if args.tls {
+            let (s, tls) = run_phase(
+                "proxied-tls",
+                senders,
+                &tls_targets,
+                &args,
+                proxied_n / rounds,
+                server.pid(),
+                &tls_pids,
+            )
+            .await;
+            senders = s;
+            tlss.push(tls);
+        }
         directs.push(direct);
         proxieds.push(proxied);
     }
@@ -338,7 +432,17 @@ async fn main() {
         .map(|(d, p)| format!("{:.2}", p.requests_per_second / d.requests_per_second))
         .collect();
 
-    let phases = [merge(directs), merge(proxieds)];
+    let mut phases = vec![merge(directs), merge(proxieds)];
+    if !tlss.is_empty() {
+        phases.push(merge(tlss));
+    }
+    let tls_ratios = phases.get(2).map(|t| {
+        (
+            t.requests_per_second / phases[1].requests_per_second,
+            t.proxy_cpu_s_per_1000 / phases[1].proxy_cpu_s_per_1000,
+            t.server_cpu_s_per_1000 / phases[1].server_cpu_s_per_1000,
+        )
+    });
     let ratio_tput = phases[1].requests_per_second / phases[0].requests_per_second;
     let server_per_req = phases[1].server_cpu_s_per_1000;
     let ratio_cpu = if server_per_req > 0.0 {
@@ -381,6 +485,14 @@ async fn main() {
             per_round.join(" ")
         );
     }
+    if let Some((tput, cpu, server_cpu)) = tls_ratios {
+        println!("proxied-tls / proxied throughput:            {tput:.3}");
+        println!("proxied-tls / proxied jat-proxy CPU per req: {cpu:.3}");
+        println!(
+            "proxied-tls / proxied {} CPU per req: {server_cpu:>7.3}",
+            server.name()
+        );
+    }
     let report = Report {
         machine: machine(),
         server: args.server,
@@ -393,6 +505,8 @@ async fn main() {
         phases: &phases,
         proxied_over_direct_throughput: ratio_tput,
         proxy_cpu_over_server_cpu_per_request: ratio_cpu,
+        tls_over_plain_throughput: tls_ratios.map(|r| r.0),
+        tls_over_plain_proxy_cpu_per_request: tls_ratios.map(|r| r.1),
     };
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
@@ -403,11 +517,23 @@ async fn main() {
         println!("chart written to {}", path.display());
     }
     // Stopped cleanly, so that a profiler wrapped around it (--proxy-bin) writes its output.
+    let proxies: Vec<ProxyProcess> = proxies.into_iter().chain(tls_proxy).collect();
     for p in &proxies {
         p.signal("TERM");
     }
     for mut p in proxies {
         let _ = p.wait_exit(Duration::from_secs(30));
+    }
+    if let Some((dir, _, _)) = pki {
+        testkit::discard_work_dir(&dir, "pki");
+    }
+}
+
+/// Whether the server logged the TLS instance's login (ejabberd names the domain).
+fn server_has_tls_login(server: &Server) -> bool {
+    match server {
+        Server::Prosody(_) => false,
+        Server::Ejabberd(e) => e.component_logins(TLS_COMPONENT) > 0,
     }
 }
 
@@ -671,7 +797,7 @@ fn merge(parts: Vec<Phase>) -> Phase {
 
 fn print_table(phases: &[Phase]) {
     println!(
-        "{:<8} {:>9} {:>6} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>14} {:>14}",
+        "{:<11} {:>9} {:>6} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>14} {:>14}",
         "phase",
         "requests",
         "errors",
@@ -685,13 +811,13 @@ fn print_table(phases: &[Phase]) {
         "jat-proxy CPU s"
     );
     println!(
-        "{:<8} {:>9} {:>6} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>14} {:>14}",
+        "{:<11} {:>9} {:>6} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>14} {:>14}",
         "", "", "", "", "", "", "", "", "", "per 1000 req", "per 1000 req"
     );
     for p in phases {
         let ms = |us: u64| us as f64 / 1000.0;
         println!(
-            "{:<8} {:>9} {:>6} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>14.3} {:>14.3}",
+            "{:<11} {:>9} {:>6} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>14.3} {:>14.3}",
             p.name,
             p.requests,
             p.errors,
@@ -756,7 +882,7 @@ fn draw(path: &Path, phases: &[Phase], args: &Args, server: &str) {
         .y_desc("latency (ms)")
         .draw()
         .unwrap();
-    for (p, color) in phases.iter().zip([BLUE, RED]) {
+    for (p, color) in phases.iter().zip([BLUE, RED, GREEN]) {
         let n = p.sorted_latencies_us.len();
         if n == 0 {
             continue;

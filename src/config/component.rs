@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 
 use super::error::Invalid;
 use super::range;
+use super::tls::{RawServer, Server};
 
 /// Name of the environment variable that may hold the component secret.
 pub const SECRET_ENV: &str = "JAT_PROXY_SECRET";
@@ -22,10 +23,10 @@ pub const MAX_SERVERS: usize = 16;
 pub struct Component {
     /// The component's domain, normalised (`proxy.example`).
     pub jid: String,
-    /// `host:port` of each XEP-0114 listener the session keeps a connection to, all serving
-    /// the component's domain: one server, or every node of an ejabberd cluster (`server`
-    /// is a string or a list).
-    pub servers: Vec<String>,
+    /// Each XEP-0114 listener the session keeps a connection to (`host:port`, and TLS if
+    /// configured), all serving the component's domain: one server, or every node of an
+    /// ejabberd cluster (`server` is an entry or a list of entries).
+    pub servers: Vec<Server>,
     /// The component secret shared with the server (empty until
     /// [`Config::resolve_secret`](super::Config::resolve_secret) when it comes from a file or
     /// the environment).
@@ -54,20 +55,14 @@ pub enum SecretSource {
     Env,
 }
 
-/// `server = "host:port"` or `server = ["host:port", ...]`.
-#[derive(Deserialize)]
-#[serde(untagged, expecting = "a string or a list of strings")]
-enum RawServers {
-    One(String),
-    Many(Vec<String>),
-}
-
 /// `[component]` as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawComponent {
     jid: String,
-    server: RawServers,
+    /// `"host:port"`, a table (`{ address = "host:port", tls = true, ... }`), or a list of
+    /// either (read by [`RawServer::read`], which names the entry at fault).
+    server: toml::Value,
     secret: Option<Zeroizing<String>>,
     secret_file: Option<PathBuf>,
     #[serde(default)]
@@ -116,7 +111,7 @@ impl RawComponent {
                 )
             })?
             .to_string();
-        let servers = self.servers()?;
+        let servers = self.servers(&jid)?;
         let (secret, secret_source) = self.secret()?;
         Ok(Component {
             jid,
@@ -142,36 +137,51 @@ impl RawComponent {
         })
     }
 
-    fn servers(&self) -> Result<Vec<String>, Invalid> {
-        let (servers, listed) = match &self.server {
-            RawServers::One(s) => (vec![s.clone()], false),
-            RawServers::Many(v) => (v.clone(), true),
+    fn servers(&self, domain: &str) -> Result<Vec<Server>, Invalid> {
+        const KEY: &str = "component.server";
+        let entries: Vec<(String, &toml::Value)> = match &self.server {
+            toml::Value::Array(v) => v
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (format!("{KEY}[{i}]"), e))
+                .collect(),
+            toml::Value::String(_) | toml::Value::Table(_) => vec![(KEY.to_owned(), &self.server)],
+            _ => {
+                return Err(Invalid::new(
+                    KEY,
+                    "wrong type, expected a string (host:port), a table with `address`, or a list of them",
+                ));
+            }
         };
-        if servers.is_empty() || servers.len() > MAX_SERVERS {
+        if entries.is_empty() || entries.len() > MAX_SERVERS {
             return Err(Invalid::new(
-                "component.server",
+                KEY,
                 format!("give one to {MAX_SERVERS} listeners (host:port)"),
             ));
         }
-        for (i, server) in servers.iter().enumerate() {
-            let key = if listed {
-                format!("component.server[{i}]")
+        let mut servers: Vec<Server> = Vec::with_capacity(entries.len());
+        for (key, value) in &entries {
+            let raw = RawServer::read(value, key)?;
+            let address = raw.address();
+            let at = if matches!(raw, RawServer::Table(_)) {
+                format!("{key}.address")
             } else {
-                "component.server".to_owned()
+                key.clone()
             };
-            match server.rsplit_once(':') {
+            match address.rsplit_once(':') {
                 Some((host, port))
                     if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
                 _ => {
                     return Err(Invalid::new(
-                        key,
+                        at,
                         "not host:port (expected e.g. \"127.0.0.1:5347\")",
                     ));
                 }
             }
-            if servers[..i].contains(server) {
-                return Err(Invalid::new(key, "listed twice"));
+            if servers.iter().any(|s| s.address == address) {
+                return Err(Invalid::new(at, "listed twice"));
             }
+            servers.push(raw.validate(key, domain)?);
         }
         Ok(servers)
     }
@@ -267,13 +277,21 @@ mod tests {
     #[test]
     fn server_is_one_listener_or_a_list() {
         let c = parse_str(GOOD).unwrap();
-        assert_eq!(c.component.servers, ["127.0.0.1:5347"]);
+        let addresses = |c: &super::super::Config| -> Vec<String> {
+            c.component
+                .servers
+                .iter()
+                .map(|s| s.address.clone())
+                .collect()
+        };
+        assert_eq!(addresses(&c), ["127.0.0.1:5347"]);
+        assert!(c.component.servers[0].tls.is_none());
         let two = GOOD.replace(
             "server = \"127.0.0.1:5347\"",
             "server = [\"127.0.0.1:5347\", \"10.0.0.2:5347\"]",
         );
         let c = parse_str(&two).unwrap();
-        assert_eq!(c.component.servers, ["127.0.0.1:5347", "10.0.0.2:5347"]);
+        assert_eq!(addresses(&c), ["127.0.0.1:5347", "10.0.0.2:5347"]);
         for (to, key, line, says) in [
             (
                 "server = [\"127.0.0.1:5347\",\n  \"nope\"]",
@@ -292,7 +310,7 @@ mod tests {
                 "server = 5347",
                 "component.server",
                 4,
-                "a string or a list of strings",
+                "expected a string (host:port), a table with `address`, or a list of them",
             ),
         ] {
             let e = parse_str(&GOOD.replace("server = \"127.0.0.1:5347\"", to)).unwrap_err();
@@ -300,6 +318,118 @@ mod tests {
             assert_eq!(e.line, Some(line), "{e}");
             assert!(e.to_string().contains(says), "{e}");
         }
+    }
+
+    #[test]
+    fn a_server_entry_may_be_a_table_with_tls() {
+        use rustls::pki_types::ServerName;
+        let dir = std::env::temp_dir().join(format!("jat-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let with = |to: &str| GOOD.replace("server = \"127.0.0.1:5347\"", to);
+        // A table without TLS; a list mixing strings and tables; the default names.
+        let c = parse_str(&with("server = { address = \"10.0.0.2:5347\" }")).unwrap();
+        assert!(c.component.servers[0].tls.is_none());
+        let text = with(&format!(
+            "server = [\"127.0.0.1:5347\", {{ address = \"10.0.0.2:5347\", tls = true, ca = \"{}\" }},\n  {{ address = \"xmpp.example:5347\", tls = true, ca = \"{}\" }},\n  {{ address = \"10.0.0.3:5347\", tls = true, name = \"other.example\", ca = \"{}\" }}]",
+            ca.display(),
+            ca.display(),
+            ca.display()
+        ));
+        let c = parse_str(&text).unwrap();
+        let s = &c.component.servers;
+        assert!(s[0].tls.is_none());
+        let name = |i: usize| s[i].tls.as_ref().unwrap().name.clone();
+        // An IP address: the component's domain; a DNS name: itself; or as given.
+        assert_eq!(name(1), ServerName::try_from("proxy.localhost").unwrap());
+        assert_eq!(name(2), ServerName::try_from("xmpp.example").unwrap());
+        assert_eq!(name(3), ServerName::try_from("other.example").unwrap());
+        assert_eq!(s[1].tls.as_ref().unwrap().ca.as_deref(), Some(ca.as_path()));
+        // Mistakes, each named and placed.
+        let missing = dir.join("missing.pem");
+        for (to, key, line, says) in [
+            (
+                "server = { address = \"10.0.0.2:5347\", tsl = true }".to_owned(),
+                "component.server.tsl",
+                4,
+                "unknown key, expected one of `address`, `tls`",
+            ),
+            (
+                "server = { tls = true }".to_owned(),
+                "component.server",
+                4,
+                "missing `address`",
+            ),
+            (
+                "server = [\"127.0.0.1:5347\",\n { address = \"10.0.0.2:5347\", tls = \"yes\" }]"
+                    .to_owned(),
+                "component.server[1].tls",
+                5,
+                "expected a boolean",
+            ),
+            (
+                "server = { address = \"10.0.0.2:5347\", name = \"x.example\" }".to_owned(),
+                "component.server.name",
+                4,
+                "only with `tls = true`",
+            ),
+            (
+                "server = { address = \"10.0.0.2\", tls = true }".to_owned(),
+                "component.server.address",
+                4,
+                "not host:port",
+            ),
+            (
+                format!(
+                    "server = [\"10.0.0.2:5347\",\n {{ address = \"10.0.0.2:5347\", tls = true, ca = \"{}\" }}]",
+                    ca.display()
+                ),
+                "component.server[1].address",
+                5,
+                "listed twice",
+            ),
+            (
+                format!(
+                    "server = {{ address = \"10.0.0.2:5347\", tls = true, name = \"a b\", ca = \"{}\" }}",
+                    ca.display()
+                ),
+                "component.server.name",
+                4,
+                "not a DNS name or an IP address",
+            ),
+            (
+                format!(
+                    "server = {{ address = \"10.0.0.2:5347\", tls = true, ca = \"{}\" }}",
+                    missing.display()
+                ),
+                "component.server.ca",
+                4,
+                "cannot read the CA file",
+            ),
+            (
+                format!(
+                    "server = {{ address = \"10.0.0.2:5347\", tls = true, ca = \"{}\" }}",
+                    not_pem.display()
+                ),
+                "component.server.ca",
+                4,
+                "holds no certificate",
+            ),
+        ] {
+            let e = parse_str(&with(&to)).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert_eq!(e.line, Some(line), "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

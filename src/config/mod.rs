@@ -24,6 +24,7 @@ mod metrics;
 mod policy;
 mod proxy;
 mod range;
+mod tls;
 
 pub use component::{Component, MAX_SERVERS, SECRET_ENV, SecretSource};
 use error::Invalid;
@@ -31,6 +32,7 @@ pub use error::{FileError, FileKind};
 pub use keys::KeysConfig;
 pub use memory::{MEMORY_CEILING, MemoryBound};
 pub use metrics::MetricsConfig;
+pub use tls::{Server, Tls, client_config, name_text};
 
 use crate::inbound::Limits;
 use crate::proxy::Settings;

@@ -3,9 +3,11 @@
 //! failed or a stream was lost, typed, with the texts the log has always had.
 
 use crate::backoff::Backoff;
+use crate::config::Tls;
 use crate::stream::{ReadError, Reader, Writer};
 
 use super::output::Output;
+use super::tls::TlsLayer;
 
 /// Time allowed for TCP connect, stream header and handshake together.
 pub(crate) const LOGIN_TIMEOUT_MS: u64 = 15_000;
@@ -62,6 +64,40 @@ pub enum LoginError {
     Refused(String),
     /// The server closed the stream during the login.
     Eof,
+    /// The server's certificate does not verify (`tls = true`).
+    Certificate(TlsFailure),
+    /// TLS failed otherwise: an alert from the server, or a listener without TLS.
+    Tls(TlsFailure),
+    /// A plaintext link's connection was closed before the server sent a byte (what a TLS
+    /// listener does to a client that does not speak TLS).
+    ClosedSilently(Io),
+}
+
+/// Why TLS with a server failed: the server (its address), the name verified, the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFailure {
+    /// The server's address.
+    pub server: String,
+    /// The name its certificate is verified for.
+    pub name: String,
+    /// What went wrong.
+    pub reason: String,
+    /// Whether the certificate did not verify.
+    pub certificate: bool,
+}
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.certificate {
+            write!(
+                f,
+                "TLS refused: the certificate of {} does not verify for {}: {}",
+                self.server, self.name, self.reason
+            )
+        } else {
+            write!(f, "TLS with {} failed: {}", self.server, self.reason)
+        }
+    }
 }
 
 impl std::fmt::Display for LoginError {
@@ -74,6 +110,12 @@ impl std::fmt::Display for LoginError {
             LoginError::StreamError(e) => write!(f, "stream error: {e}"),
             LoginError::Refused(e) => write!(f, "server refused the handshake: {e}"),
             LoginError::Eof => write!(f, "unexpected end of file"),
+            LoginError::Certificate(t) | LoginError::Tls(t) => write!(f, "{t}"),
+            LoginError::ClosedSilently(e) => write!(
+                f,
+                "{e} before the server sent anything (a TLS listener does that to a plaintext \
+                 client: set `tls = true` for this server if its listener is TLS)"
+            ),
         }
     }
 }
@@ -97,6 +139,8 @@ pub enum StreamLost {
     TooMuchWaiting(usize),
     /// No byte within this many seconds of a keepalive ping.
     NoPong(u64),
+    /// TLS failed (the server's bytes do not decrypt, or it sent an alert).
+    Tls(TlsFailure),
 }
 
 impl std::fmt::Display for StreamLost {
@@ -113,6 +157,7 @@ impl std::fmt::Display for StreamLost {
                 "the server takes too little of what we send ({n} bytes wait)"
             ),
             StreamLost::NoPong(s) => write!(f, "no answer to a keepalive ping within {s} s"),
+            StreamLost::Tls(t) => write!(f, "{t}"),
         }
     }
 }
@@ -129,6 +174,8 @@ pub struct History {
 /// One configured server and the stream to it.
 pub(crate) struct Link {
     pub(crate) server: String,
+    /// How the stream is encrypted (`tls = true`), if it is.
+    pub(crate) tls: Option<Tls>,
     pub(crate) backoff: Backoff,
     pub(crate) state: State,
 }
@@ -150,6 +197,26 @@ pub(crate) struct Open {
     pub(crate) writer: Writer,
     pub(crate) output: Output,
     pub(crate) phase: Phase,
+    /// The TLS layer between the socket and the stream (`tls = true`).
+    pub(crate) tls: Option<Box<TlsLayer>>,
+    /// Whether any byte came from the server.
+    pub(crate) heard: bool,
+}
+
+impl Open {
+    /// Bytes waiting to be written: the output not yet written, and the TLS layer's
+    /// ciphertext not yet taken by the socket.
+    pub(crate) fn unsent(&self) -> usize {
+        self.output.unsent() + self.tls.as_ref().map_or(0, |t| t.pending().len())
+    }
+
+    /// What the socket is to write next.
+    pub(crate) fn transmit(&self) -> &[u8] {
+        match &self.tls {
+            Some(t) => t.pending(),
+            None => self.output.pending(),
+        }
+    }
 }
 
 pub(crate) enum Phase {

@@ -23,6 +23,7 @@ mod link;
 mod output;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod upgrade;
 
 use std::collections::VecDeque;
@@ -33,7 +34,7 @@ use xmpp_parsers::component::Handshake;
 use xmpp_parsers::minidom::Element;
 
 use crate::backoff::Backoff;
-use crate::config::Config;
+use crate::config::{Config, Server};
 use crate::inbound::{Inbound, Limits};
 use crate::keys::KeySet;
 use crate::proxy::{Clock, Outcome, Proxy, Stanza, Verdict};
@@ -45,8 +46,9 @@ use link::{
     CLOSE_WRITE_LIMIT_MS, DRAIN_BYTES, DRAIN_LIMIT_MS, FOOTER_WAIT_MS, LOGIN_TIMEOUT_MS, Link,
     Open, Phase, State, Up,
 };
-pub use link::{History, Io, LoginError, StreamLost};
+pub use link::{History, Io, LoginError, StreamLost, TlsFailure};
 pub use output::{MAX_UNSENT, PAUSE_READING_AT};
+use tls::TlsLayer;
 pub use upgrade::HandOver;
 use upgrade::Upgrade;
 
@@ -66,8 +68,8 @@ pub struct Settings {
     pub jid: String,
     /// The handshake secret.
     pub secret: zeroize::Zeroizing<String>,
-    /// The servers, one stream to each.
-    pub servers: Vec<String>,
+    /// The servers, one stream to each (with TLS where configured).
+    pub servers: Vec<Server>,
     /// The limits stanzas are read under.
     pub limits: Limits,
     /// Idle time before a keepalive ping (ms).
@@ -285,7 +287,8 @@ impl Endpoint {
             .servers
             .iter()
             .map(|server| Link {
-                server: server.clone(),
+                server: server.address.clone(),
+                tls: server.tls.clone(),
                 state: State::Down {
                     retry_at: now.mono_ms,
                 },
@@ -356,7 +359,7 @@ impl Endpoint {
         self.links
             .get(link)
             .and_then(Link::open)
-            .map_or(&[], |o| o.output.pending())
+            .map_or(&[], Open::transmit)
     }
 
     /// Whether `link`'s socket is to be read: open, and its server takes what we send (past
@@ -366,7 +369,7 @@ impl Endpoint {
         self.links
             .get(link)
             .and_then(Link::open)
-            .is_some_and(|o| o.output.unsent() < PAUSE_READING_AT)
+            .is_some_and(|o| o.unsent() < PAUSE_READING_AT)
     }
 
     /// While an [`Event::Drain`] is carried out: whether to read on.
@@ -424,11 +427,30 @@ impl Endpoint {
             self.events.push_back(Event::Close { link });
             return;
         };
+        let tls = match l.tls.as_ref().map(|t| TlsLayer::new(t, &l.server)) {
+            None => None,
+            Some(Ok(layer)) => Some(Box::new(layer)),
+            Some(Err(why)) => {
+                l.state = State::Open(Box::new(Open {
+                    reader: Reader::new(self.settings.limits),
+                    writer: Writer::new(),
+                    output: Default::default(),
+                    phase: Phase::Login { deadline },
+                    tls: None,
+                    heard: false,
+                }));
+                self.fail(link, Failure::Tls(why));
+                self.after();
+                return;
+            }
+        };
         let mut open = Box::new(Open {
             reader: Reader::new(self.settings.limits),
             writer: Writer::new(),
             output: Default::default(),
             phase: Phase::Login { deadline },
+            tls,
+            heard: false,
         });
         let mut header = Vec::new();
         open.writer
@@ -462,6 +484,37 @@ impl Endpoint {
             Phase::Draining { drained, .. } => *drained += bytes.len(),
             _ => {}
         }
+        let first = !open.heard;
+        open.heard |= !bytes.is_empty();
+        let plain;
+        let bytes = match &mut open.tls {
+            Some(tls) => {
+                let mut p = Vec::new();
+                if let Err(why) = tls.read(bytes, &mut p) {
+                    self.fail(link, Failure::Tls(why));
+                    self.after();
+                    return;
+                }
+                plain = p;
+                &plain[..]
+            }
+            None if first
+                && matches!(open.phase, Phase::Login { .. })
+                && matches!(bytes.first(), Some(0x15 | 0x16)) =>
+            {
+                // A TLS record (a handshake or an alert) where a stream header was due.
+                let why = TlsFailure {
+                    server: self.links[link].server.clone(),
+                    name: String::new(),
+                    reason: "the server speaks TLS: set `tls = true` for it".into(),
+                    certificate: false,
+                };
+                self.fail(link, Failure::Tls(why));
+                self.after();
+                return;
+            }
+            None => bytes,
+        };
         if let Err(e) = open.reader.feed(bytes) {
             self.fail(link, Failure::Read(e));
         } else {
@@ -482,8 +535,16 @@ impl Endpoint {
         let Some(open) = self.links.get_mut(link).and_then(Link::open_mut) else {
             return;
         };
-        open.output.wrote(n, now.mono_ms);
-        let unsent = open.output.unsent();
+        match &mut open.tls {
+            Some(tls) => match tls.wrote(n) {
+                Some(plain) if plain > 0 => open.output.wrote(plain, now.mono_ms),
+                Some(_) => {}
+                None if n > 0 => open.output.progress(now.mono_ms),
+                None => {}
+            },
+            None => open.output.wrote(n, now.mono_ms),
+        }
+        let unsent = open.unsent();
         match open.phase {
             Phase::Up(_) if unsent > MAX_UNSENT => {
                 self.lost(link, StreamLost::TooMuchWaiting(unsent));
@@ -628,47 +689,50 @@ impl Endpoint {
             }
             State::Connecting { .. } => self.fail(i, Failure::LoginTimedOut),
             State::Stopped => {}
-            State::Open(open) => match &mut open.phase {
-                Phase::Login { .. } => self.fail(i, Failure::LoginTimedOut),
-                Phase::Up(up) => {
-                    if open
-                        .output
-                        .waiting_since()
-                        .is_some_and(|w| w + timeout <= t)
-                    {
-                        self.lost(i, StreamLost::Stalled(timeout / 1000));
-                        return;
-                    }
-                    match up.ping_sent {
-                        None if up.last_read + interval <= t => {
-                            debug!(server = %link.server, "idle: sending keepalive ping");
-                            up.ping_sent = Some(t);
-                            let ping = self.proxy.keepalive();
-                            self.queue(i, &ping);
+            State::Open(open) => {
+                let unsent = open.unsent();
+                match &mut open.phase {
+                    Phase::Login { .. } => self.fail(i, Failure::LoginTimedOut),
+                    Phase::Up(up) => {
+                        if open
+                            .output
+                            .waiting_since()
+                            .is_some_and(|w| w + timeout <= t)
+                        {
+                            self.lost(i, StreamLost::Stalled(timeout / 1000));
+                            return;
                         }
-                        Some(at) if at + timeout <= t => {
-                            if open.output.unsent() > 0 {
-                                // Output waits (the ping behind it): the stall timer judges
-                                // the stream while the server takes it.
+                        match up.ping_sent {
+                            None if up.last_read + interval <= t => {
+                                debug!(server = %link.server, "idle: sending keepalive ping");
                                 up.ping_sent = Some(t);
-                            } else {
-                                self.lost(i, StreamLost::NoPong(timeout / 1000));
+                                let ping = self.proxy.keepalive();
+                                self.queue(i, &ping);
                             }
+                            Some(at) if at + timeout <= t => {
+                                if unsent > 0 {
+                                    // Output waits (the ping behind it): the stall timer judges
+                                    // the stream while the server takes it.
+                                    up.ping_sent = Some(t);
+                                } else {
+                                    self.lost(i, StreamLost::NoPong(timeout / 1000));
+                                }
+                            }
+                            _ => {}
                         }
-                        _ => {}
                     }
+                    Phase::Draining { .. } => {
+                        self.drain_limit(i);
+                        self.close_if_drained();
+                    }
+                    Phase::Closing { .. } => {
+                        let why = StreamLost::Stalled(close_limit / 1000);
+                        debug!(server = %link.server, "closing the stream: {why}");
+                        self.close_link(i);
+                    }
+                    Phase::Footer { .. } => self.finish(i),
                 }
-                Phase::Draining { .. } => {
-                    self.drain_limit(i);
-                    self.close_if_drained();
-                }
-                Phase::Closing { .. } => {
-                    let why = StreamLost::Stalled(close_limit / 1000);
-                    debug!(server = %link.server, "closing the stream: {why}");
-                    self.close_link(i);
-                }
-                Phase::Footer { .. } => self.finish(i),
-            },
+            }
         }
     }
 
@@ -679,7 +743,7 @@ impl Endpoint {
             .iter()
             .enumerate()
             .filter(|(_, l)| l.serves())
-            .filter_map(|(i, l)| Some((l.open()?.output.unsent(), i)))
+            .filter_map(|(i, l)| Some((l.open()?.unsent(), i)))
             .min()
             .map(|(_, i)| i)
     }
@@ -723,6 +787,13 @@ impl Endpoint {
     /// Handles every complete frame link `i`'s reader holds, as its phase says.
     fn frames(&mut self, i: LinkId) {
         loop {
+            // While an upgrade closes a TLS stream (not at shutdown), what its server still
+            // routes to it after our footer is handled and answered on another stream, if one
+            // is up, rather than dropped: any stream reaches the whole cluster.
+            let relay = (self.stopping == Stopping::No)
+                .then(|| self.out_link())
+                .flatten();
+            let mut relayed = None;
             let Some(open) = self.links.get_mut(i).and_then(Link::open_mut) else {
                 return;
             };
@@ -762,17 +833,27 @@ impl Endpoint {
                     },
                     frame,
                 ) => match frame {
-                    Frame::Stanza(Inbound::Element(el)) if el.has_ns(NS) => *dropped += 1,
-                    Frame::Stanza(Inbound::Oversized(_)) => *dropped += 1,
+                    Frame::Stanza(inbound) if routed(&inbound) => match relay {
+                        Some(j) => relayed = Some((j, inbound)),
+                        None => *dropped += 1,
+                    },
                     Frame::Footer => *footer = true,
                     _ => {}
                 },
                 (Phase::Footer { dropped, .. }, frame) => match frame {
-                    Frame::Stanza(Inbound::Element(el)) if el.has_ns(NS) => *dropped += 1,
-                    Frame::Stanza(Inbound::Oversized(_)) => *dropped += 1,
+                    Frame::Stanza(inbound) if routed(&inbound) => match relay {
+                        Some(j) => relayed = Some((j, inbound)),
+                        None => *dropped += 1,
+                    },
                     Frame::Footer => return self.finish(i),
                     _ => {}
                 },
+            }
+            if let Some((j, inbound)) = relayed {
+                debug!(server = %self.links[i].server, "routed here after our footer: answered on another stream");
+                let outcome = self.proxy.handle(inbound, self.now, &mut *self.rng);
+                self.outcome(j, outcome);
+                self.transmit();
             }
             if matches!(
                 self.links[i].open().map(|o| &o.phase),
@@ -861,8 +942,21 @@ impl Endpoint {
             _ => return,
         };
         if login {
+            let silent = link.open().is_none_or(|o| !o.heard) && link.tls.is_none();
+            let in_handshake = link
+                .open()
+                .and_then(|o| o.tls.as_ref())
+                .filter(|t| t.handshaking());
             let why = match f {
+                Failure::Io(Io::Eof | Io::Read(_)) if in_handshake.is_some() => {
+                    LoginError::Tls(in_handshake.expect("checked").closed_in_handshake())
+                }
+                Failure::Io(e @ (Io::Eof | Io::Read(_))) if silent && link.open().is_some() => {
+                    LoginError::ClosedSilently(e)
+                }
                 Failure::Io(e) => LoginError::Io(e),
+                Failure::Tls(t) if t.certificate => LoginError::Certificate(t),
+                Failure::Tls(t) => LoginError::Tls(t),
                 Failure::Read(e) => LoginError::Read(e),
                 Failure::Login(e) => e,
                 Failure::LoginTimedOut => LoginError::TimedOut,
@@ -878,6 +972,7 @@ impl Endpoint {
         let why = match f {
             Failure::Io(e) => StreamLost::Io(e),
             Failure::Read(e) => StreamLost::Read(e),
+            Failure::Tls(t) => StreamLost::Tls(t),
             Failure::Lost(e) => e,
             Failure::Login(_) | Failure::LoginTimedOut => return,
         };
@@ -998,7 +1093,9 @@ impl Endpoint {
                         };
                         self.events.push_back(Event::Drain { link: i });
                     }
-                    _ => self.close_link(i),
+                    // Already closing for an upgrade (a TLS stream): it closes on its own.
+                    Phase::Draining { .. } | Phase::Closing { .. } | Phase::Footer { .. } => {}
+                    Phase::Login { .. } => self.close_link(i),
                 },
                 State::Connecting { .. } => self.close_link(i),
                 State::Down { .. } | State::Stopped => link.state = State::Stopped,
@@ -1038,6 +1135,18 @@ impl Endpoint {
     /// Once every stream is drained: held requests are answered rather than lost with the
     /// streams, and each stream gets our footer.
     fn close_if_drained(&mut self) {
+        if self.stopping == Stopping::No {
+            // An upgrade's drain of the TLS streams: each one drained gets our footer.
+            for i in 0..self.links.len() {
+                if matches!(
+                    self.links[i].open().map(|o| &o.phase),
+                    Some(Phase::Draining { done: true, .. })
+                ) {
+                    self.footer(i);
+                }
+            }
+            return;
+        }
         if self.stopping != Stopping::Draining
             || self.links.iter().any(|l| {
                 matches!(
@@ -1051,23 +1160,28 @@ impl Endpoint {
         self.stopping = Stopping::Closing;
         self.proxy.settle_held_at_close(self.now);
         self.transmit();
-        let t = self.now.mono_ms;
-        let limit = self.close_write_limit();
         for i in 0..self.links.len() {
-            if let Some(open) = self.links[i].open_mut()
-                && let Phase::Draining { .. } = open.phase
-            {
-                let mut footer = Vec::new();
-                open.writer.footer(&mut footer);
-                open.output.raw(&footer, t);
-                open.phase = Phase::Closing {
-                    deadline: t + limit,
-                    dropped: 0,
-                    footer: false,
-                };
-            }
+            self.footer(i);
         }
         self.stop_if_closed();
+    }
+
+    /// Link `i`, if drained, gets our footer (written within the closing write limit).
+    fn footer(&mut self, i: LinkId) {
+        let t = self.now.mono_ms;
+        let limit = self.close_write_limit();
+        if let Some(open) = self.links[i].open_mut()
+            && let Phase::Draining { .. } = open.phase
+        {
+            let mut footer = Vec::new();
+            open.writer.footer(&mut footer);
+            open.output.raw(&footer, t);
+            open.phase = Phase::Closing {
+                deadline: t + limit,
+                dropped: 0,
+                footer: false,
+            };
+        }
     }
 
     /// Each write of the shutdown gets at most a few seconds, whatever keepalive_timeout is:
@@ -1118,6 +1232,7 @@ impl Endpoint {
     /// What is looked at after every input: the upgrade's handover point, the counts for
     /// metrics, the status line for the service manager.
     fn after(&mut self) {
+        self.seal();
         if self.stopping != Stopping::No {
             return;
         }
@@ -1143,6 +1258,19 @@ impl Endpoint {
             } else if now != self.status {
                 self.status = now.clone();
                 self.events.push_back(Event::Notify(Notify::Status(now)));
+            }
+        }
+    }
+
+    /// Each TLS stream's output is sealed as its socket takes the ciphertext (one record at a
+    /// time; see [`tls`]).
+    fn seal(&mut self) {
+        for l in &mut self.links {
+            if let State::Open(open) = &mut l.state
+                && let Some(tls) = &mut open.tls
+            {
+                let last = matches!(open.phase, Phase::Closing { .. });
+                tls.seal(open.output.pending(), last);
             }
         }
     }
@@ -1183,9 +1311,18 @@ impl Endpoint {
 enum Failure {
     Io(Io),
     Read(ReadError),
+    Tls(TlsFailure),
     Login(LoginError),
     LoginTimedOut,
     Lost(StreamLost),
+}
+
+/// Whether a frame is a stanza the server routed to us (not stream-level).
+fn routed(inbound: &Inbound) -> bool {
+    match inbound {
+        Inbound::Element(el) => el.has_ns(NS),
+        Inbound::Oversized(_) => true,
+    }
 }
 
 /// A stream error's conditions and text, for the log.

@@ -102,6 +102,14 @@ impl Output {
         }
     }
 
+    /// The shell wrote bytes that carry the output (TLS records not yet complete): progress
+    /// for the stall clock, though no byte of the output counts as written yet.
+    pub(crate) fn progress(&mut self, now: u64) {
+        if self.waiting_since.is_some() {
+            self.waiting_since = Some(now);
+        }
+    }
+
     /// The elements queued that the server cannot have received whole — those not written
     /// at all, and the one partly written (the server drops an element it did not get to
     /// the end of) — to go out on another stream when this one is lost. Elements written

@@ -42,7 +42,9 @@ fn settings(servers: usize) -> Settings {
     Settings {
         jid: "proxy.example".into(),
         secret: zeroize::Zeroizing::new("secret".into()),
-        servers: (0..servers).map(|i| format!("node{i}:5347")).collect(),
+        servers: (0..servers)
+            .map(|i| crate::config::Server::plain(format!("node{i}:5347")))
+            .collect(),
         limits: Limits::default(),
         keepalive_interval_ms: INTERVAL,
         keepalive_timeout_ms: TIMEOUT,
@@ -792,4 +794,485 @@ fn a_random_walk_keeps_the_invariants() {
             assert!(all.matches(&whole).count() <= 1, "seed {seed}: {id} twice");
         }
     }
+}
+
+// ---- TLS (`tls = true`): the layer against an in-memory rustls server ----
+
+mod pki {
+    use std::sync::Arc;
+
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use rustls::RootCertStore;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    /// A throwaway CA and a server certificate it issued for `names`.
+    pub(super) struct Pki {
+        pub(super) roots: RootCertStore,
+        pub(super) server: Arc<rustls::ServerConfig>,
+    }
+
+    pub(super) fn pki(names: &[&str]) -> Pki {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Each CA a name of its own (webpki looks issuers up by name).
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ca.distinguished_name
+            .push(DnType::CommonName, format!("test CA {n}"));
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let leaf = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        Pki {
+            roots,
+            server: Arc::new(server),
+        }
+    }
+}
+
+/// Settings whose link 0 is TLS, verifying `name` against `roots`, and link 1 (if
+/// `servers` is 2) plaintext.
+fn tls_settings(roots: rustls::RootCertStore, name: &str, servers: usize) -> Settings {
+    let mut s = settings(servers);
+    s.servers[0].tls = Some(crate::config::Tls {
+        name: rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap(),
+        ca: None,
+        client: crate::config::client_config(roots),
+    });
+    s
+}
+
+/// The server's end of a TLS link: what it decrypted, and every ciphertext byte it got.
+struct Peer {
+    conn: rustls::ServerConnection,
+    plain: Vec<u8>,
+    wire: Vec<u8>,
+}
+
+impl Peer {
+    fn new(p: &pki::Pki) -> Peer {
+        Peer {
+            conn: rustls::ServerConnection::new(p.server.clone()).unwrap(),
+            plain: Vec::new(),
+            wire: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, xml: &str) {
+        use std::io::Write;
+        self.conn.writer().write_all(xml.as_bytes()).unwrap();
+    }
+
+    /// What it decrypted since the last call.
+    fn heard(&mut self) -> String {
+        String::from_utf8(std::mem::take(&mut self.plain)).unwrap()
+    }
+}
+
+impl T {
+    /// Moves bytes both ways between link `link` and `peer` until neither has any: the
+    /// server's TLS error, if it has one.
+    fn exchange(&mut self, link: LinkId, peer: &mut Peer) -> Result<(), rustls::Error> {
+        use std::io::Read;
+        loop {
+            let mut moved = false;
+            let out = self.ep.poll_transmit(link).to_vec();
+            if !out.is_empty() {
+                self.ep.wrote(link, out.len(), self.now);
+                self.collect();
+                peer.wire.extend_from_slice(&out);
+                let mut rd = &out[..];
+                while !rd.is_empty() {
+                    peer.conn.read_tls(&mut rd).unwrap();
+                    let state = peer.conn.process_new_packets()?;
+                    let n = state.plaintext_bytes_to_read();
+                    let start = peer.plain.len();
+                    peer.plain.resize(start + n, 0);
+                    peer.conn
+                        .reader()
+                        .read_exact(&mut peer.plain[start..])
+                        .unwrap();
+                }
+                moved = true;
+            }
+            let mut back = Vec::new();
+            while peer.conn.wants_write() {
+                peer.conn.write_tls(&mut back).unwrap();
+            }
+            if !back.is_empty() {
+                self.ep.read(link, &back, self.now);
+                self.collect();
+                moved = true;
+            }
+            if !moved {
+                return Ok(());
+            }
+        }
+    }
+
+    /// TLS link `link` logs in with `peer` (it must be due to connect now).
+    fn tls_login(&mut self, link: LinkId, peer: &mut Peer) {
+        self.advance(0);
+        self.ep.connected(link, self.now);
+        self.exchange(link, peer).unwrap();
+        assert_eq!(peer.heard(), HEADER_OUT);
+        peer.send(HEADER_IN);
+        self.exchange(link, peer).unwrap();
+        assert_eq!(peer.heard(), HANDSHAKE);
+        peer.send("<handshake/>");
+        self.exchange(link, peer).unwrap();
+        assert!(self.ep.links[link].is_up());
+    }
+
+    fn login_failure(&mut self) -> LoginError {
+        self.take_events()
+            .into_iter()
+            .find_map(|e| match e {
+                Event::LoginFailed { why, .. } => Some(why),
+                _ => None,
+            })
+            .expect("a login failure")
+    }
+}
+
+#[test]
+fn tls_login_and_serving_with_nothing_in_clear() {
+    let p = pki::pki(&["proxy.example"]);
+    let mut t = T::with(tls_settings(p.roots.clone(), "proxy.example", 1), core());
+    let mut peer = Peer::new(&p);
+    t.tls_login(0, &mut peer);
+    assert!(t.has(|e| matches!(e, Event::LoggedIn { link: 0 })));
+    t.exchange(0, &mut peer).unwrap();
+    assert_eq!(peer.heard(), format!("{PROBE_OUT}{SUBSCRIBE_OUT}"));
+    // A request answered on its stream.
+    peer.send(&iq("secret-id-1"));
+    t.exchange(0, &mut peer).unwrap();
+    assert_eq!(
+        peer.heard(),
+        format!("{}{PROBE_OUT}", unavailable("secret-id-1"))
+    );
+    // On the wire: TLS records only (the name verified is in the ClientHello's SNI; no
+    // stream, handshake or stanza byte).
+    for clear in [
+        "jabber:component:accept",
+        "handshake",
+        "secret-id-1",
+        "user@example",
+        "<iq",
+    ] {
+        assert!(
+            !peer
+                .wire
+                .windows(clear.len())
+                .any(|w| w == clear.as_bytes()),
+            "{clear} in clear"
+        );
+    }
+    assert_eq!(peer.wire[0], 0x16, "a TLS handshake record first");
+}
+
+#[test]
+fn tls_refusals_name_the_server_and_the_reason_and_back_off() {
+    // An unknown CA.
+    let p = pki::pki(&["proxy.example"]);
+    let other = pki::pki(&["proxy.example"]);
+    let mut t = T::with(
+        tls_settings(other.roots.clone(), "proxy.example", 1),
+        core(),
+    );
+    let mut peer = Peer::new(&p);
+    t.advance(0);
+    t.ep.connected(0, t.now);
+    let _ = t.exchange(0, &mut peer);
+    let why = t.login_failure();
+    assert!(matches!(why, LoginError::Certificate(_)), "{why:?}");
+    assert_eq!(
+        why.to_string(),
+        "TLS refused: the certificate of node0:5347 does not verify for proxy.example: unknown \
+         issuer: not signed by the roots configured (the system's, or the `ca` file given for \
+         this server)"
+    );
+    // It backs off like any other failure, then tries again.
+    assert!(matches!(t.ep.links[0].state, State::Down { .. }));
+    let retry = t.ep.poll_timeout().unwrap() - t.now.mono_ms;
+    assert!((250..=500).contains(&retry), "{retry}");
+    t.advance(retry);
+    assert!(t.has(|e| matches!(e, Event::Connect { link: 0, .. })));
+
+    // A certificate for another name.
+    let p = pki::pki(&["other.example"]);
+    let mut t = T::with(tls_settings(p.roots.clone(), "proxy.example", 1), core());
+    let mut peer = Peer::new(&p);
+    t.advance(0);
+    t.ep.connected(0, t.now);
+    let _ = t.exchange(0, &mut peer);
+    let why = t.login_failure();
+    assert_eq!(
+        why.to_string(),
+        "TLS refused: the certificate of node0:5347 does not verify for proxy.example: not \
+         issued for this name but for DnsName(\"other.example\") (set `name` to one of them)"
+    );
+
+    // Prosody's strict SNI: the alert unrecognized_name, with a hint.
+    let p = pki::pki(&["proxy.example"]);
+    let mut t = T::with(tls_settings(p.roots.clone(), "xmpp.example", 1), core());
+    t.advance(0);
+    t.ep.connected(0, t.now);
+    t.ep.wrote(0, t.ep.poll_transmit(0).len(), t.now);
+    t.ep.read(0, &[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70], t.now);
+    let why = t.login_failure();
+    assert!(matches!(why, LoginError::Tls(_)), "{why:?}");
+    assert!(
+        why.to_string().starts_with(
+            "TLS with node0:5347 failed: the server does not serve the name xmpp.example \
+             (alert unrecognized_name): Prosody accepts as SNI only one of its hosts"
+        ),
+        "{why}"
+    );
+}
+
+#[test]
+fn tls_and_plaintext_listeners_mixed_up_are_said_so() {
+    // TLS to a plaintext listener: it answers our ClientHello in XML.
+    let p = pki::pki(&["proxy.example"]);
+    let mut t = T::with(tls_settings(p.roots.clone(), "proxy.example", 1), core());
+    t.advance(0);
+    t.ep.connected(0, t.now);
+    t.ep.wrote(0, t.ep.poll_transmit(0).len(), t.now);
+    t.server(
+        0,
+        "<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept'>",
+    );
+    let why = t.login_failure().to_string();
+    assert!(
+        why.contains("answered in plain XML: its listener has no TLS"),
+        "{why}"
+    );
+    // A TLS listener that closes during the handshake (ejabberd without a `certfile`).
+    t.advance(t.ep.poll_timeout().unwrap() - t.now.mono_ms);
+    t.ep.connected(0, t.now);
+    t.ep.wrote(0, t.ep.poll_transmit(0).len(), t.now);
+    t.ep.closed(0, Io::Eof, t.now);
+    let why = t.login_failure();
+    assert!(matches!(why, LoginError::Tls(_)), "{why:?}");
+    assert!(
+        why.to_string()
+            .contains("closed the connection during the TLS handshake"),
+        "{why}"
+    );
+    // Plaintext to a TLS listener: ejabberd closes without a byte, Prosody resets; a
+    // listener that answers sends a TLS alert record.
+    let mut t = T::new(1);
+    t.advance(0);
+    t.ep.connected(0, t.now);
+    t.written(0);
+    t.ep.closed(0, Io::Eof, t.now);
+    let why = t.login_failure();
+    assert!(
+        matches!(why, LoginError::ClosedSilently(Io::Eof)),
+        "{why:?}"
+    );
+    assert!(why.to_string().contains("set `tls = true`"), "{why}");
+    t.advance(t.ep.poll_timeout().unwrap() - t.now.mono_ms);
+    t.ep.connected(0, t.now);
+    t.written(0);
+    t.ep.read(0, &[0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x46], t.now);
+    let why = t.login_failure().to_string();
+    assert!(
+        why.contains("the server speaks TLS: set `tls = true`"),
+        "{why}"
+    );
+}
+
+#[test]
+fn tls_close_without_close_notify_is_an_ordinary_close() {
+    let p = pki::pki(&["proxy.example"]);
+    // Lost while up: the server closes the TCP connection without close_notify (ejabberd).
+    let mut t = T::with(tls_settings(p.roots.clone(), "proxy.example", 1), core());
+    let mut peer = Peer::new(&p);
+    t.tls_login(0, &mut peer);
+    t.exchange(0, &mut peer).unwrap();
+    t.take_events();
+    t.ep.closed(0, Io::Eof, t.now);
+    let ev = t.take_events();
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            Event::StreamLost {
+                why: StreamLost::Io(Io::Eof),
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
+
+    // At shutdown: our footer, then our close_notify, then the socket shut down for writing;
+    // the server's footer and EOF without close_notify end it cleanly.
+    let mut t = T::with(tls_settings(p.roots.clone(), "proxy.example", 1), core());
+    let mut peer = Peer::new(&p);
+    t.tls_login(0, &mut peer);
+    t.exchange(0, &mut peer).unwrap();
+    peer.heard();
+    t.ep.signal(Signal::Terminate, t.now);
+    peer.send(&iq("7"));
+    t.exchange(0, &mut peer).unwrap();
+    t.ep.drained(0, t.now);
+    t.exchange(0, &mut peer).unwrap();
+    assert_eq!(
+        peer.heard(),
+        format!("{}{PROBE_OUT}</stream:stream>", unavailable("7"))
+    );
+    assert!(peer.conn.process_new_packets().unwrap().peer_has_closed());
+    assert!(t.has(|e| matches!(e, Event::ShutdownWrite { link: 0 })));
+    peer.send("</stream:stream>");
+    t.exchange(0, &mut peer).unwrap();
+    assert!(t.has(|e| matches!(e, Event::Stopped)));
+}
+
+#[test]
+fn an_output_sealed_but_not_written_counts_as_unsent() {
+    // Two streams, the TLS one takes a large element and writes part of its records: the
+    // element goes out whole on the other stream when the TLS one is lost.
+    let p = pki::pki(&["proxy.example"]);
+    let mut t = T::with(tls_settings(p.roots.clone(), "proxy.example", 2), core());
+    let mut peer = Peer::new(&p);
+    t.tls_login(0, &mut peer);
+    t.login(1);
+    t.exchange(0, &mut peer).unwrap();
+    t.written(1);
+    t.take_events();
+    let big = format!(
+        "<message from='proxy.example' to='x@example'><body>{}</body></message>",
+        "a".repeat(40_000)
+    );
+    let now = t.now.mono_ms;
+    t.ep.links[0]
+        .open_mut()
+        .unwrap()
+        .output
+        .element(big.as_bytes(), now);
+    t.ep.wrote(0, 0, t.now);
+    let first = t.ep.poll_transmit(0).len();
+    assert!(first > 16_384 && first < 17_000, "one record: {first}");
+    t.ep.wrote(0, first, t.now);
+    let second = t.ep.poll_transmit(0).len();
+    t.ep.wrote(0, second - 1, t.now);
+    assert!(t.ep.links[0].open().unwrap().unsent() > big.len() - 16_384);
+    t.ep.closed(0, Io::Write("broken pipe".into()), t.now);
+    t.take_events();
+    let out = t.written(1);
+    assert!(
+        out.starts_with(&big) && out[big.len()..] == *PROBE_OUT,
+        "the element, whole, on the other stream, and a probe (not so: {} bytes)",
+        out.len()
+    );
+}
+
+#[test]
+fn an_upgrade_closes_the_tls_streams_and_hands_over_the_others() {
+    let p = pki::pki(&["proxy.example"]);
+    let mut t = T::with(tls_settings(p.roots.clone(), "proxy.example", 2), core());
+    let mut peer = Peer::new(&p);
+    t.tls_login(0, &mut peer);
+    t.login(1);
+    t.exchange(0, &mut peer).unwrap();
+    t.written(1);
+    peer.heard();
+    t.take_events();
+    t.ep.signal(Signal::Upgrade, t.now);
+    t.ep.upgrade_checked(Ok(vec![1, 2]), t.now);
+    // The wait for a handover point allows for the TLS close: 5 s, and drain 1 s, write 5 s,
+    // footer 2 s.
+    assert_eq!(t.ep.upgrade.timeout(), Some(t.now.mono_ms + 13_000));
+    // The TLS stream is drained (what arrives is answered), then closed with footers.
+    let ev = t.take_events();
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::Drain { link: 0 })),
+        "{ev:?}"
+    );
+    assert!(!ev.iter().any(|e| matches!(e, Event::HandOver(_))));
+    peer.send(&iq("8"));
+    t.exchange(0, &mut peer).unwrap();
+    t.ep.drained(0, t.now);
+    t.exchange(0, &mut peer).unwrap();
+    assert_eq!(
+        peer.heard(),
+        format!("{}</stream:stream>", unavailable("8"))
+    );
+    assert!(
+        !t.has(|e| matches!(e, Event::HandOver(_))),
+        "the TLS stream is not closed yet"
+    );
+    // What the server still routes to it after our footer is answered on the other stream.
+    peer.send(&iq("9"));
+    peer.send("</stream:stream>");
+    t.exchange(0, &mut peer).unwrap();
+    // (The probe the first refusal asked for went out on the other stream too.)
+    assert_eq!(t.written(1), format!("{PROBE_OUT}{}", unavailable("9")));
+    let ev = t.take_events();
+    assert!(ev.iter().any(|e| matches!(e, Event::Close { link: 0 })));
+    let h = ev
+        .iter()
+        .find_map(|e| match e {
+            Event::HandOver(h) => Some(h),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("a handover: {ev:?}"));
+    // Only the plaintext stream goes over.
+    assert_eq!(h.links, vec![1]);
+    let record = crate::upgrade::Record::decode(&h.record.clone().unwrap().1).unwrap();
+    assert_eq!(record.streams.len(), 1);
+    assert_eq!(record.streams[0].server, "node1:5347");
+    // No TLS login meanwhile; if the exec fails, the TLS stream logs in again at once.
+    t.advance(10);
+    assert!(!t.has(|e| matches!(e, Event::Connect { link: 0, .. })));
+    t.ep.upgrade_failed(t.now);
+    t.advance(0);
+    assert!(t.has(|e| matches!(e, Event::Connect { link: 0, .. })));
+    let mut peer = Peer::new(&p);
+    t.tls_login(0, &mut peer);
+}
+
+#[test]
+fn an_upgrade_with_only_tls_streams_execs_without_a_record() {
+    let p = pki::pki(&["proxy.example"]);
+    let mut t = T::with(tls_settings(p.roots.clone(), "proxy.example", 1), core());
+    let mut peer = Peer::new(&p);
+    t.tls_login(0, &mut peer);
+    t.exchange(0, &mut peer).unwrap();
+    t.take_events();
+    t.ep.signal(Signal::Upgrade, t.now);
+    t.ep.upgrade_checked(Ok(vec![1, 2]), t.now);
+    t.ep.drained(0, t.now);
+    t.exchange(0, &mut peer).unwrap();
+    // The server closes without its footer and without close_notify (ejabberd after ours).
+    t.advance(0);
+    t.ep.closed(0, Io::Eof, t.now);
+    let ev = t.take_events();
+    let h = ev
+        .iter()
+        .find_map(|e| match e {
+            Event::HandOver(h) => Some(h),
+            _ => None,
+        })
+        .expect("a handover");
+    assert!(h.links.is_empty() && h.record.is_none());
 }

@@ -5,7 +5,7 @@
 
 use tracing::{info, warn};
 
-use super::link::{History, Open, Phase, State, Up};
+use super::link::{DRAIN_LIMIT_MS, FOOTER_WAIT_MS, History, Open, Phase, State, Up};
 use super::{Clock, Endpoint, Event, LinkId, Notify};
 use crate::stream::{ReadError, Reader, Writer};
 use crate::upgrade::{Record, StreamRecord, format_for};
@@ -26,6 +26,9 @@ pub(crate) enum Upgrade {
     Waiting {
         since: u64,
         reads: Vec<u16>,
+        /// How long it may wait: [`HANDOVER_WAIT_MS`], and with TLS streams to close first,
+        /// the longest their close may take.
+        limit: u64,
     },
     /// Handed over: the shell `exec`s.
     Exec,
@@ -34,7 +37,7 @@ pub(crate) enum Upgrade {
 impl Upgrade {
     pub(crate) fn timeout(&self) -> Option<u64> {
         match self {
-            Upgrade::Waiting { since, .. } => Some(since + HANDOVER_WAIT_MS),
+            Upgrade::Waiting { since, limit, .. } => Some(since + limit),
             _ => None,
         }
     }
@@ -74,7 +77,7 @@ impl Endpoint {
         if self.upgrade != Upgrade::Checking {
             return;
         }
-        let streams = self.ups();
+        let streams = self.plain_ups();
         let accepted = result.and_then(|reads| {
             if streams > 0 && format_for(streams, &reads).is_none() {
                 Err(self.cannot_take(&reads, streams))
@@ -84,9 +87,16 @@ impl Endpoint {
         });
         match accepted {
             Ok(reads) => {
+                let tls = self.links.iter().any(|l| l.tls.is_some());
                 self.upgrade = Upgrade::Waiting {
                     since: now.mono_ms,
                     reads,
+                    limit: HANDOVER_WAIT_MS
+                        + if tls {
+                            DRAIN_LIMIT_MS + self.close_write_limit() + FOOTER_WAIT_MS
+                        } else {
+                            0
+                        },
                 }
             }
             Err(why) => {
@@ -112,9 +122,79 @@ impl Endpoint {
     fn upgrade_over(&mut self) {
         self.upgrade = Upgrade::Idle;
         self.ready_sent = false;
+        self.revive();
         if self.ups() == 0 {
             self.events
                 .push_back(Event::Notify(Notify::Ready("not connected".into())));
+        }
+    }
+
+    /// Streams up without TLS (those an upgrade hands over).
+    fn plain_ups(&self) -> usize {
+        self.links
+            .iter()
+            .filter(|l| l.tls.is_none() && l.is_up())
+            .count()
+    }
+
+    /// TLS state cannot cross `exec` (rustls cannot take it back): while an upgrade waits
+    /// for its handover point, each TLS stream is drained and closed as at shutdown (what
+    /// the socket holds is answered, then footers), and no TLS login is begun; the new
+    /// process logs in to those servers anew. Whether a TLS stream is still open.
+    fn retire_tls(&mut self) -> bool {
+        let t = self.now.mono_ms;
+        let mut open = false;
+        for i in 0..self.links.len() {
+            let l = &mut self.links[i];
+            if l.tls.is_none() {
+                continue;
+            }
+            match &mut l.state {
+                State::Open(o) => match &o.phase {
+                    Phase::Up(up) => {
+                        info!(
+                            server = %l.server,
+                            "upgrade: closing the TLS stream (TLS cannot be handed over); the new process logs in anew"
+                        );
+                        o.phase = Phase::Draining {
+                            history: up.history,
+                            until: t + DRAIN_LIMIT_MS,
+                            drained: 0,
+                            done: false,
+                        };
+                        self.events.push_back(Event::Drain { link: i });
+                        open = true;
+                    }
+                    Phase::Login { .. } => self.close_link(i),
+                    Phase::Draining { .. } | Phase::Closing { .. } | Phase::Footer { .. } => {
+                        open = true
+                    }
+                },
+                State::Connecting { .. } => self.close_link(i),
+                State::Down { .. } => l.state = State::Stopped,
+                State::Stopped => {}
+            }
+        }
+        open
+    }
+
+    /// An upgrade did not happen: the TLS streams it closed log in again at once (and if
+    /// none is up now, the session is down).
+    fn revive(&mut self) {
+        if self.stopping != super::Stopping::No {
+            return;
+        }
+        let now = self.now.mono_ms;
+        for l in &mut self.links {
+            if matches!(l.state, State::Stopped) {
+                l.state = State::Down { retry_at: now };
+            }
+        }
+        if self.up && self.ups() == 0 {
+            self.up = false;
+            self.proxy.disconnected();
+            self.events.push_back(Event::SessionDown);
+            self.resources_reported = None;
         }
     }
 
@@ -132,9 +212,12 @@ impl Endpoint {
             .timeout()
             .is_some_and(|t| t <= self.now.mono_ms)
         {
+            let limit = match &self.upgrade {
+                Upgrade::Waiting { limit, .. } => *limit,
+                _ => HANDOVER_WAIT_MS,
+            };
             warn!(
-                "upgrade abandoned: the streams were never at a point they could be handed over at (a stanza over the limit streaming in, or output the server did not take) within {} ms; still serving",
-                HANDOVER_WAIT_MS
+                "upgrade abandoned: the streams were never at a point they could be handed over at (a stanza over the limit streaming in, output the server did not take, or a TLS stream not closed) within {limit} ms; still serving"
             );
             self.upgrade_over();
         }
@@ -152,7 +235,7 @@ impl Endpoint {
                 let o = l.open()?;
                 o.reader
                     .pending()
-                    .filter(|_| o.output.unsent() == 0)
+                    .filter(|_| o.unsent() == 0)
                     .map(|p| (i, p))
             })
             .collect()
@@ -164,6 +247,9 @@ impl Endpoint {
             return;
         };
         let reads = reads.clone();
+        if self.retire_tls() {
+            return;
+        }
         let Some(mut pending) = self.handover_point() else {
             return;
         };
@@ -249,7 +335,11 @@ impl Endpoint {
         now: Clock,
     ) -> Result<Option<LinkId>, ReadError> {
         self.now = now;
-        let Some(i) = self.links.iter().position(|l| l.server == server) else {
+        let Some(i) = self
+            .links
+            .iter()
+            .position(|l| l.server == server && l.tls.is_none())
+        else {
             return Ok(None);
         };
         let mut reader = Reader::resume(self.settings.limits, header)?;
@@ -263,6 +353,8 @@ impl Endpoint {
                 last_read: now.mono_ms,
                 ping_sent: None,
             }),
+            tls: None,
+            heard: true,
         }));
         Ok(Some(i))
     }

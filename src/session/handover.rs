@@ -114,13 +114,29 @@ pub(super) fn resume(
     let mut resumed = Vec::new();
     let now = super::clock();
     for (socket, st) in h.sockets.into_iter().zip(record.streams) {
-        if !config.component.servers.contains(&st.server) {
-            warn!(
-                server = %st.server,
-                "cannot go on with the stream handed over: the configuration no longer names its server; closing it"
-            );
-            close_handed_over(socket);
-            continue;
+        match config
+            .component
+            .servers
+            .iter()
+            .find(|s| s.address == st.server)
+        {
+            None => {
+                warn!(
+                    server = %st.server,
+                    "cannot go on with the stream handed over: the configuration no longer names its server; closing it"
+                );
+                close_handed_over(socket);
+                continue;
+            }
+            Some(s) if s.tls.is_some() => {
+                warn!(
+                    server = %st.server,
+                    "cannot go on with the stream handed over: the configuration now says `tls = true` for its server; closing it and logging in with TLS"
+                );
+                close_handed_over(socket);
+                continue;
+            }
+            Some(_) => {}
         }
         let history = History {
             established_ms: st.established_unix_ms,

@@ -31,6 +31,9 @@ pub struct Ejabberd {
     pub c2s: SocketAddr,
     /// The XEP-0114 listener.
     pub component: SocketAddr,
+    /// A second XEP-0114 listener, with direct TLS, if started with one
+    /// ([`Ejabberd::start_mixed`]).
+    pub component_tls: Option<SocketAddr>,
 }
 
 impl Ejabberd {
@@ -47,6 +50,31 @@ impl Ejabberd {
         components: &[(&str, &str)],
         epmd_port: Option<u16>,
         extra_config: &str,
+    ) -> Ejabberd {
+        Self::start_full(components, epmd_port, extra_config, None, false)
+    }
+
+    /// Starts ejabberd with two service listeners for the same components, as on a cluster
+    /// node that serves its own instances on loopback and the other hosts' by TLS: the
+    /// plaintext [`Ejabberd::component`], and [`Ejabberd::component_tls`] with `tls: true`
+    /// and the certificate and key in `certfile`.
+    pub fn start_mixed(components: &[(&str, &str)], certfile: &Path) -> Ejabberd {
+        Self::start_full(components, None, "", Some(certfile), true)
+    }
+
+    /// Starts ejabberd whose service listener takes direct TLS only (`tls: true`), with the
+    /// certificate and key in the one PEM file `certfile` (which the ejabberd user must be
+    /// able to read).
+    pub fn start_tls(components: &[(&str, &str)], certfile: &Path) -> Ejabberd {
+        Self::start_full(components, None, "", Some(certfile), false)
+    }
+
+    fn start_full(
+        components: &[(&str, &str)],
+        epmd_port: Option<u16>,
+        extra_config: &str,
+        certfile: Option<&Path>,
+        mixed: bool,
     ) -> Ejabberd {
         require();
         let dir = crate::work_dir("ejabberd");
@@ -75,6 +103,19 @@ impl Ejabberd {
                 "      \"{domain}\":\n        password: \"{secret}\"\n"
             ));
         }
+        let tls_lines = |f: &Path| format!("    tls: true\n    certfile: \"{}\"\n", f.display());
+        let (tls, second, tls_port) = match certfile {
+            None => (String::new(), String::new(), None),
+            Some(f) if mixed => {
+                let port = free_port();
+                let second = format!(
+                    "  -\n    port: {port}\n    ip: \"127.0.0.1\"\n    module: ejabberd_service\n{}    hosts:\n{hosts}",
+                    tls_lines(f)
+                );
+                (String::new(), second, Some(port))
+            }
+            Some(f) => (tls_lines(f), String::new(), None),
+        };
         let config = format!(
             r#"# written by jat-proxy's testkit
 hosts:
@@ -91,8 +132,8 @@ listen:
     port: {component_port}
     ip: "127.0.0.1"
     module: ejabberd_service
-    hosts:
-{hosts}auth_method: internal
+{tls}    hosts:
+{hosts}{second}auth_method: internal
 auth_password_format: plain
 acl:
   local:
@@ -129,6 +170,7 @@ modules:
             process: None,
             c2s: SocketAddr::from(([127, 0, 0, 1], c2s_port)),
             component: SocketAddr::from(([127, 0, 0, 1], component_port)),
+            component_tls: tls_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
         };
         e.start_again();
         e
@@ -175,9 +217,9 @@ modules:
         args.push("foreground".into());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut process = Owned::spawn("ejabberd", Path::new(CTL), &args, &[]);
-        process.wait_listening(&[self.c2s, self.component], Duration::from_secs(60), || {
-            self.log()
-        });
+        let mut addrs = vec![self.c2s, self.component];
+        addrs.extend(self.component_tls);
+        process.wait_listening(&addrs, Duration::from_secs(60), || self.log());
         self.process = Some(process);
     }
 

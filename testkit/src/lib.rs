@@ -12,6 +12,7 @@ pub mod deployment;
 pub mod ejabberd;
 pub mod http;
 pub mod load;
+pub mod pki;
 pub mod ports;
 pub mod process;
 pub mod prometheus;

@@ -17,6 +17,9 @@ pub struct Prosody {
     pub c2s: SocketAddr,
     /// The XEP-0114 component listener.
     pub component: SocketAddr,
+    /// The direct-TLS listener of `mod_net_multiplex` beside a plaintext component listener,
+    /// if started with both ([`Prosody::start_mixed`]).
+    pub component_tls: Option<SocketAddr>,
     /// The host it serves (`localhost`).
     pub domain: String,
 }
@@ -34,10 +37,57 @@ pub fn require() {
 impl Prosody {
     /// Starts Prosody with these `(component domain, secret)` pairs.
     pub fn start(components: &[(&str, &str)]) -> Prosody {
+        Self::start_full(components, None, false)
+    }
+
+    /// Starts Prosody whose components are reachable by direct TLS only: `mod_net_multiplex`
+    /// listens with TLS (`ssl_ports`, certificate `cert` and key `key`) and hands
+    /// `jabber:component:accept` streams to the component service, which has no plaintext
+    /// port (`component_ports = { }`). [`Prosody::component`] is the TLS port.
+    pub fn start_tls(components: &[(&str, &str)], cert: &Path, key: &Path) -> Prosody {
+        Self::start_full(components, Some((cert, key)), false)
+    }
+
+    /// Starts Prosody with both: the plaintext component listener ([`Prosody::component`])
+    /// and `mod_net_multiplex`'s direct-TLS listener ([`Prosody::component_tls`]), which
+    /// reach the same components.
+    pub fn start_mixed(components: &[(&str, &str)], cert: &Path, key: &Path) -> Prosody {
+        Self::start_full(components, Some((cert, key)), true)
+    }
+
+    fn start_full(
+        components: &[(&str, &str)],
+        tls: Option<(&Path, &Path)>,
+        mixed: bool,
+    ) -> Prosody {
         require();
         let dir = crate::work_dir("prosody");
         let c2s_port = free_port();
         let component_port = free_port();
+        let tls_port = mixed.then(free_port);
+        let plain = format!(
+            "component_ports = {{ {component_port} }}\ncomponent_interfaces = {{ \"127.0.0.1\" }}\n"
+        );
+        let (listener, modules) = match tls {
+            None => (plain, ""),
+            Some((cert, key)) => (
+                format!(
+                    "{}ssl = {{ certificate = \"{}\"; key = \"{}\"; }}\n\
+                     ssl_ports = {{ {} }}\nssl_interfaces = {{ \"127.0.0.1\" }}\n\
+                     certificates = \"{}\"\n",
+                    if mixed {
+                        plain.as_str()
+                    } else {
+                        "component_ports = { }\n"
+                    },
+                    cert.display(),
+                    key.display(),
+                    tls_port.unwrap_or(component_port),
+                    dir.display()
+                ),
+                " \"net_multiplex\";",
+            ),
+        };
         let mut config = format!(
             r#"-- written by jat-proxy's testkit
 run_as_root = true
@@ -48,9 +98,7 @@ log = {{ {level} = "{dir}/prosody.log"; }}
 interfaces = {{ "127.0.0.1" }}
 c2s_ports = {{ {c2s_port} }}
 c2s_interfaces = {{ "127.0.0.1" }}
-component_ports = {{ {component_port} }}
-component_interfaces = {{ "127.0.0.1" }}
-modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix"; }}
+{listener}modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix";{modules} }}
 modules_disabled = {{ "s2s"; "offline"; }}
 c2s_require_encryption = false
 s2s_require_encryption = false
@@ -79,6 +127,7 @@ VirtualHost "localhost"
             process: None,
             c2s: SocketAddr::from(([127, 0, 0, 1], c2s_port)),
             component: SocketAddr::from(([127, 0, 0, 1], component_port)),
+            component_tls: tls_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
             domain: "localhost".into(),
         };
         p.start_again();
@@ -95,9 +144,9 @@ VirtualHost "localhost"
             &["-F", "--config", cfg.to_str().unwrap()],
             &[],
         );
-        process.wait_listening(&[self.c2s, self.component], Duration::from_secs(30), || {
-            self.log()
-        });
+        let mut addrs = vec![self.c2s, self.component];
+        addrs.extend(self.component_tls);
+        process.wait_listening(&addrs, Duration::from_secs(30), || self.log());
         self.process = Some(process);
     }
 

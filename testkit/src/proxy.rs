@@ -28,6 +28,22 @@ pub struct ConfigSpec<'a> {
 
 /// Writes a jat-proxy configuration file into `dir` and returns its path.
 pub fn write_config(dir: &Path, name: &str, spec: &ConfigSpec<'_>) -> PathBuf {
+    let server = if spec.also.is_empty() {
+        format!("\"{}\"", spec.server)
+    } else {
+        let all: Vec<String> = std::iter::once(&spec.server)
+            .chain(spec.also)
+            .map(|s| format!("\"{s}\""))
+            .collect();
+        format!("[{}]", all.join(", "))
+    };
+    write_config_server(dir, name, spec, &server)
+}
+
+/// Writes a jat-proxy configuration file into `dir` as [`write_config`] does, but with
+/// `server` as the value of `[component] server`, as is (e.g. a table with `tls = true`;
+/// `spec.server` and `spec.also` are not used).
+pub fn write_config_server(dir: &Path, name: &str, spec: &ConfigSpec<'_>, server: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(
         &path,
@@ -35,15 +51,7 @@ pub fn write_config(dir: &Path, name: &str, spec: &ConfigSpec<'_>) -> PathBuf {
             "[component]\njid = \"{}\"\nserver = {}\nsecret = \"{}\"\n\
              reconnect_max_secs = 2\n\n[proxy]\ntarget_address = \"{}\"\n{}\n[keys]\nfile = \"{}\"\n{}",
             spec.component,
-            if spec.also.is_empty() {
-                format!("\"{}\"", spec.server)
-            } else {
-                let all: Vec<String> = std::iter::once(&spec.server)
-                    .chain(spec.also)
-                    .map(|s| format!("\"{s}\""))
-                    .collect();
-                format!("[{}]", all.join(", "))
-            },
+            server,
             spec.secret,
             spec.target,
             spec.proxy_extra,
