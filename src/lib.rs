@@ -65,7 +65,7 @@ pub use inbound::{Exceeded, Inbound, Limits, MAX_NODES, Oversized};
 pub use keys::KeySet;
 pub use policy::{Entry, Policy};
 pub use proxy::{Clock, DropReason, Outcome, Proxy, Sender, Settings, Stanza, Verdict};
-pub use random::{OsRandom, Random};
+pub use random::{ChaChaRandom, OsRandom, Random};
 pub use rate::{Limiter, Over, RateLimit};
 pub use session::{Exit, Start, run};
 pub use stanza::Condition;

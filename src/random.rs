@@ -1,7 +1,13 @@
 //! Randomness, passed into the pure parts as a value so that tests and the fuzzer can make
-//! it deterministic while the daemon uses the operating system's CSPRNG.
+//! it deterministic while the daemon uses a CSPRNG: the operating system's for key secrets
+//! ([`OsRandom`]), and for the per-stanza draws (token salts, random picks) a ChaCha20
+//! generator seeded and periodically reseeded from it ([`ChaChaRandom`]), which spares a
+//! system call per value. Why that keeps tokens unique: SECURITY.md, "Cryptographic design".
 
+use rand_chacha::ChaCha20Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
 use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
 
 /// A source of random bytes.
 pub trait Random {
@@ -52,6 +58,81 @@ impl Random for OsRandom {
     }
 }
 
+/// Bytes a [`ChaChaRandom`] hands out under one seed before it draws a new one from the OS:
+/// at the ~24 bytes a proxied stanza draws (a 16-byte salt, an 8-byte pick), one `getrandom`
+/// per ~40,000 stanzas — invisible in the cost — while a copy of the generator's state
+/// (a read of the process's memory) predicts or recovers at most this much of its output.
+pub const RESEED_AFTER: usize = 1024 * 1024;
+
+/// A userspace CSPRNG for the daemon's per-stanza draws: ChaCha20 (`rand_chacha`'s
+/// `ChaCha20Rng`, 256-bit key, the full 20 rounds) keyed with 32 bytes from the OS CSPRNG
+/// when made, and rekeyed from it every [`RESEED_AFTER`] bytes of output. Each process makes
+/// its own (an in-place upgrade `exec`s a new image, which seeds a new one; the daemon never
+/// forks), so no two streams share a seed. Key-file secrets do not come from here but
+/// straight from [`OsRandom`].
+pub struct ChaChaRandom {
+    os: SystemRandom,
+    rng: ChaCha20Rng,
+    /// Bytes handed out since the last seed.
+    since_seed: usize,
+    /// Output after which to reseed.
+    reseed_after: usize,
+    /// Seeds drawn from the OS, the first included.
+    seeds: u64,
+}
+
+impl ChaChaRandom {
+    /// A generator seeded from the OS, reseeded every [`RESEED_AFTER`] bytes.
+    pub fn new() -> Self {
+        Self::with_reseed_after(RESEED_AFTER)
+    }
+
+    /// A generator seeded from the OS, reseeded every `bytes` bytes of output (at least 1).
+    pub fn with_reseed_after(bytes: usize) -> Self {
+        let os = SystemRandom::new();
+        let rng = seeded(&os);
+        ChaChaRandom {
+            os,
+            rng,
+            since_seed: 0,
+            reseed_after: bytes.max(1),
+            seeds: 1,
+        }
+    }
+
+    /// Seeds drawn from the OS so far (1 after [`ChaChaRandom::new`]).
+    pub fn seeds(&self) -> u64 {
+        self.seeds
+    }
+}
+
+impl Default for ChaChaRandom {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A ChaCha20 generator keyed with 32 bytes from the OS CSPRNG.
+fn seeded(os: &SystemRandom) -> ChaCha20Rng {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    // As in `OsRandom::fill`: without secure randomness, carrying on would be worse.
+    os.fill(&mut seed[..])
+        .expect("the system CSPRNG (getrandom) failed");
+    ChaCha20Rng::from_seed(*seed)
+}
+
+impl Random for ChaChaRandom {
+    fn fill(&mut self, buf: &mut [u8]) {
+        if self.since_seed >= self.reseed_after {
+            self.rng = seeded(&self.os);
+            self.since_seed = 0;
+            self.seeds += 1;
+        }
+        self.rng.fill_bytes(buf);
+        self.since_seed = self.since_seed.saturating_add(buf.len());
+    }
+}
+
 /// A deterministic generator (SplitMix64) for tests, benchmarks and fuzzing. Not secure, and
 /// only with the `fuzzing` feature (as `invariants::SeededRandom`).
 #[cfg(any(test, feature = "fuzzing"))]
@@ -75,6 +156,53 @@ impl Random for SeededRandom {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^= z >> 31;
             chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_draw_different_streams() {
+        let (mut a, mut b) = (ChaChaRandom::new(), ChaChaRandom::new());
+        let (mut x, mut y) = ([0u8; 32], [0u8; 32]);
+        a.fill(&mut x);
+        b.fill(&mut y);
+        assert_ne!(x, y);
+        // And one instance does not repeat itself.
+        let mut z = [0u8; 32];
+        a.fill(&mut z);
+        assert_ne!(x, z);
+    }
+
+    #[test]
+    fn reseeds_after_its_budget() {
+        let mut r = ChaChaRandom::with_reseed_after(100);
+        assert_eq!(r.seeds(), 1);
+        let mut buf = [0u8; 40];
+        for _ in 0..3 {
+            r.fill(&mut buf); // 40, 80, 120 bytes: past the budget only after the third
+        }
+        assert_eq!(r.seeds(), 1);
+        r.fill(&mut buf);
+        assert_eq!(r.seeds(), 2);
+        assert_eq!(ChaChaRandom::new().seeds(), 1);
+    }
+
+    #[test]
+    fn any_length_and_below_work() {
+        let mut r = ChaChaRandom::with_reseed_after(1);
+        for len in [0, 1, 7, 16, 64, 65, 1000, RESEED_AFTER + 3] {
+            let mut buf = vec![0u8; len];
+            r.fill(&mut buf);
+            if len >= 16 {
+                assert!(buf.iter().any(|&b| b != 0));
+            }
+        }
+        for n in [1, 2, 3, 1000, usize::MAX] {
+            assert!(r.below(n) < n);
         }
     }
 }

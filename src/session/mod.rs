@@ -32,7 +32,7 @@ use crate::endpoint::{Endpoint, Event, HandOver, Io, LinkId, Notify, Signal as S
 use crate::keys::{self, KeySet};
 use crate::notify::Notifier;
 use crate::proxy::Clock;
-use crate::random::OsRandom;
+use crate::random::ChaChaRandom;
 use crate::upgrade::signals::Held;
 use crate::upgrade::{Handover, Program};
 use handover::{Check, Upgrader, resume};
@@ -202,7 +202,7 @@ pub async fn run(config: Config, keys: KeySet, start: Start) -> io::Result<Exit>
         settings,
         config.proxy.clone(),
         keys,
-        Box::new(OsRandom::new()),
+        Box::new(ChaChaRandom::new()),
         clock(),
     );
     let mut shell = Shell {
@@ -363,7 +363,7 @@ impl Shell {
         let Slot::Open(tcp) = &self.slots[i] else {
             return;
         };
-        match tcp.try_read(&mut self.buf) {
+        match read_draining(tcp, &mut self.buf) {
             Ok(0) => ep.closed(i, Io::Eof, clock()),
             Ok(n) => ep.read(i, &self.buf[..n], clock()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -495,6 +495,30 @@ impl Shell {
             binary = %program.path().display(),
             "upgrade failed: cannot exec: {e}; still serving"
         );
+    }
+}
+
+/// One `recv` of what `tcp` holds, as `try_read` does, except that a read shorter than `buf`
+/// also clears the socket's readiness: the kernel handed over all it had, so the loop waits
+/// for the next readiness event instead of making one more `recv` that would only return
+/// `EAGAIN` (under load, one system call in four). Data arriving after the `recv` raises a
+/// new edge-triggered event, which tokio keeps (a clear only drops the readiness it
+/// observed before the call), and the end of the stream stays readable (tokio never clears
+/// the closed states), so nothing waiting is missed.
+fn read_draining(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = None;
+    let r = tcp.try_io(tokio::io::Interest::READABLE, || {
+        let (n, _) = rustix::net::recv(tcp, &mut *buf, rustix::net::RecvFlags::empty())?;
+        got = Some(n);
+        if n > 0 && n < buf.len() {
+            // Read, and drained: the readiness goes (the bytes are returned below).
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (got, r) {
+        (Some(n), _) => Ok(n),
+        (None, r) => r,
     }
 }
 
