@@ -77,8 +77,6 @@ pub struct ChaChaRandom {
     since_seed: usize,
     /// Output after which to reseed.
     reseed_after: usize,
-    /// Seeds drawn from the OS, the first included.
-    seeds: u64,
 }
 
 impl ChaChaRandom {
@@ -88,7 +86,7 @@ impl ChaChaRandom {
     }
 
     /// A generator seeded from the OS, reseeded every `bytes` bytes of output (at least 1).
-    pub fn with_reseed_after(bytes: usize) -> Self {
+    fn with_reseed_after(bytes: usize) -> Self {
         let os = SystemRandom::new();
         let rng = seeded(&os);
         ChaChaRandom {
@@ -96,13 +94,7 @@ impl ChaChaRandom {
             rng,
             since_seed: 0,
             reseed_after: bytes.max(1),
-            seeds: 1,
         }
-    }
-
-    /// Seeds drawn from the OS so far (1 after [`ChaChaRandom::new`]).
-    pub fn seeds(&self) -> u64 {
-        self.seeds
     }
 }
 
@@ -126,7 +118,6 @@ impl Random for ChaChaRandom {
         if self.since_seed >= self.reseed_after {
             self.rng = seeded(&self.os);
             self.since_seed = 0;
-            self.seeds += 1;
         }
         self.rng.fill_bytes(buf);
         self.since_seed = self.since_seed.saturating_add(buf.len());
@@ -180,15 +171,13 @@ mod tests {
     #[test]
     fn reseeds_after_its_budget() {
         let mut r = ChaChaRandom::with_reseed_after(100);
-        assert_eq!(r.seeds(), 1);
         let mut buf = [0u8; 40];
         for _ in 0..3 {
             r.fill(&mut buf); // 40, 80, 120 bytes: past the budget only after the third
         }
-        assert_eq!(r.seeds(), 1);
+        assert_eq!(r.since_seed, 120, "no reseed within the budget");
         r.fill(&mut buf);
-        assert_eq!(r.seeds(), 2);
-        assert_eq!(ChaChaRandom::new().seeds(), 1);
+        assert_eq!(r.since_seed, 40, "reseeded before the fourth draw");
     }
 
     #[test]

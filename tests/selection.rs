@@ -149,35 +149,13 @@ async fn sticky_picks_the_same_resource_on_every_instance_on_ejabberd() {
         let (user, resource) = (user.to_owned(), resource.to_owned());
         async move { Client::login(c2s, "localhost", &user, "pw", &resource, answer).await }
     };
-    let mut a = implementing_at(c2s, "a", &proxies).await;
-    let mut b = implementing_at(c2s, "b", &proxies).await;
+    let a = implementing_at(c2s, "a", &proxies).await;
+    let b = implementing_at(c2s, "b", &proxies).await;
     let mut clients = Vec::new();
     for u in &users {
         clients.push(login(u, "phone", Answer::Nothing).await);
     }
-    // Serve everything, recording which resource got which account's requests.
-    let served: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
-    let record = served.clone();
-    let server = tokio::spawn(async move {
-        loop {
-            let (req, res) = tokio::select! {
-                Some(r) = a.recv_request(Duration::from_secs(1)) => (r, "a"),
-                Some(r) = b.recv_request(Duration::from_secs(1)) => (r, "b"),
-                else => continue,
-            };
-            if !req.attr("from").unwrap_or_default().starts_with(COMPONENT) {
-                continue; // the server's own (roster pushes)
-            }
-            let id = req.attr("id").unwrap_or_default().to_owned();
-            record.lock().unwrap().push((id, res.to_owned()));
-            let reply = reply_to(&req, "result", "<query xmlns='urn:example:echo'/>");
-            if res == "a" {
-                a.send(reply)
-            } else {
-                b.send(reply)
-            }
-        }
-    });
+    let server = serve_recording(vec![(a, "a"), (b, "b")]);
     const PER_USER: usize = 12;
     for round in 0..PER_USER {
         for (i, c) in clients.iter_mut().enumerate() {
@@ -187,20 +165,8 @@ async fn sticky_picks_the_same_resource_on_every_instance_on_ejabberd() {
             assert_eq!(res.attr("type"), Some("result"), "{id}");
         }
     }
-    server.abort();
-    let served = served.lock().unwrap().clone();
-    let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
-    for (id, res) in &served {
-        let user = id.split('-').next().unwrap().to_owned();
-        by_user.entry(user).or_default().push(res.clone());
-    }
-    for (user, resources) in &by_user {
-        assert_eq!(resources.len(), PER_USER, "{user}");
-        assert!(
-            resources.iter().all(|r| r == &resources[0]),
-            "{user}'s requests went to {resources:?}"
-        );
-    }
+    let served = server.stop();
+    let by_user = one_resource_per_account(&served, PER_USER);
     // How the requests were spread over the two instances (ejabberd's choice).
     let forwarded: Vec<usize> = proxies
         .iter()
@@ -250,29 +216,7 @@ async fn sticky_agrees_while_instances_restarted_together_are_still_learning() {
     for u in &users {
         clients.push(Client::login(c2s, "localhost", u, "pw", "phone", Answer::Nothing).await);
     }
-    // Serve everything, recording which resource got which account's requests.
-    let served: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
-    let mut servers = Vec::new();
-    for (mut c, name) in resources.into_iter().zip(["a", "b", "c"]) {
-        let record = served.clone();
-        servers.push(tokio::spawn(async move {
-            loop {
-                let Some(req) = c.recv_request(Duration::from_secs(1)).await else {
-                    continue;
-                };
-                if !req.attr("from").unwrap_or_default().starts_with(COMPONENT) {
-                    continue; // the server's own (roster pushes)
-                }
-                let id = req.attr("id").unwrap_or_default().to_owned();
-                record.lock().unwrap().push((id, name.to_owned()));
-                c.send(reply_to(
-                    &req,
-                    "result",
-                    "<query xmlns='urn:example:echo'/>",
-                ));
-            }
-        }));
-    }
+    let server = serve_recording(resources.into_iter().zip(["a", "b", "c"]).collect());
     // Both instances start again together: whatever they knew is gone. What is under test
     // is instances whose probe rounds overlap: if a busy machine let more than a second pass
     // between the restarts and the second login, they start again (the attempts are printed).
@@ -308,23 +252,9 @@ async fn sticky_agrees_while_instances_restarted_together_are_still_learning() {
             assert_eq!(res.attr("type"), Some("result"), "{id}");
         }
     }
-    for s in &servers {
-        s.abort();
-    }
-    let served = served.lock().unwrap().clone();
-    let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
-    for (id, res) in &served {
-        let user = id.split('-').next().unwrap().to_owned();
-        by_user.entry(user).or_default().push(res.clone());
-    }
+    let served = server.stop();
+    let by_user = one_resource_per_account(&served, PER_USER);
     assert_eq!(by_user.len(), users.len());
-    for (user, resources) in &by_user {
-        assert_eq!(resources.len(), PER_USER, "{user}");
-        assert!(
-            resources.iter().all(|r| r == &resources[0]),
-            "{user}'s requests went to {resources:?}"
-        );
-    }
     let forwarded: Vec<usize> = proxies
         .iter()
         .map(|p| p.log().matches("request forwarded").count())
@@ -338,4 +268,70 @@ async fn sticky_agrees_while_instances_restarted_together_are_still_learning() {
         served.len(),
         by_user.len(),
     );
+}
+
+/// Resources of the implementing client answering every request they get, recording which
+/// resource got which request id.
+struct Serving {
+    served: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn serve_recording(resources: Vec<(Client, &'static str)>) -> Serving {
+    let served: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let tasks = resources
+        .into_iter()
+        .map(|(mut c, name)| {
+            let record = served.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Some(req) = c.recv_request(Duration::from_secs(1)).await else {
+                        continue;
+                    };
+                    if !req.attr("from").unwrap_or_default().starts_with(COMPONENT) {
+                        continue; // the server's own (roster pushes)
+                    }
+                    let id = req.attr("id").unwrap_or_default().to_owned();
+                    record.lock().unwrap().push((id, name.to_owned()));
+                    c.send(reply_to(
+                        &req,
+                        "result",
+                        "<query xmlns='urn:example:echo'/>",
+                    ));
+                }
+            })
+        })
+        .collect();
+    Serving { served, tasks }
+}
+
+impl Serving {
+    /// Stops serving; what was served, as (request id, resource).
+    fn stop(self) -> Vec<(String, String)> {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.served.lock().unwrap().clone()
+    }
+}
+
+/// The resources each account's requests (ids `u{i}-{round}`) reached: `per_user` of them,
+/// all to one resource.
+fn one_resource_per_account(
+    served: &[(String, String)],
+    per_user: usize,
+) -> HashMap<String, Vec<String>> {
+    let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
+    for (id, res) in served {
+        let user = id.split('-').next().unwrap().to_owned();
+        by_user.entry(user).or_default().push(res.clone());
+    }
+    for (user, resources) in &by_user {
+        assert_eq!(resources.len(), per_user, "{user}");
+        assert!(
+            resources.iter().all(|r| r == &resources[0]),
+            "{user}'s requests went to {resources:?}"
+        );
+    }
+    by_user
 }
