@@ -1171,22 +1171,36 @@ impl Wire {
                     (&self.target, flows.messages, flows.outbound, flows.sender),
                     NOW * 1000,
                 );
-                self.writer
-                    .element(&out, &mut self.out)
-                    .expect("everything the core emits serialises");
+                self.write(&out);
                 self.written += 1;
             }
             while let Some(out) = self.proxy.poll_transmit(clock, &mut self.rng) {
                 self.held
                     .transmitted(&out, &eligible(&self.proxy), &self.target, NOW * 1000);
                 let out = out.transmit.expect("poll_transmit always transmits");
-                self.writer
-                    .element(&out, &mut self.out)
-                    .expect("everything the core emits serialises");
+                self.write(&out);
                 self.written += 1;
             }
         }
         Ok(())
+    }
+
+    /// Writes `out` as the session does, and checks that the writer's direct path wrote
+    /// exactly what rxml's encoder writes.
+    fn write(&mut self, out: &Element) {
+        let before = self.out.len();
+        self.writer
+            .element(out, &mut self.out)
+            .expect("everything the core emits serialises");
+        let mut encoded = Vec::new();
+        Writer::resumed()
+            .element_by_encoder(out, &mut encoded)
+            .expect("everything the core emits serialises");
+        assert_eq!(
+            String::from_utf8_lossy(&self.out[before..]),
+            String::from_utf8_lossy(&encoded),
+            "the direct writer and the encoder differ"
+        );
     }
 
     /// Everything written re-parses as well-formed XML, one element per stanza written.

@@ -22,6 +22,9 @@ pub const SUMMARY_ATTR_BYTES: usize = 4096;
 /// Most attributes a summary keeps (the rest are not needed to answer the stanza).
 pub const SUMMARY_ATTRS: usize = 16;
 
+/// The most capacity the element buffer keeps between elements (a larger one is freed).
+const KEPT_CAPACITY: usize = 16 * 1024;
+
 /// The most bytes the stream header (`<stream:stream ...>`) may take.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
@@ -439,6 +442,26 @@ impl Framer {
                         }
                     };
                 }
+                // A run of bytes that change nothing but the length (names, `=`, spaces
+                // between attributes) is taken at once. A space that may end the top-level
+                // element's name is not part of a run.
+                let name_pending =
+                    self.attr_start == 0 && self.exceeded.is_none() && self.in_root_tag();
+                let run = input
+                    .iter()
+                    .position(|&b| {
+                        matches!(b, b'\'' | b'"' | b'>' | b'/')
+                            || (name_pending && b.is_ascii_whitespace())
+                    })
+                    .unwrap_or(input.len());
+                if run > 0 {
+                    self.take(&input[..run])?;
+                    self.lex = Lex::StartTag {
+                        quote: 0,
+                        slash: false,
+                    };
+                    return Ok(run);
+                }
                 let b = input[0];
                 self.take(&input[..1])?;
                 if b.is_ascii_whitespace()
@@ -595,13 +618,18 @@ impl Framer {
     fn element_done(&mut self) {
         self.collecting = Collecting::Nothing;
         let piece = match self.exceeded.take() {
-            None => Piece::Element(std::mem::take(&mut self.buf)),
+            // A copy of exactly its size: the buffer keeps its capacity for the next element
+            // (up to KEPT_CAPACITY), instead of growing again from nothing.
+            None => Piece::Element(self.buf.clone()),
             Some(exceeded) => Piece::Oversized {
-                head: self.root_end.map(|_| std::mem::take(&mut self.buf)),
+                head: self.root_end.map(|_| self.buf.clone()),
                 exceeded,
             },
         };
-        self.buf = Vec::new();
+        self.buf.clear();
+        if self.buf.capacity() > KEPT_CAPACITY {
+            self.buf = Vec::new();
+        }
         self.out.push_back(piece);
     }
 }

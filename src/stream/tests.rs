@@ -490,3 +490,87 @@ fn a_reader_hands_over_at_any_byte_it_says_it_can() {
         bytes.len()
     );
 }
+
+/// Both writer paths on `el`: the same bytes, or both refuse (the direct path then leaves
+/// the element to the encoder).
+fn same_as_encoder(el: &Element) -> Option<Vec<u8>> {
+    let (mut direct, mut encoded) = (b"kept".to_vec(), b"kept".to_vec());
+    let a = Writer::resumed().element(el, &mut direct);
+    let b = Writer::resumed().element_by_encoder(el, &mut encoded);
+    assert_eq!(
+        String::from_utf8_lossy(&direct),
+        String::from_utf8_lossy(&encoded),
+        "{el:?}"
+    );
+    assert_eq!(a.is_ok(), b.is_ok(), "{el:?}: {a:?} / {b:?}");
+    a.ok().map(|()| direct)
+}
+
+#[test]
+fn the_direct_writer_writes_what_the_encoder_writes() {
+    let shapes = [
+        "<iq xmlns='jabber:component:accept' type='get' id='a&amp;b&lt;c&gt;&apos;&quot;' to='x@y/z' from='p.example'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+        "<message xmlns='jabber:component:accept' to='a@b'><body xml:lang='en'>tab\there\nline&#13;cr &amp; &lt;&gt; \"'</body><x xmlns='urn:x' a='&#9;&#10;&#13;'><y/><z xmlns='urn:z'>t<w xmlns='urn:x'/></z>text</x></message>",
+        "<iq xmlns='jabber:client' to='a'><q xmlns='jabber:component:accept'/></iq>",
+        "<presence xmlns='jabber:component:accept'><x xmlns='urn:a' xmlns:p='urn:p' p:attr='v' plain='w'/></presence>",
+        "<iq xmlns='jabber:component:accept'><error xmlns='http://etherx.jabber.org/streams'/></iq>",
+        "<iq xmlns='jabber:component:accept'><e xmlns='urn:&amp;&apos;'/>\u{10348}\u{fffd}\u{fffc}</iq>",
+        "<a xmlns='jabber:component:accept'>\u{effe}\u{efbe}\u{ffbe}</a>",
+    ];
+    for (i, xml) in shapes.into_iter().enumerate() {
+        let el: Element = xml.parse().expect(xml);
+        let written = same_as_encoder(&el);
+        assert!(written.is_some(), "{xml}");
+        // The stanza shapes take the direct path; a prefixed attribute (other than `xml:`)
+        // and an element in the stream's namespace are left to the encoder.
+        let direct = super::writer::plain::element(&el, crate::stanza::NS, &mut Vec::new());
+        assert_eq!(direct.is_some(), ![3, 4].contains(&i), "{xml}");
+    }
+    // Built elements: empty text, a child in no namespace, characters XML does not allow,
+    // a name that is not XML.
+    let built = [
+        Element::builder("iq", crate::stanza::NS)
+            .append(xmpp_parsers::minidom::Node::Text(String::new()))
+            .build(),
+        Element::builder("iq", crate::stanza::NS)
+            .append(Element::bare("none", ""))
+            .build(),
+        Element::builder("iq", crate::stanza::NS)
+            .attr(rxml::xml_ncname!("id").to_owned(), "a\u{1}b")
+            .build(),
+        Element::builder("iq", crate::stanza::NS)
+            .append("x\u{fffe}y")
+            .build(),
+        Element::builder("iq", crate::stanza::NS)
+            .append("x\u{ffff}")
+            .build(),
+        Element::builder("iq", crate::stanza::NS)
+            .append("\u{0}")
+            .build(),
+        Element::bare("not a name", crate::stanza::NS),
+        Element::bare("message", "urn:other"),
+    ];
+    for el in &built {
+        same_as_encoder(el);
+    }
+    // Every single character, in text and in an attribute value.
+    let mut ch = String::new();
+    for cp in (0..0x800u32)
+        .chain(0xd000..0x10000)
+        .chain([0x10000, 0x10ffff])
+    {
+        let Some(c) = char::from_u32(cp) else {
+            continue;
+        };
+        ch.clear();
+        ch.push('a');
+        ch.push(c);
+        ch.push('b');
+        same_as_encoder(
+            &Element::builder("m", crate::stanza::NS)
+                .attr(rxml::xml_ncname!("v").to_owned(), ch.as_str())
+                .append(ch.as_str())
+                .build(),
+        );
+    }
+}
