@@ -97,6 +97,12 @@ impl Ejabberd {
                 .arg(dir.join(sub))
                 .status();
         }
+        // Every service listener has `global_routes: false`: with ejabberd's default (true), a
+        // component that logs in for one domain of a listener's `hosts` registers routes for
+        // all of them, so with two domains (jat-bench --tls: one plaintext instance, one TLS
+        // instance) each connection also took the other's domain, and ejabberd spread that
+        // domain's stanzas over both (the wrong instance drops them). With one domain per
+        // listener, as in the tests, false and true register the same route.
         let mut hosts = String::new();
         for (domain, secret) in components {
             hosts.push_str(&format!(
@@ -109,7 +115,7 @@ impl Ejabberd {
             Some(f) if mixed => {
                 let port = free_port();
                 let second = format!(
-                    "  -\n    port: {port}\n    ip: \"127.0.0.1\"\n    module: ejabberd_service\n{}    hosts:\n{hosts}",
+                    "  -\n    port: {port}\n    ip: \"127.0.0.1\"\n    module: ejabberd_service\n    global_routes: false\n{}    hosts:\n{hosts}",
                     tls_lines(f)
                 );
                 (String::new(), second, Some(port))
@@ -132,6 +138,7 @@ listen:
     port: {component_port}
     ip: "127.0.0.1"
     module: ejabberd_service
+    global_routes: false
 {tls}    hosts:
 {hosts}{second}auth_method: internal
 auth_password_format: plain
