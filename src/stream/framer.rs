@@ -617,19 +617,25 @@ impl Framer {
 
     fn element_done(&mut self) {
         self.collecting = Collecting::Nothing;
+        // A small buffer is copied (exactly its size) and keeps its capacity for the next
+        // element instead of growing again from nothing; a large one is handed over, so that
+        // a large element is never held twice.
+        let small = self.buf.capacity() <= KEPT_CAPACITY;
+        let mut bytes = || {
+            if small {
+                self.buf.clone()
+            } else {
+                std::mem::take(&mut self.buf)
+            }
+        };
         let piece = match self.exceeded.take() {
-            // A copy of exactly its size: the buffer keeps its capacity for the next element
-            // (up to KEPT_CAPACITY), instead of growing again from nothing.
-            None => Piece::Element(self.buf.clone()),
+            None => Piece::Element(bytes()),
             Some(exceeded) => Piece::Oversized {
-                head: self.root_end.map(|_| self.buf.clone()),
+                head: self.root_end.map(|_| bytes()),
                 exceeded,
             },
         };
         self.buf.clear();
-        if self.buf.capacity() > KEPT_CAPACITY {
-            self.buf = Vec::new();
-        }
         self.out.push_back(piece);
     }
 }

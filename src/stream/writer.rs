@@ -257,6 +257,8 @@ pub(super) mod plain {
         };
         for ((attr_ns, attr), value) in el.attrs().iter() {
             match attr_ns.as_namespace_name() {
+                // An attribute named `xmlns` would declare a namespace: never written here.
+                None if attr.as_str() == "xmlns" => return None,
                 None => out.push(b' '),
                 Some(XML_NS) => out.extend_from_slice(b" xml:"),
                 Some(_) => return None,
