@@ -119,7 +119,7 @@ impl Writer {
             return Ok(());
         }
         out.truncate(before);
-        self.element_by_encoder(el, out)
+        self.encode(el, out)
     }
 
     /// [`Writer::element`] through rxml's encoder only (the path the direct one must match).
@@ -129,11 +129,6 @@ impl Writer {
         el: &Element,
         out: &mut Vec<u8>,
     ) -> Result<(), WriteError> {
-        self.encode(el, out)
-    }
-
-    #[cfg(not(any(test, feature = "fuzzing")))]
-    fn element_by_encoder(&mut self, el: &Element, out: &mut Vec<u8>) -> Result<(), WriteError> {
         self.encode(el, out)
     }
 
